@@ -1,0 +1,162 @@
+"""Multivariate Gaussians over reduced features: the statistics of the method, in float64.
+
+A level's Gaussian is fitted from moments (count, mean, covariance, and the fourth-moment sum that the
+Ledoit-Wolf estimator needs), so that fitting can stream over batches instead of holding every feature.
+Scoring uses one whitening matrix per Gaussian: the Mahalanobis distance becomes one matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gaussad.errors import GaussADError
+
+Reduction = Literal["opca", "pca", "none"]
+REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
+
+# Eigenvalues below this fraction of the mean variance are numerically zero: directions in which every
+# training sample was identical (a constant image corner, a dead channel) carry no usable spread.
+_NULL_VARIANCE = 1e-10
+# Floor of the shrunk eigenvalues, relative to their mean: keeps the precision finite where a
+# per-position covariance is exactly singular.
+_EIGENVALUE_FLOOR = 1e-6
+
+
+def select_components(eigenvalues: np.ndarray, reduction: Reduction, variance: float) -> np.ndarray:
+    """Indices of the principal components a reduction keeps, given eigenvalues in ascending order.
+
+    `opca` keeps the smallest-variance components whose cumulative share of the variance stays within
+    `variance` (at least one); `pca` keeps the largest components until their share reaches `variance`
+    (scikit-learn's rule); `none` keeps all. opca(t) is thus the complement of pca(1 - t).
+    """
+    usable = np.flatnonzero(eigenvalues > _NULL_VARIANCE * max(eigenvalues.mean(), 0.0))
+    if usable.size == 0:
+        raise GaussADError("the training features have no variance: are all training images identical?")
+    if reduction == "none":
+        return usable
+    if not 0.0 < variance <= 1.0:
+        raise GaussADError(f"variance threshold {variance}: expected a fraction in (0, 1]")
+    values = eigenvalues[usable]
+    share = values / values.sum()
+    if reduction == "opca":
+        keep = max(1, int(np.searchsorted(np.cumsum(share), variance, side="right")))
+        return usable[:keep]
+    if reduction == "pca":
+        from_largest = np.cumsum(share[::-1])
+        keep = min(values.size, int(np.searchsorted(from_largest, variance - 1e-12)) + 1)
+        return usable[values.size - keep :]
+    raise GaussADError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+
+
+def ledoit_wolf_shrinkage(count: int, covariance: np.ndarray, quartic_sum: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf shrinkage intensity from moments, equal to scikit-learn's `ledoit_wolf_shrinkage`.
+
+    covariance: (..., d, d) empirical (biased) covariance; quartic_sum: (...) sum over samples of
+    ||x - mean||^4. Batched over leading dimensions.
+    """
+    d = covariance.shape[-1]
+    if d == 1:
+        return np.zeros(covariance.shape[:-2])
+    trace = np.trace(covariance, axis1=-2, axis2=-1)
+    mu = trace / d
+    delta_ = np.sum(covariance**2, axis=(-2, -1))
+    beta = (quartic_sum / count - delta_) / (d * count)
+    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
+    beta = np.minimum(beta, delta)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(beta == 0, 0.0, beta / delta)
+
+
+def shrink(covariance: np.ndarray, shrinkage: np.ndarray) -> np.ndarray:
+    """(1 - s) * S + s * trace(S) / d * I, batched: scikit-learn's `shrunk_covariance`."""
+    d = covariance.shape[-1]
+    s = np.asarray(shrinkage)[..., None, None]
+    mu = np.trace(covariance, axis1=-2, axis2=-1)[..., None, None] / d
+    return (1.0 - s) * covariance + s * mu * np.eye(d)
+
+
+@dataclass
+class Gaussian:
+    """A fitted Gaussian over one level's features, reduced to d components.
+
+    mean: (..., C); whitening: (..., C, d) such that ||(x - mean) @ whitening|| is the Mahalanobis
+    distance under the shrunk covariance. Leading dimensions index positions (per-position Gaussians).
+    """
+
+    mean: np.ndarray
+    whitening: np.ndarray
+    shrinkage: np.ndarray
+
+    @property
+    def n_components(self) -> int:
+        return int(self.whitening.shape[-1])
+
+    def to_torch(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and whitening in float32 on `device`, ready for `mahalanobis`."""
+        mean = torch.from_numpy(self.mean).to(device=device, dtype=torch.float32)
+        whitening = torch.from_numpy(self.whitening).to(device=device, dtype=torch.float32)
+        return mean, whitening
+
+
+def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of features (..., C) as one matrix product.
+
+    For a shared Gaussian (mean (C,), whitening (C, d)) any leading shape works. For per-position
+    Gaussians (mean (P, C), whitening (P, C, d)) features are (P, N, C) and the product is batched over P.
+    """
+    if whitening.ndim == 2:
+        return torch.linalg.vector_norm((features - mean) @ whitening, dim=-1)
+    return torch.linalg.vector_norm(torch.bmm(features - mean[:, None, :], whitening), dim=-1)
+
+
+def fit_projection(covariance: np.ndarray, reduction: Reduction, variance: float) -> np.ndarray:
+    """Orthonormal (C, d) projection onto the components a reduction keeps."""
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return eigenvectors[:, select_components(eigenvalues, reduction, variance)]
+
+
+def gaussian_from_moments(
+    count: int,
+    mean: np.ndarray,
+    reduced_covariance: np.ndarray,
+    quartic_sum: np.ndarray,
+    projection: np.ndarray,
+    variance_scale: float | None = None,
+) -> Gaussian:
+    """The Gaussian of reduced features z = (x - mean) @ projection, from their moments.
+
+    reduced_covariance (..., d, d) and quartic_sum (...) describe z; the covariance is shrunk with
+    Ledoit-Wolf, then factorized with a symmetric eigendecomposition whose eigenvalues are floored, so the
+    precision stays finite and symmetric even where the covariance is singular. The floor is relative to
+    `variance_scale` (default: each covariance's own mean variance); per-position Gaussians pass the level's
+    mean variance, since a constant position has no scale of its own.
+    """
+    shrinkage = ledoit_wolf_shrinkage(count, reduced_covariance, quartic_sum)
+    shrunk = shrink(reduced_covariance, shrinkage)
+    eigenvalues, eigenvectors = np.linalg.eigh(shrunk)
+    if variance_scale is None:
+        scale = eigenvalues.mean(axis=-1, keepdims=True)
+    else:
+        scale = np.full(eigenvalues.shape[:-1] + (1,), variance_scale)
+    scale = np.maximum(scale, np.finfo(np.float64).tiny)
+    eigenvalues = np.maximum(eigenvalues, _EIGENVALUE_FLOOR * scale)
+    whitening = projection @ (eigenvectors / np.sqrt(eigenvalues)[..., None, :])
+    return Gaussian(mean=mean, whitening=whitening, shrinkage=np.asarray(shrinkage))
+
+
+def fit_gaussian(samples: np.ndarray, reduction: Reduction, variance: float) -> Gaussian:
+    """Fit a reduced Ledoit-Wolf Gaussian to samples (N, C) held in memory (pooled image features)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.shape[0] < 2:
+        raise GaussADError(f"need at least 2 training images, got {samples.shape[0]}")
+    mean = samples.mean(axis=0)
+    centered = samples - mean
+    projection = fit_projection(centered.T @ centered / samples.shape[0], reduction, variance)
+    reduced = centered @ projection
+    covariance = reduced.T @ reduced / samples.shape[0]
+    quartic = np.sum(np.sum(reduced**2, axis=1) ** 2)
+    return gaussian_from_moments(samples.shape[0], mean, covariance, quartic, projection)

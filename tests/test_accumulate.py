@@ -1,0 +1,67 @@
+"""Streaming fit of positional Gaussians equals the fit on all features held at once."""
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+
+from gaussad.accumulate import LevelAccumulator
+from gaussad.gaussian import fit_gaussian, fit_projection
+
+
+def feature_maps(seed: int, n: int = 24, channels: int = 6, height: int = 3, width: int = 4) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(channels, channels))
+    values = rng.normal(size=(n, height, width, channels)) @ mixing + 10.0 + rng.normal(size=(height, width, 1))
+    return torch.from_numpy(values).permute(0, 3, 1, 2).float()
+
+
+def stream(tmp_path, maps: torch.Tensor, per_position: bool, batch: int = 5):
+    accumulator = LevelAccumulator(tmp_path / "spill.f32", per_position=per_position)
+    for start in range(0, len(maps), batch):
+        accumulator.add(maps[start : start + batch])
+    return accumulator
+
+
+def test_shared_gaussian_equals_in_memory_fit(tmp_path) -> None:
+    maps = feature_maps(0)
+    gaussian = stream(tmp_path, maps, per_position=False).finish("opca", 0.3)
+    flat = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).double().numpy()
+    expected = fit_gaussian(flat, "opca", 0.3)
+    np.testing.assert_allclose(gaussian.mean, expected.mean, rtol=1e-12)
+    np.testing.assert_allclose(gaussian.shrinkage, expected.shrinkage, rtol=1e-9, atol=1e-15)
+    # Whitening is defined up to the sign of each eigenvector: compare the precision it implies.
+    np.testing.assert_allclose(
+        gaussian.whitening @ gaussian.whitening.T, expected.whitening @ expected.whitening.T, rtol=1e-8, atol=1e-10
+    )
+
+
+def test_per_position_gaussians_equal_ledoit_wolf_at_each_position(tmp_path) -> None:
+    maps = feature_maps(1)
+    n, channels, height, width = maps.shape
+    gaussian = stream(tmp_path, maps, per_position=True).finish("none", 1.0)
+    assert gaussian.mean.shape == (height * width, channels)
+    positional = maps.permute(2, 3, 0, 1).reshape(height * width, n, channels).double().numpy()
+    projection = fit_projection(np.cov(positional.reshape(-1, channels).T, bias=True), "none", 1.0)
+    for p in range(height * width):
+        reduced = (positional[p] - positional[p].mean(axis=0)) @ projection
+        covariance = projection @ LedoitWolf().fit(reduced).covariance_ @ projection.T
+        np.testing.assert_allclose(gaussian.mean[p], positional[p].mean(axis=0), rtol=1e-10)
+        precision = gaussian.whitening[p] @ gaussian.whitening[p].T
+        np.testing.assert_allclose(precision, np.linalg.inv(covariance), rtol=1e-6, atol=1e-9)
+
+
+def test_batch_size_does_not_change_the_result(tmp_path) -> None:
+    maps = feature_maps(2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = stream(tmp_path / "a", maps, per_position=False, batch=1).finish("opca", 0.2)
+    second = stream(tmp_path / "b", maps, per_position=False, batch=24).finish("opca", 0.2)
+    np.testing.assert_allclose(first.whitening @ first.whitening.T, second.whitening @ second.whitening.T, rtol=1e-8)
+
+
+def test_constant_position_keeps_a_finite_precision(tmp_path) -> None:
+    maps = feature_maps(3)
+    maps[:, :, 0, 0] = 0.25  # like a black image corner: every training image identical there
+    gaussian = stream(tmp_path, maps, per_position=True).finish("opca", 0.5)
+    assert np.isfinite(gaussian.whitening).all()
+    assert np.abs(gaussian.whitening[0]).max() < 1e6
