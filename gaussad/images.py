@@ -108,7 +108,9 @@ def tensor_to_rgb(tensor: torch.Tensor) -> Image.Image:
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0)
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
-        raise GaussADError(f"image tensor of shape {tuple(tensor.shape)}: expected (C, H, W) with C in 1, 3, 4")
+        raise GaussADError(
+            f"image tensor of shape {tuple(tensor.shape)}: expected (C, H, W) with C in 1, 3, 4"
+        )
     return array_to_rgb(tensor.detach().cpu().permute(1, 2, 0).numpy())
 
 

