@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.evaluation import read_mask, test_images, training_images
+from gaussad.evaluation import read_mask, list_test_images, training_images
 from gaussad.maps import combine_levels, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
@@ -34,7 +34,7 @@ def contiguous_ranges(levels: tuple[int, ...]) -> list[tuple[int, ...]]:
 def run(
     category: Path, backbone: str, image_size: int | None, localization: str, eval_size: int
 ) -> list[dict]:
-    train, tests = training_images(category), test_images(category)
+    train, tests = training_images(category), list_test_images(category)
     model = GaussAD(
         backbone=backbone, image_size=image_size, localization=localization, map_levels=CANDIDATE_LEVELS
     )

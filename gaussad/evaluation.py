@@ -21,7 +21,7 @@ from gaussad.model import GaussAD
 
 
 @dataclass
-class TestImage:
+class LabeledImage:
     path: Path
     defect: str  # "good" or the defect type
     mask_path: Path | None
@@ -51,7 +51,7 @@ class CategoryResult:
 class CategoryPredictions:
     """What a category's evaluation saw and predicted: kept for reports."""
 
-    images: list[TestImage]
+    images: list[LabeledImage]
     scores: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray]
@@ -95,9 +95,9 @@ def training_images(category: Path) -> list[Path]:
     return images
 
 
-def test_images(category: Path) -> list[TestImage]:
+def list_test_images(category: Path) -> list[LabeledImage]:
     """Every test image with its defect type and mask; a defective image without a mask is an error."""
-    found: list[TestImage] = []
+    found: list[LabeledImage] = []
     for defect_dir in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
         for path in _images_in(defect_dir):
             mask_path = None
@@ -105,7 +105,7 @@ def test_images(category: Path) -> list[TestImage]:
                 mask_path = category / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
                 if not mask_path.is_file():
                     raise GaussADError(f"{path}: defective test image without its mask {mask_path}")
-            found.append(TestImage(path, defect_dir.name, mask_path))
+            found.append(LabeledImage(path, defect_dir.name, mask_path))
     if not found:
         raise GaussADError(f"{category / 'test'}: no test images")
     if len({image.label for image in found}) < 2:
@@ -113,7 +113,7 @@ def test_images(category: Path) -> list[TestImage]:
     return found
 
 
-def read_mask(image: TestImage, size: tuple[int, int]) -> np.ndarray:
+def read_mask(image: LabeledImage, size: tuple[int, int]) -> np.ndarray:
     """The boolean ground truth (height, width) of a test image; all False for a good one."""
     if image.mask_path is None:
         return np.zeros(size, dtype=bool)
@@ -132,7 +132,7 @@ def evaluate_category(
 ) -> tuple[CategoryResult, CategoryPredictions]:
     """Fit a fresh model on a category's train/good and measure it on its test set."""
     train = training_images(category)
-    tests = test_images(category)
+    tests = list_test_images(category)
     model = make_model()
     started = time.perf_counter()
     model.fit(train)

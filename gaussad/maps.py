@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from gaussad.gaussian import mahalanobis
 
@@ -31,10 +30,20 @@ def combine_levels(level_maps: Sequence[torch.Tensor], size: int, blur_sigma: fl
         upsampled = F.interpolate(level_map[:, None], size=(size, size), mode="bilinear", align_corners=False)
         total = upsampled if total is None else total + upsampled
     combined = total / len(level_maps)
-    if blur_sigma > 0:
-        kernel = 2 * math.ceil(4.0 * blur_sigma) + 1
-        combined = gaussian_blur(combined, kernel_size=[kernel, kernel], sigma=[blur_sigma, blur_sigma])
-    return combined[:, 0]
+    return gaussian_blur(combined, blur_sigma)[:, 0] if blur_sigma > 0 else combined[:, 0]
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) maps, reflecting at the borders, truncated at 4 sigma.
+
+    Two 1-D passes cost 2k per pixel where torchvision's 2-D kernel costs k^2 (k = 65 at sigma 8: 30x).
+    """
+    radius = min(math.ceil(4.0 * sigma), min(maps.shape[-2:]) - 1)
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    rows = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(rows, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

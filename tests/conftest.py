@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic data set in MVTec AD layout, and the real data when present."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+BOTTLE = REAL_DATA / "mvtec_ad" / "bottle"
+MAGNETIC_TILE = REAL_DATA / "magnetic_tile"
+
+
+def texture(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A regular woven pattern with mild noise: what 'normal' looks like in the synthetic category."""
+    y, x = np.mgrid[0:size, 0:size]
+    pattern = 0.5 + 0.25 * np.sin(x / 3.0) * np.cos(y / 3.0)
+    image = np.stack([pattern, pattern * 0.9, pattern * 0.8], axis=-1) + rng.normal(0, 0.02, (size, size, 3))
+    return np.clip(image * 255, 0, 255).astype(np.uint8)
+
+
+def with_defect(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """A textured image with a bright scratch, and its mask."""
+    image = texture(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    top, left = rng.integers(10, size - 40, size=2)
+    mask[top : top + 24, left : left + 10] = 255
+    image[mask > 0] = (250, 40, 40)
+    return image, mask
+
+
+def make_category(root: Path, n_train: int = 16, n_good: int = 4, n_bad: int = 4, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(texture(rng)).save(root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        Image.fromarray(texture(rng)).save(root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        image, mask = with_defect(rng)
+        Image.fromarray(image).save(root / "test" / "scratch" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def category(tmp_path_factory) -> Path:
+    """A small category ('widget') in MVTec layout; read-only by convention."""
+    return make_category(tmp_path_factory.mktemp("data") / "widget")
+
+
+def needs(path: Path):
+    """Skip a test, with the reason, where the real data set is not next to the repository."""
+    return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path}")

@@ -1,0 +1,124 @@
+"""The command-line tool: fit, predict and evaluate on a synthetic category; user errors as one line."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gaussad.cli import main
+
+FAST = ["--image-size", "64", "--batch-size", "8", "--device", "cpu", "--quiet", "--map-levels", "2,3"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(category: Path, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["fit", str(category / "train" / "good"), "-o", str(target), *FAST]) == 0
+    return target
+
+
+def test_fit_writes_a_model_folder(model_dir: Path) -> None:
+    config = json.loads((model_dir / "model.json").read_text())
+    assert config["map_levels"] == [2, 3] and config["image_size"] == 64 and config["n_train"] == 16
+
+
+def test_predict_writes_scores_and_maps_named_by_relative_path(
+    model_dir: Path, category: Path, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    assert main(["predict", str(model_dir), str(category / "test"), "-o", str(out), "--quiet"]) == 0
+    with (out / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8 and set(rows[0]) == {"path", "score"}
+    scores = {
+        Path(row["path"]).relative_to(category / "test").as_posix(): float(row["score"]) for row in rows
+    }
+    assert min(v for k, v in scores.items() if k.startswith("scratch")) > max(
+        v for k, v in scores.items() if k.startswith("good")
+    )
+    # good/000.png and scratch/000.png do not collide: each keeps its folder.
+    for name in ("good/000", "scratch/000"):
+        heatmap = Image.open(out / "maps" / f"{name}.png")
+        assert heatmap.mode == "RGB" and heatmap.size == (96, 96)
+        assert np.load(out / "maps" / f"{name}.npy").shape == (96, 96)
+
+
+def test_predict_refuses_colliding_names_and_keeps_earlier_results(
+    model_dir: Path, category: Path, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    assert main(["predict", str(model_dir), str(category / "test" / "good"), "-o", str(out), "--quiet"]) == 0
+    before = (out / "predictions.csv").read_text()
+    good, bad = category / "test" / "good", category / "test" / "scratch"
+    assert main(["predict", str(model_dir), str(good), str(bad), "-o", str(out), "--quiet"]) == 2
+    assert (out / "predictions.csv").read_text() == before
+
+
+def test_evaluate_prints_the_table_and_writes_json(category: Path, tmp_path, capsys) -> None:
+    report = tmp_path / "results.json"
+    assert main(["evaluate", str(category.parent), "--category", "widget", "--json", str(report), *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "widget" in table and "AUPRO" in table
+    document = json.loads(report.read_text())
+    assert set(document) == {"config", "categories", "mean"}
+    row = document["categories"][0]
+    assert set(row) == {
+        "category", "image_auroc", "pixel_auroc", "aupro", "n_train", "n_test",
+        "fit_seconds", "test_seconds", "test_images_per_second",
+    }  # fmt: skip
+    assert row["n_train"] == 16 and row["n_test"] == 8 and row["image_auroc"] == 1.0
+    assert 0.8 < row["pixel_auroc"] <= 1.0 and 0.5 < row["aupro"] <= 1.0
+    assert document["mean"]["aupro"] == row["aupro"] and document["config"]["map_levels"] == [2, 3]
+
+
+def test_evaluate_reports_a_missing_mask(category: Path, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(category), str(broken)], check=True)
+    (broken / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    result = run_cli("evaluate", str(broken), *FAST)
+    assert result.returncode == 2
+    assert "001.png: defective test image without its mask" in result.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "gaussad.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "no/such/folder", "-o", "m"], "no/such/folder: no such file or folder"),
+        (["predict", "no/such/model", "x.png", "-o", "out"], "no/such/model: no such model folder"),
+        (["evaluate", "no/such/root"], "no/such/root: no such folder"),
+        (["fit", ".", "-o", "m", "--levels", "42"], "levels [42] do not exist"),
+        (["fit", ".", "-o", "m", "--backbone", "nonsense_net"], "unknown backbone 'nonsense_net'"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(
+    args: list[str], message: str, tmp_path, category
+) -> None:
+    if args[1] == ".":
+        args = [args[0], str(category / "train" / "good"), *args[2:]]
+    result = subprocess.run(
+        [sys.executable, "-m", "gaussad.cli", *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_image_is_named(model_dir: Path, tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "fake.png").write_bytes(b"\x89PNG but not really")
+    result = run_cli("predict", str(model_dir), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 2 and "fake.png: cannot read image" in result.stderr
+    assert not (tmp_path / "out").exists()

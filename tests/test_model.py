@@ -1,0 +1,165 @@
+"""The estimator end to end on a small synthetic category: fit, score, maps, save and load."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+from gaussad import GaussAD, GaussADError
+from gaussad.evaluation import list_test_images, training_images
+
+SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def fitted(category: Path) -> GaussAD:
+    return GaussAD(**SMALL, map_levels=(2, 3)).fit(category / "train" / "good")
+
+
+def test_fit_follows_estimator_conventions(fitted: GaussAD) -> None:
+    assert fitted.backbone == "efficientnet_lite0" and fitted.levels is None  # parameters kept as given
+    assert fitted.levels_ == (3, 4, 5, 6, 7) and fitted.map_levels_ == (2, 3)
+    assert fitted.n_train_ == 16 and fitted.image_size_ == 64
+    assert len(fitted.image_gaussians_) == 5 and len(fitted.map_gaussians_) == 2
+    assert all(g.whitening.dtype == np.float64 for g in fitted.image_gaussians_ + fitted.map_gaussians_)
+    assert GaussAD(**SMALL).fit([np.zeros((8, 8)), np.ones((8, 8)) * 0.5]) is not None
+
+
+def test_defects_score_higher_and_maps_point_at_them(fitted: GaussAD, category: Path) -> None:
+    tests = list_test_images(category)
+    prediction = fitted.predict([t.path for t in tests])
+    labels = np.array([t.label for t in tests])
+    assert prediction.scores[labels == 1].min() > prediction.scores[labels == 0].max()
+    for test, anomaly_map in zip(tests, prediction.maps, strict=True):
+        assert anomaly_map.shape == (96, 96) and anomaly_map.dtype == np.float32
+        if test.mask_path is not None:
+            mask = np.asarray(Image.open(test.mask_path)) > 0
+            assert anomaly_map[mask].mean() > 2 * anomaly_map[~mask].mean()
+
+
+def test_every_input_kind_gives_the_same_result(fitted: GaussAD, category: Path) -> None:
+    path = sorted((category / "test" / "scratch").iterdir())[0]
+    array = np.array(Image.open(path))
+    inputs = [path, str(path), Image.open(path), array, torch.from_numpy(array).permute(2, 0, 1)]
+    scores = [fitted.score(item)[0] for item in inputs]
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-5)
+    assert fitted.predict([path]).names == [str(path)]
+
+
+def test_results_do_not_depend_on_batch_size(fitted: GaussAD, category: Path) -> None:
+    paths = [t.path for t in list_test_images(category)]
+    one = GaussAD.load(save_dir(fitted, category), device="cpu", batch_size=1).predict(paths)
+    full = fitted.predict(paths)
+    np.testing.assert_allclose(one.scores, full.scores, rtol=1e-4)
+    np.testing.assert_allclose(one.maps[0], full.maps[0], rtol=1e-4, atol=1e-4)
+
+
+def save_dir(model: GaussAD, category: Path) -> Path:
+    target = category.parent / "saved-model"
+    model.save(target)
+    return target
+
+
+def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
+    fitted.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert config["format_version"] == 1 and config["backbone"]["weights_sha256"]
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
+    loaded = GaussAD.load(tmp_path / "model", device="cpu")
+    paths = [t.path for t in list_test_images(category)]
+    expected, got = fitted.predict(paths), loaded.predict(paths)
+    np.testing.assert_array_equal(expected.scores, got.scores)
+    np.testing.assert_array_equal(expected.maps[3], got.maps[3])
+    assert loaded.localization == fitted.localization and loaded.map_levels_ == fitted.map_levels_
+
+
+def test_saving_again_replaces_and_refuses_foreign_folders(fitted: GaussAD, tmp_path: Path) -> None:
+    fitted.save(tmp_path / "model")
+    fitted.save(tmp_path / "model")  # our own earlier model: replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(GaussADError, match="not written by gaussad"):
+        fitted.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left over
+
+
+def test_failed_save_leaves_the_earlier_model_intact(fitted: GaussAD, tmp_path: Path, monkeypatch) -> None:
+    fitted.save(tmp_path / "model")
+    before = (tmp_path / "model" / "gaussians.safetensors").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("gaussad.persistence.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fitted.save(tmp_path / "model")
+    assert (tmp_path / "model" / "gaussians.safetensors").read_bytes() == before
+
+
+def test_loading_rejects_bad_model_folders(fitted: GaussAD, tmp_path: Path) -> None:
+    with pytest.raises(GaussADError, match="no such model folder"):
+        GaussAD.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GaussADError, match="not a gaussad model folder"):
+        GaussAD.load(tmp_path / "empty")
+
+    fitted.save(tmp_path / "m")
+    config_path = tmp_path / "m" / "model.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(GaussADError, match="format version 99 is not supported"):
+        GaussAD.load(tmp_path / "m")
+    config_path.write_text("{ truncated")
+    with pytest.raises(GaussADError, match="corrupt model configuration"):
+        GaussAD.load(tmp_path / "m")
+
+    fitted.save(tmp_path / "m")
+    tensors = tmp_path / "m" / "gaussians.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(GaussADError, match="gaussians.safetensors: corrupt"):
+        GaussAD.load(tmp_path / "m")
+
+
+def test_backbone_weights_are_referenced_and_checked(category: Path, tmp_path: Path) -> None:
+    import timm
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.numpy() for k, v in timm.create_model("resnet18").state_dict().items()}, str(weights))
+    model = GaussAD(backbone="resnet18", weights=weights, **SMALL).fit(category / "train" / "good")
+    assert model.levels_ == (0, 1, 2, 3)
+    model.save(tmp_path / "model")
+    assert GaussAD.load(tmp_path / "model").score(category / "test" / "good").shape == (4,)
+    save_file({k: v.numpy() for k, v in timm.create_model("resnet18").state_dict().items()}, str(weights))
+    with pytest.raises(GaussADError, match="differ from those the model was fitted with"):
+        GaussAD.load(tmp_path / "model")
+
+
+def test_per_position_variant_and_separate_levels(category: Path) -> None:
+    model = GaussAD(**SMALL, localization="per-position", levels=(4,), map_levels=(3,), blur_sigma=0).fit(
+        training_images(category)
+    )
+    assert model.map_gaussians_[0].mean.shape == (64, 40)  # 8 x 8 positions at stride 8, 40 channels
+    tests = list_test_images(category)
+    prediction = model.predict([t.path for t in tests])
+    labels = np.array([t.label for t in tests])
+    assert prediction.scores[labels == 1].mean() > prediction.scores[labels == 0].mean()
+
+
+def test_parameter_and_input_errors(category: Path) -> None:
+    train = category / "train" / "good"
+    with pytest.raises(GaussADError, match="levels \\[9\\] do not exist"):
+        GaussAD(**SMALL, levels=(9,)).fit(train)
+    with pytest.raises(GaussADError, match="localization"):
+        GaussAD(**SMALL, localization="everywhere").fit(train)
+    with pytest.raises(GaussADError, match="at least 2 training images"):
+        GaussAD(**SMALL).fit(sorted(train.iterdir())[:1])
+    with pytest.raises(GaussADError, match="not fitted"):
+        GaussAD().score(train)
+    if not torch.cuda.is_available():
+        with pytest.raises(GaussADError, match="no CUDA GPU"):
+            GaussAD(image_size=64, device="cuda").fit(train)

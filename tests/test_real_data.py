@@ -1,0 +1,30 @@
+"""End to end on real MVTec AD bottle images with the default model: the accuracy the README promises."""
+
+import numpy as np
+import pytest
+
+from gaussad import GaussAD
+from gaussad.evaluation import evaluate_category, list_test_images, training_images
+
+from .conftest import BOTTLE, needs
+
+
+@needs(BOTTLE)
+@pytest.mark.slow
+def test_default_model_on_bottle_meets_the_targets() -> None:
+    result, predictions = evaluate_category(lambda: GaussAD(device="cpu"), BOTTLE)
+    assert (result.n_train, result.n_test) == (209, 83)
+    assert result.image_auroc >= 0.999
+    assert result.pixel_auroc >= 0.98
+    assert result.aupro >= 0.93
+    assert predictions.maps[0].shape == (900, 900)  # maps at the ground truth's full resolution
+
+
+@needs(BOTTLE)
+@pytest.mark.slow
+def test_bottle_scores_are_reproducible_run_to_run() -> None:
+    train = training_images(BOTTLE)[:40]
+    tests = [t.path for t in list_test_images(BOTTLE)[::10]]
+    first = GaussAD(device="cpu").fit(train).score(tests)
+    second = GaussAD(device="cpu").fit(train).score(tests)
+    np.testing.assert_array_equal(first, second)
