@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.evaluation import read_mask, list_test_images, training_images
+from gaussad.evaluation import list_test_images, read_mask, training_images
 from gaussad.maps import combine_levels, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
