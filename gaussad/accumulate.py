@@ -9,6 +9,7 @@ pass of the backbone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +24,25 @@ class LevelAccumulator:
     """Moments of one level's positional features, shared over positions or per position.
 
     `add` takes feature maps (B, C, H, W); `finish` returns the level's Gaussian: a mean (C,) and whitening
-    (C, d) when shared, a mean (H*W, C) and whitening (H*W, C, d) per position.
+    (C, d) when shared, a mean (H*W, C) and whitening (H*W, C, d) per position. Moments are kept per fold
+    of the training images, so that `finish(exclude_fold=f)` gives the Gaussian of all other folds: what
+    label-free calibration needs, without another pass of the backbone.
     """
 
-    def __init__(self, spill_path: Path, per_position: bool) -> None:
+    def __init__(self, spill_path: Path, per_position: bool, n_folds: int = 1) -> None:
         self.spill_path = spill_path
         self.per_position = per_position
-        self.count = 0
+        self.n_folds = n_folds
+        self.folds: list[int] = []  # the fold of every image added, in order
         self.grid: tuple[int, int] | None = None
         self._shift: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None
-        self._outer: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None  # (folds, [P,] C)
+        self._outer: torch.Tensor | None = None  # (folds, [P,] C, C)
 
-    def add(self, features: torch.Tensor) -> None:
-        """Accumulate a batch of feature maps (B, C, H, W)."""
+    def add(self, features: torch.Tensor, folds: Sequence[int] | None = None) -> None:
+        """Accumulate a batch of feature maps (B, C, H, W); `folds` gives each image's fold (default 0)."""
         batch, channels, height, width = features.shape
+        folds = [0] * batch if folds is None else list(folds)
         if self.grid is None:
             self.grid = (height, width)
         elif self.grid != (height, width):
@@ -49,25 +54,35 @@ class LevelAccumulator:
         if self._shift is None:
             # Moments about a point near the mean: no cancellation when the mean is large against the spread.
             self._shift = wide.mean(dim=(0, 1))
+            shape = (self.n_folds, *((wide.shape[1],) if self.per_position else ()), channels)
+            self._sum = torch.zeros(shape, dtype=torch.float64)
+            self._outer = torch.zeros((*shape, channels), dtype=torch.float64)
         shifted = wide - self._shift
-        if self.per_position:
-            positions = shifted.transpose(0, 1)  # (P, B, C)
-            batch_sum, batch_outer = positions.sum(dim=1), positions.transpose(1, 2) @ positions
-        else:
-            flat = shifted.reshape(-1, channels)
-            batch_sum, batch_outer = flat.sum(dim=0), flat.T @ flat
-        self._sum = batch_sum if self._sum is None else self._sum + batch_sum
-        self._outer = batch_outer if self._outer is None else self._outer + batch_outer
-        self.count += batch
+        fold_index = torch.tensor(folds)
+        for fold in fold_index.unique().tolist():
+            members = shifted[fold_index == fold]
+            if self.per_position:
+                positions = members.transpose(0, 1)  # (P, b, C)
+                self._sum[fold] += positions.sum(dim=1)
+                self._outer[fold] += positions.transpose(1, 2) @ positions
+            else:
+                flat = members.reshape(-1, channels)
+                self._sum[fold] += flat.sum(dim=0)
+                self._outer[fold] += flat.T @ flat
+        self.folds += folds
 
-    def finish(self, reduction: Reduction, variance: float) -> Gaussian:
-        """The level's Gaussian, from the moments and one read of the spilled features."""
+    def finish(self, reduction: Reduction, variance: float, exclude_fold: int | None = None) -> Gaussian:
+        """The Gaussian of all images (or all outside one fold): moments plus one read of the spill."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
+        keep = [fold for fold in range(self.n_folds) if fold != exclude_fold]
         shift = self._shift.numpy()
-        total = self._sum.numpy()
-        outer = self._outer.numpy()
-        n_samples = self.count if self.per_position else self.count * self.grid[0] * self.grid[1]
+        total = self._sum[keep].sum(dim=0).numpy()
+        outer = self._outer[keep].sum(dim=0).numpy()
+        n_images = sum(1 for fold in self.folds if fold != exclude_fold)
+        if n_images < 2:
+            raise ValueError("fewer than 2 images outside the held-out fold")
+        n_samples = n_images if self.per_position else n_images * self.grid[0] * self.grid[1]
         if self.per_position:
             shared_mean = total.sum(axis=0) / (n_samples * total.shape[0])
             shared_outer = outer.sum(axis=0) / (n_samples * total.shape[0])
@@ -84,25 +99,41 @@ class LevelAccumulator:
             covariance = shared_covariance
             mean = shift + shared_mean
         reduced_covariance = projection.T @ covariance @ projection
-        quartic = self._quartic_sum(mean, projection)
+        quartic = self._quartic_sum(mean, projection, exclude_fold)
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
         return gaussian_from_moments(
             n_samples, mean, reduced_covariance, quartic, projection, variance_scale=scale
         )
 
-    def _quartic_sum(self, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-        """Sum over training samples of ||(x - mean) @ projection||^4, read back from the spill file."""
+    def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""
         positions = self.grid[0] * self.grid[1]
-        channels = projection.shape[0]
-        per_image = positions * channels
+        per_image = int(self._shift.numel()) * positions
         images_per_chunk = max(1, _READ_CHUNK_VALUES // per_image)
-        quartic = np.zeros(positions if self.per_position else ())
+        start = 0
         with self.spill_path.open("rb") as spill:
             while True:
                 chunk = np.fromfile(spill, dtype=np.float32, count=images_per_chunk * per_image)
                 if chunk.size == 0:
-                    break
-                values = chunk.reshape(-1, positions, channels).astype(np.float64)
-                squared = np.sum(((values - mean) @ projection) ** 2, axis=-1)  # (b, P)
-                quartic = quartic + (np.sum(squared**2, axis=0) if self.per_position else np.sum(squared**2))
+                    return
+                values = chunk.reshape(-1, positions, per_image // positions)
+                yield start, values
+                start += len(values)
+
+    def _quartic_sum(self, mean: np.ndarray, projection: np.ndarray, exclude_fold: int | None) -> np.ndarray:
+        """Sum over training samples of ||(x - mean) @ projection||^4, read back from the spill file."""
+        folds = np.array(self.folds)
+        quartic = np.zeros(self.grid[0] * self.grid[1] if self.per_position else ())
+        for start, values in self._chunks():
+            centered = values[folds[start : start + len(values)] != exclude_fold].astype(np.float64) - mean
+            reduced = centered.reshape(-1, centered.shape[-1]) @ projection  # one GEMM for the chunk
+            squared = np.sum(reduced**2, axis=-1).reshape(centered.shape[:2])  # (b, P)
+            quartic = quartic + (np.sum(squared**2, axis=0) if self.per_position else np.sum(squared**2))
         return quartic
+
+    def read_fold(self, fold: int) -> torch.Tensor:
+        """The spilled feature maps (n, C, H, W) of one fold's images, in the order they were added."""
+        folds = np.array(self.folds)
+        parts = [values[folds[start : start + len(values)] == fold] for start, values in self._chunks()]
+        stacked = torch.from_numpy(np.concatenate(parts))  # (n, P, C)
+        return stacked.permute(0, 2, 1).reshape(len(stacked), -1, *self.grid)

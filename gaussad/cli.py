@@ -14,14 +14,24 @@ import numpy as np
 from PIL import Image
 
 from gaussad import __version__
+from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
-from gaussad.evaluation import evaluate_category, find_categories, mean_metrics
+from gaussad.evaluation import (
+    CategoryPredictions,
+    CategoryResult,
+    calibrate_on_labeled,
+    evaluate_category,
+    find_categories,
+    mean_metrics,
+)
 from gaussad.features import PRECISIONS
 from gaussad.fileio import replace_folder, write_text_atomic
 from gaussad.gaussian import REDUCTIONS
-from gaussad.heatmaps import colorize
-from gaussad.images import find_images
+from gaussad.heatmaps import colorize, overlay
+from gaussad.images import find_images, read_image
 from gaussad.model import LOCALIZATIONS, GaussAD
+from gaussad.persistence import FORMAT_VERSION
+from gaussad.report import CategoryReport, ReportData, write_report
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -60,6 +70,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--blur-sigma", type=float, default=defaults.blur_sigma, help="map blur, input px; 0 = off"
     )
     group.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    group.add_argument(
+        "--folds", type=int, default=defaults.folds, help="folds for label-free thresholds; 0 = none"
+    )
+    group.add_argument(
+        "--max-false-alarm-rate",
+        type=float,
+        default=defaults.max_false_alarm_rate,
+        help="target share of good images flagged, for the label-free thresholds (default: 0.01)",
+    )
 
 
 def _model_from_args(args: argparse.Namespace) -> GaussAD:
@@ -74,6 +93,8 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
         image_size=args.image_size,
         blur_sigma=args.blur_sigma,
         precision=args.precision,
+        folds=args.folds,
+        max_false_alarm_rate=args.max_false_alarm_rate,
         batch_size=args.batch_size,
         device=args.device,
         workers=args.workers,
@@ -105,10 +126,29 @@ def output_names(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
 def run_predict(args: argparse.Namespace) -> None:
     model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
     model.progress = not args.quiet
+    image_threshold, pixel_threshold = model.image_threshold_, model.pixel_threshold_
     pairs = output_names(args.paths)
 
+    def save_pictures(folder: Path, image: Path, name: Path, anomaly_map: np.ndarray, scale) -> None:
+        heatmap = folder / "maps" / name.with_suffix(".png")
+        Image.fromarray(colorize(anomaly_map, *scale)).save(heatmap)
+        mask = anomaly_map >= pixel_threshold.value if pixel_threshold else None
+        if mask is not None:
+            target = folder / "masks" / name.with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((mask * 255).astype(np.uint8)).save(target)
+        if args.overlays:
+            target = folder / "overlays" / name.with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            picture = overlay(np.asarray(read_image(image)), anomaly_map, *scale, mask=mask)
+            Image.fromarray(picture).save(target)
+
+    rows: list[tuple[Path, float, Path]] = []
+
     def write(folder: Path) -> None:
-        rows = []
+        # One colour scale for the whole run: the model's own (typical normal value to twice the threshold)
+        # when it is calibrated, else the range of all maps of this run, known only at the end.
+        scale = map_scale(pixel_threshold) if pixel_threshold else None
         low, high = np.inf, -np.inf
         named = iter(pairs)
         for _, scores, maps in model.iter_predict([image for image, _ in pairs]):
@@ -118,27 +158,49 @@ def run_predict(args: argparse.Namespace) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target.with_suffix(".npy"), anomaly_map)
                 low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
-                rows.append((str(image), float(score), name))
-        for _, _, name in rows:  # one colour scale for the whole run: needs every map's range first
-            anomaly_map = np.load(folder / "maps" / name.with_suffix(".npy"))
-            Image.fromarray(colorize(anomaly_map, low, high)).save(folder / "maps" / name.with_suffix(".png"))
+                if scale:
+                    save_pictures(folder, image, name, anomaly_map, scale)
+                rows.append((image, float(score), name))
+        if not scale:
+            for image, _, name in rows:
+                save_pictures(
+                    folder, image, name, np.load(folder / "maps" / name.with_suffix(".npy")), (low, high)
+                )
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "score"])
-        writer.writerows((path, f"{score:.6f}") for path, score, _ in rows)
+        writer.writerow(["path", "score", "normalized_score", "is_anomalous"])
+        for image, score, _ in rows:
+            decision = ["", ""]
+            if image_threshold:
+                normalized = float(image_threshold.normalize(score))
+                decision = [f"{normalized:.4f}", str(int(score >= image_threshold.value))]
+            writer.writerow([str(image), f"{score:.6f}", *decision])
         (folder / PREDICTIONS_FILE).write_text(buffer.getvalue())
 
     replace_folder(args.output, write, marker=PREDICTIONS_FILE)
-    print(f"scored {len(pairs)} images; wrote {Path(args.output) / PREDICTIONS_FILE} and maps/")
+    summary = f"scored {len(pairs)} images"
+    if image_threshold:
+        flagged = sum(score >= image_threshold.value for _, score, _ in rows)
+        summary += f", {flagged} anomalous at threshold {image_threshold.value:.4g}"
+    print(f"{summary}; wrote {Path(args.output) / PREDICTIONS_FILE}")
 
 
-def format_table(results, mean: dict[str, float]) -> str:
-    header = f"{'category':<16}{'image AUROC':>12}{'pixel AUROC':>12}{'AUPRO':>8}{'train':>7}{'test':>6}"
-    header += f"{'fit s':>8}{'test s':>8}{'img/s':>8}"
+def map_scale(threshold: Threshold) -> tuple[float, float]:
+    """Colour range for maps: the typical normal value is dark, the threshold mid-scale."""
+    return threshold.normal_level, 2.0 * threshold.value - threshold.normal_level
+
+
+def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
+    """The results table; false-alarm and miss rates are at the model's label-free image threshold."""
+    header = f"{'category':<16}{'image AUROC':>12}{'pixel AUROC':>12}{'AUPRO':>8}{'FAR':>7}{'miss':>7}"
+    header += f"{'train':>7}{'test':>6}{'fit s':>8}{'test s':>8}{'img/s':>8}"
     lines = [header, "-" * len(header)]
     for r in results:
+        rates = "".join(
+            f"{'-' if rate is None else f'{rate:.3f}':>7}" for rate in (r.false_alarm_rate, r.miss_rate)
+        )
         lines.append(
-            f"{r.category:<16}{r.image_auroc:>12.4f}{r.pixel_auroc:>12.4f}{r.aupro:>8.4f}{r.n_train:>7}"
+            f"{r.category:<16}{r.image_auroc:>12.4f}{r.pixel_auroc:>12.4f}{r.aupro:>8.4f}{rates}{r.n_train:>7}"
             f"{r.n_test:>6}{r.fit_seconds:>8.1f}{r.test_seconds:>8.1f}{r.test_images_per_second:>8.1f}"
         )
     if len(results) > 1:
@@ -149,24 +211,128 @@ def format_table(results, mean: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
-    categories = find_categories(args.root, args.category)
-    results = []
-    for category in categories:
-        result, _ = evaluate_category(lambda: _model_from_args(args), category, args.eval_size)
+def _run_config(args: argparse.Namespace) -> dict:
+    skip = ("handler", "json", "quiet", "report", "output")
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}, default=str))
+
+
+def _evaluate(args: argparse.Namespace) -> tuple[list[CategoryResult], list[CategoryPredictions]]:
+    results, predictions = [], []
+    for category in find_categories(args.root, args.category):
+        result, predicted = evaluate_category(lambda: _model_from_args(args), category, args.eval_size)
         results.append(result)
-        if not args.quiet and len(categories) > 1:
-            print(f"{category.name}: done", file=sys.stderr)
+        predictions.append(predicted)
+    return results, predictions
+
+
+def _write_report(path: str, args: argparse.Namespace, results, predictions) -> None:
+    categories = []
+    for result, predicted in zip(results, predictions, strict=True):
+        model = predicted.model
+        if model.image_threshold_ is None or model.pixel_threshold_ is None:
+            raise GaussADError("a report needs the model's thresholds: fit with --folds 2 or more")
+        categories.append(
+            CategoryReport(
+                result,
+                predicted,
+                image_threshold=model.image_threshold_.value,
+                pixel_threshold=model.pixel_threshold_.value,
+                threshold_source=f"{model.image_threshold_.method}: {model.image_threshold_.source}",
+            )
+        )
+    model = predictions[0].model
+    model_info = {
+        "backbone": model.backbone_.name,
+        "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
+        "input size": model.image_size_,
+        "levels (image score)": list(model.levels_),
+        "levels (map)": list(model.map_levels_),
+        "components per level": {
+            f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
+        },
+    }
+    title = f"gaussad evaluation: {', '.join(r.category for r in results)}"
+    write_report(path, ReportData(title, _run_config(args), model_info, categories))
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    results, predictions = _evaluate(args)
     mean = mean_metrics(results)
     print(format_table(results, mean))
     if args.json:
-        config = {key: value for key, value in vars(args).items() if key not in ("handler", "json", "quiet")}
-        document = {
-            "config": json.loads(json.dumps(config, default=str)),
-            "categories": [r.as_dict() for r in results],
-            "mean": mean,
-        }
+        document = {"config": _run_config(args), "categories": [r.as_dict() for r in results], "mean": mean}
         write_text_atomic(args.json, json.dumps(document, indent=2) + "\n")
+    if args.report:
+        _write_report(args.report, args, results, predictions)
+        print(f"report: {args.report}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    results, predictions = _evaluate(args)
+    print(format_table(results, mean_metrics(results)))
+    _write_report(args.output, args, results, predictions)
+    print(f"report: {args.output}")
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
+    model.progress = not args.quiet
+    if args.val_root:
+        category = find_categories(args.val_root)[0]
+        image, pixel = calibrate_on_labeled(model, category, args.max_false_alarm_rate)
+    elif args.max_false_alarm_rate is not None:
+        model.max_false_alarm_rate = args.max_false_alarm_rate
+        image, pixel = model.label_free_thresholds()
+    else:
+        image, pixel = model.image_threshold_, model.pixel_threshold_
+    if args.image_threshold is not None:
+        image = manual_threshold(args.image_threshold, image, "image")
+    if args.pixel_threshold is not None:
+        pixel = manual_threshold(args.pixel_threshold, pixel, "pixel")
+    if image is None and pixel is None:
+        raise GaussADError(
+            "nothing to calibrate: give VAL_ROOT, --max-false-alarm-rate or a manual threshold"
+        )
+    model.image_threshold_, model.pixel_threshold_ = image, pixel
+    model.save(args.model_dir)
+    print(describe_thresholds(model))
+
+
+def manual_threshold(value: float, previous: Threshold | None, kind: str) -> Threshold:
+    normal_level = previous.normal_level if previous else 0.0
+    if value <= normal_level:
+        raise GaussADError(
+            f"{kind} threshold {value}: must be above the typical normal value {normal_level:.4g}"
+        )
+    return Threshold(value, normal_level, "manual", f"{kind} threshold set by hand")
+
+
+def describe_thresholds(model: GaussAD) -> str:
+    lines = []
+    for kind, threshold in (("image", model.image_threshold_), ("pixel", model.pixel_threshold_)):
+        if threshold is None:
+            lines.append(f"{kind} threshold: none (fit with --folds 0; use `gaussad calibrate`)")
+        else:
+            lines.append(f"{kind} threshold: {threshold.value:.6g} ({threshold.method}: {threshold.source})")
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    model = GaussAD.load(args.model_dir, device="cpu")
+    backbone = model.backbone_
+    print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
+    print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
+    print(f"input: {model.image_size_} px; trained on {model.n_train_} images")
+    print(
+        f"reduction: {model.reduction} {model.variance}; localization: {model.localization}; "
+        f"blur sigma: {model.blur_sigma}"
+    )
+    for row in model.describe_levels():
+        print(
+            f"  {row['role']:<5} level {row['level']}: {row['components']} of {row['channels']} components, "
+            f"shrinkage {row['shrinkage']:.4f}"
+        )
+    print(describe_thresholds(model))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,17 +351,49 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model_dir", help="folder written by `gaussad fit`")
     predict.add_argument("paths", nargs="+", help="images or folders (searched recursively)")
     predict.add_argument("-o", "--output", required=True, help="folder for predictions.csv and maps/")
+    predict.add_argument(
+        "--overlays", action="store_true", help="also write overlays/: heatmap blended over each image"
+    )
     _add_runtime_options(predict)
     predict.set_defaults(handler=run_predict)
+
+    calibrate = commands.add_parser("calibrate", help="set a model's decision thresholds")
+    calibrate.add_argument("model_dir", help="folder written by `gaussad fit` (updated in place)")
+    calibrate.add_argument(
+        "val_root", nargs="?", help="labelled data in MVTec layout: thresholds at the F1-optimal points"
+    )
+    calibrate.add_argument(
+        "--max-false-alarm-rate",
+        type=float,
+        help="with VAL_ROOT: the rate on its good images; without: re-derive the label-free thresholds",
+    )
+    calibrate.add_argument("--image-threshold", type=float, help="manual image threshold (raw score)")
+    calibrate.add_argument("--pixel-threshold", type=float, help="manual pixel threshold (raw map value)")
+    _add_runtime_options(calibrate)
+    calibrate.set_defaults(handler=run_calibrate)
+
+    info = commands.add_parser("info", help="describe a model: backbone, levels, thresholds")
+    info.add_argument("model_dir")
+    info.set_defaults(handler=run_info)
 
     evaluate = commands.add_parser("evaluate", help="fit and evaluate on data in MVTec AD layout")
     evaluate.add_argument("root", help="a category folder, or a folder of categories")
     evaluate.add_argument("--category", nargs="+", help="only these categories")
     evaluate.add_argument("--eval-size", type=int, help="evaluate maps at N x N (default: ground-truth size)")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
+    evaluate.add_argument("--report", help="also write a self-contained HTML report to this file")
     _add_model_options(evaluate)
     _add_runtime_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
+
+    report = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
+    report.add_argument("root", help="a category folder, or a folder of categories, in MVTec AD layout")
+    report.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    report.add_argument("--category", nargs="+", help="only these categories")
+    report.add_argument("--eval-size", type=int, help="evaluate maps at N x N (default: ground-truth size)")
+    _add_model_options(report)
+    _add_runtime_options(report)
+    report.set_defaults(handler=run_report)
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gaussad.calibration import Threshold, f1_threshold, quantile_threshold, rates
 from gaussad.errors import GaussADError
 from gaussad.images import IMAGE_EXTENSIONS
 from gaussad.metrics import image_auroc, pixel_metrics
@@ -42,6 +43,9 @@ class CategoryResult:
     fit_seconds: float
     test_seconds: float
     test_images_per_second: float
+    image_threshold: float | None = None  # the model's own (label-free) threshold, if it has one
+    false_alarm_rate: float | None = None  # share of good test images flagged at that threshold
+    miss_rate: float | None = None  # share of defective test images not flagged
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +59,7 @@ class CategoryPredictions:
     scores: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray]
+    model: GaussAD | None = None  # the fitted model, with its thresholds
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -151,6 +156,14 @@ def evaluate_category(
     masks = [read_mask(image, size) for image, size in zip(tests, map_sizes, strict=True)]
     labels = np.array([image.label for image in tests])
     pixel_auroc, aupro = pixel_metrics(masks, maps)
+    decision = {}
+    if model.image_threshold_ is not None:
+        false_alarms, misses = rates(labels, scores, model.image_threshold_.value)
+        decision = {
+            "image_threshold": model.image_threshold_.value,
+            "false_alarm_rate": false_alarms,
+            "miss_rate": misses,
+        }
     result = CategoryResult(
         category=category.name,
         image_auroc=image_auroc(labels, scores),
@@ -161,8 +174,9 @@ def evaluate_category(
         fit_seconds=fit_seconds,
         test_seconds=test_seconds,
         test_images_per_second=len(tests) / test_seconds,
+        **decision,
     )
-    return result, CategoryPredictions(tests, scores, maps, masks)
+    return result, CategoryPredictions(tests, scores, maps, masks, model)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -181,3 +195,41 @@ def mean_metrics(results: Sequence[CategoryResult]) -> dict[str, float]:
         key: float(np.mean([getattr(result, key) for result in results]))
         for key in ("image_auroc", "pixel_auroc", "aupro")
     }
+
+
+def calibrate_on_labeled(
+    model: GaussAD, category: Path, max_false_alarm_rate: float | None = None, eval_size: int = 256
+) -> tuple[Threshold, Threshold]:
+    """Image and pixel thresholds from labelled data in MVTec layout (its test/ and ground_truth/).
+
+    F1-optimal by default (pixel F1 over all pixels at eval_size x eval_size); with a false-alarm rate, the
+    quantiles of the good images' scores and map maxima instead.
+    """
+    images = list_test_images(category)
+    size = (eval_size, eval_size)
+    scores, maps = [], []
+    for _, batch_scores, batch_maps in model.iter_predict(
+        [i.path for i in images], map_sizes=[size] * len(images)
+    ):
+        scores.append(batch_scores)
+        maps += batch_maps
+    scores = np.concatenate(scores)
+    labels = np.array([image.label for image in images])
+    where = f"{len(images)} labelled images in {category}"
+    if max_false_alarm_rate is None:
+        masks = np.stack([read_mask(image, size) for image in images])
+        return (
+            f1_threshold(labels, scores, f"F1-optimal on {where}"),
+            f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}"),
+        )
+    good = labels == 0
+    source = f"{1 - max_false_alarm_rate:.4g} quantile of the good images among {where}"
+    image = quantile_threshold(scores[good], max_false_alarm_rate, "false-alarm-rate", f"scores: {source}")
+    pixel = quantile_threshold(
+        np.array([m.max() for m, g in zip(maps, good, strict=True) if g]),
+        max_false_alarm_rate,
+        "false-alarm-rate",
+        f"map maxima: {source}",
+    )
+    pixel.normal_level = float(np.median([np.median(m) for m, g in zip(maps, good, strict=True) if g]))
+    return image, pixel

@@ -20,6 +20,13 @@ import torch
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import TappedBackbone, load_backbone
+from gaussad.calibration import (
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_FOLDS,
+    Threshold,
+    check_rate,
+    quantile_threshold,
+)
 from gaussad.errors import GaussADError
 from gaussad.features import PRECISIONS, FeatureExtractor, Precision, resolve_device
 from gaussad.gaussian import REDUCTIONS, Gaussian, Reduction, fit_gaussian, mahalanobis
@@ -69,6 +76,8 @@ class GaussAD:
         blur_sigma: float = 4.0,
         precision: Precision = "fp32",
         batch_size: int = 32,
+        folds: int = DEFAULT_FOLDS,
+        max_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         device: str = "auto",
         workers: int = 2,
         progress: bool = False,
@@ -83,6 +92,8 @@ class GaussAD:
         self.image_size = image_size
         self.blur_sigma = blur_sigma
         self.precision = precision
+        self.folds = folds
+        self.max_false_alarm_rate = max_false_alarm_rate
         self.batch_size = batch_size
         self.device = device
         self.workers = workers
@@ -98,6 +109,7 @@ class GaussAD:
             )
         if self.precision not in PRECISIONS:
             raise GaussADError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        check_rate(self.max_false_alarm_rate)
         if self.blur_sigma < 0:
             raise GaussADError(f"blur sigma {self.blur_sigma}: expected 0 (off) or more")
         if self.image_size is not None and self.image_size < 32:
@@ -127,31 +139,96 @@ class GaussAD:
         self.levels_, self.map_levels_ = self._resolve_levels(self.backbone_)
         self.image_size_ = int(self.image_size or self.backbone_.preprocessing.image_size)
         extractor = self._extractor()
+        n_folds = self._n_folds(len(items))
+        fold_of = np.arange(len(items)) % max(n_folds, 1)
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in self.levels_}
         with tempfile.TemporaryDirectory(prefix="gaussad-fit-") as spill_dir:
             accumulators = {
                 level: LevelAccumulator(
-                    Path(spill_dir) / f"level{level}.f32", self.localization == "per-position"
+                    Path(spill_dir) / f"level{level}.f32",
+                    self.localization == "per-position",
+                    max(n_folds, 1),
                 )
                 for level in self.map_levels_
             }
             for batch in extractor.batches(items, progress="fit" if self.progress else None):
+                batch_folds = fold_of[batch.start : batch.start + len(batch.sizes)]
                 for level, features in zip(extractor.levels, batch.features, strict=True):
                     if level in pooled:
                         pooled[level].append(features.mean(dim=(2, 3)).to("cpu", torch.float64).numpy())
                     if level in accumulators:
-                        accumulators[level].add(features)
+                        accumulators[level].add(features, batch_folds.tolist())
+            pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
             self.image_gaussians_ = [
-                fit_gaussian(np.concatenate(pooled[level]), self.reduction, self.variance)
-                for level in self.levels_
+                fit_gaussian(pooled_all[level], self.reduction, self.variance) for level in self.levels_
             ]
             self.map_gaussians_ = [
                 accumulators[level].finish(self.reduction, self.variance) for level in self.map_levels_
             ]
+            self.held_out_scores_, self.held_out_map_maxima_, self.held_out_map_medians_ = (
+                self._held_out_normal(pooled_all, accumulators, fold_of, n_folds)
+                if n_folds
+                else (np.empty(0), np.empty(0), np.empty(0))
+            )
+        self.image_threshold_, self.pixel_threshold_ = self.label_free_thresholds()
         self.n_train_ = len(items)
         self.fit_seconds_ = time.perf_counter() - started
         self._on_device = None
         return self
+
+    # ------------------------------------------------------------------------------------- calibration
+    def _n_folds(self, n_images: int) -> int:
+        """Folds for label-free calibration: 0 turns it off; each fold's model needs 2 or more images."""
+        if self.folds == 0:
+            return 0
+        if self.folds < 2:
+            raise GaussADError(f"folds {self.folds}: expected 0 (no calibration) or at least 2")
+        return min(self.folds, n_images) if n_images >= 3 else 0
+
+    def _held_out_normal(
+        self,
+        pooled: dict[int, np.ndarray],
+        accumulators: dict[int, LevelAccumulator],
+        fold_of: np.ndarray,
+        n_folds: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each training image scored by Gaussians fitted without its fold: its image score, and the
+        maximum and median of its anomaly map. Uses the features kept from the fit: no backbone pass."""
+        scores = np.zeros(len(fold_of))
+        maxima, medians = np.zeros(len(fold_of)), np.zeros(len(fold_of))
+        for fold in range(n_folds):
+            held = fold_of == fold
+            for level in self.levels_:
+                gaussian = fit_gaussian(pooled[level][~held], self.reduction, self.variance)
+                tensors = [
+                    torch.from_numpy(t) for t in (pooled[level][held], gaussian.mean, gaussian.whitening)
+                ]
+                scores[held] += mahalanobis(*tensors).numpy()
+            level_maps = []
+            for level in self.map_levels_:
+                gaussian = accumulators[level].finish(self.reduction, self.variance, exclude_fold=fold)
+                features = accumulators[level].read_fold(fold).to(self.device_)
+                level_maps.append(level_distance_map(features, *gaussian.to_torch(self.device_)))
+            combined = combine_levels(level_maps, self.image_size_, self.blur_sigma).flatten(1)
+            maxima[held] = combined.amax(dim=1).cpu().numpy()
+            medians[held] = combined.median(dim=1).values.cpu().numpy()
+        return scores, maxima, medians
+
+    def label_free_thresholds(self) -> tuple[Threshold | None, Threshold | None]:
+        """Thresholds for `max_false_alarm_rate` from the held-out normal results (None without them)."""
+        if not len(self.held_out_scores_):
+            return None, None
+        rate = self.max_false_alarm_rate
+        check_rate(rate)
+        where = f"{len(self.held_out_scores_)} good training images, {self.folds}-fold held out"
+        image = quantile_threshold(
+            self.held_out_scores_, rate, "label-free", f"{1 - rate:.4g} quantile of image scores of {where}"
+        )
+        pixel = quantile_threshold(
+            self.held_out_map_maxima_, rate, "label-free", f"{1 - rate:.4g} quantile of map maxima of {where}"
+        )
+        pixel.normal_level = float(np.median(self.held_out_map_medians_))
+        return image, pixel
 
     # ----------------------------------------------------------------------------------------- scoring
     def _check_fitted(self) -> None:

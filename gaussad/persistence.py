@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from gaussad import __version__
 from gaussad.backbones import file_sha256, load_backbone
+from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
 from gaussad.features import resolve_device
 from gaussad.fileio import replace_folder
@@ -28,7 +29,17 @@ FORMAT = "gaussad-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
-SAVED_PARAMS = ("backbone", "reduction", "variance", "localization", "blur_sigma", "precision")
+SAVED_PARAMS = (
+    "backbone",
+    "reduction",
+    "variance",
+    "localization",
+    "blur_sigma",
+    "precision",
+    "folds",
+    "max_false_alarm_rate",
+)
+HELD_OUT = ("held_out_scores_", "held_out_map_maxima_", "held_out_map_medians_")
 
 
 def save_model(model: GaussAD, directory: Path) -> Path:
@@ -44,6 +55,8 @@ def save_model(model: GaussAD, directory: Path) -> Path:
             tensors[f"{role}.{level}.shrinkage"] = np.atleast_1d(
                 np.asarray(gaussian.shrinkage, dtype=np.float64)
             )
+    for name in HELD_OUT:
+        tensors[name.rstrip("_")] = np.ascontiguousarray(getattr(model, name), dtype=np.float64)
     backbone = model.backbone_
     config = {
         "format": FORMAT,
@@ -61,6 +74,10 @@ def save_model(model: GaussAD, directory: Path) -> Path:
         "image_size": model.image_size_,
         "n_train": model.n_train_,
         "gaussians": model.describe_levels(),
+        "thresholds": {
+            "image": model.image_threshold_.as_dict() if model.image_threshold_ else None,
+            "pixel": model.pixel_threshold_.as_dict() if model.pixel_threshold_ else None,
+        },
     }
 
     def write(folder: Path) -> None:
@@ -136,6 +153,11 @@ def load_model(cls: type[GaussAD], directory: Path, device: str = "auto", **over
         except KeyError as missing:
             raise GaussADError(f"{tensors_path}: missing tensor {missing}") from None
 
+    thresholds = config.get("thresholds", {})
+    model.image_threshold_ = Threshold(**thresholds["image"]) if thresholds.get("image") else None
+    model.pixel_threshold_ = Threshold(**thresholds["pixel"]) if thresholds.get("pixel") else None
+    for name in HELD_OUT:
+        setattr(model, name, tensors.get(name.rstrip("_"), np.empty(0)))
     model.image_gaussians_ = gaussians("image", model.levels_)
     model.map_gaussians_ = gaussians("map", model.map_levels_)
     model._on_device = None

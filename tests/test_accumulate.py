@@ -72,3 +72,23 @@ def test_constant_position_keeps_a_finite_precision(tmp_path) -> None:
     gaussian = stream(tmp_path, maps, per_position=True).finish("opca", 0.5)
     assert np.isfinite(gaussian.whitening).all()
     assert np.abs(gaussian.whitening[0]).max() < 1e6
+
+
+def test_excluding_a_fold_equals_fitting_without_it(tmp_path) -> None:
+    maps = feature_maps(4, n=20)
+    folds = [i % 4 for i in range(20)]
+    accumulator = LevelAccumulator(tmp_path / "all.f32", per_position=True, n_folds=4)
+    for start in range(0, 20, 6):
+        accumulator.add(maps[start : start + 6], folds[start : start + 6])
+    without = accumulator.finish("opca", 0.4, exclude_fold=1)
+    kept = torch.stack([maps[i] for i in range(20) if folds[i] != 1])
+    expected = stream(tmp_path, kept, per_position=True).finish("opca", 0.4)
+    np.testing.assert_allclose(without.mean, expected.mean, rtol=1e-12)
+    np.testing.assert_allclose(
+        without.whitening @ without.whitening.transpose(0, 2, 1),
+        expected.whitening @ expected.whitening.transpose(0, 2, 1),
+        rtol=1e-7,
+        atol=1e-9,
+    )
+    held_out = accumulator.read_fold(1)
+    torch.testing.assert_close(held_out, torch.stack([maps[i] for i in range(20) if folds[i] == 1]))

@@ -32,10 +32,18 @@ def test_predict_writes_scores_and_maps_named_by_relative_path(
     model_dir: Path, category: Path, tmp_path
 ) -> None:
     out = tmp_path / "out"
-    assert main(["predict", str(model_dir), str(category / "test"), "-o", str(out), "--quiet"]) == 0
+    assert (
+        main(["predict", str(model_dir), str(category / "test"), "-o", str(out), "--quiet", "--overlays"])
+        == 0
+    )
     with (out / "predictions.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 8 and set(rows[0]) == {"path", "score"}
+    assert len(rows) == 8 and set(rows[0]) == {"path", "score", "normalized_score", "is_anomalous"}
+    for row in rows:
+        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+        assert (row["is_anomalous"] == "1") == (float(row["normalized_score"]) >= 0.5)
+        if "scratch" in row["path"]:
+            assert row["is_anomalous"] == "1"
     scores = {
         Path(row["path"]).relative_to(category / "test").as_posix(): float(row["score"]) for row in rows
     }
@@ -47,6 +55,10 @@ def test_predict_writes_scores_and_maps_named_by_relative_path(
         heatmap = Image.open(out / "maps" / f"{name}.png")
         assert heatmap.mode == "RGB" and heatmap.size == (96, 96)
         assert np.load(out / "maps" / f"{name}.npy").shape == (96, 96)
+        assert Image.open(out / "overlays" / f"{name}.png").size == (96, 96)
+    defect_mask = np.asarray(Image.open(out / "masks" / "scratch" / "000.png")) > 0
+    truth = np.asarray(Image.open(category / "ground_truth" / "scratch" / "000_mask.png")) > 0
+    assert (defect_mask & truth).sum() > 0.5 * truth.sum()  # the predicted mask covers the scratch
 
 
 def test_predict_refuses_colliding_names_and_keeps_earlier_results(
@@ -62,16 +74,21 @@ def test_predict_refuses_colliding_names_and_keeps_earlier_results(
 
 def test_evaluate_prints_the_table_and_writes_json(category: Path, tmp_path, capsys) -> None:
     report = tmp_path / "results.json"
-    assert main(["evaluate", str(category.parent), "--category", "widget", "--json", str(report), *FAST]) == 0
+    html = tmp_path / "report.html"
+    arguments = ["evaluate", str(category.parent), "--category", "widget", "--json", str(report), *FAST]
+    assert main([*arguments, "--report", str(html)]) == 0
     table = capsys.readouterr().out
-    assert "widget" in table and "AUPRO" in table
+    assert "widget" in table and "AUPRO" in table and "FAR" in table
+    assert 'id="gallery"' in html.read_text()
     document = json.loads(report.read_text())
     assert set(document) == {"config", "categories", "mean"}
     row = document["categories"][0]
     assert set(row) == {
         "category", "image_auroc", "pixel_auroc", "aupro", "n_train", "n_test",
         "fit_seconds", "test_seconds", "test_images_per_second",
+        "image_threshold", "false_alarm_rate", "miss_rate",
     }  # fmt: skip
+    assert 0.0 <= row["false_alarm_rate"] <= 1.0 and row["miss_rate"] == 0.0
     assert row["n_train"] == 16 and row["n_test"] == 8 and row["image_auroc"] == 1.0
     assert 0.8 < row["pixel_auroc"] <= 1.0 and 0.5 < row["aupro"] <= 1.0
     assert document["mean"]["aupro"] == row["aupro"] and document["config"]["map_levels"] == [2, 3]
@@ -122,3 +139,27 @@ def test_unreadable_image_is_named(model_dir: Path, tmp_path) -> None:
     result = run_cli("predict", str(model_dir), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet")
     assert result.returncode == 2 and "fake.png: cannot read image" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_and_info(model_dir: Path, category: Path, tmp_path, capsys) -> None:
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(model_dir), str(model)], check=True)
+    assert main(["info", str(model)]) == 0
+    assert (
+        "image threshold:" in capsys.readouterr().out and "label-free" in (model / "model.json").read_text()
+    )
+
+    assert main(["calibrate", str(model), str(category), "--quiet", "--device", "cpu"]) == 0
+    thresholds = json.loads((model / "model.json").read_text())["thresholds"]
+    assert thresholds["image"]["method"] == "f1" and "labelled images" in thresholds["image"]["source"]
+
+    assert main(["calibrate", str(model), "--image-threshold", "1e6", "--quiet"]) == 0
+    thresholds = json.loads((model / "model.json").read_text())["thresholds"]
+    assert thresholds["image"] == {**thresholds["image"], "value": 1e6, "method": "manual"}
+    assert thresholds["pixel"]["method"] == "f1"  # untouched
+
+    assert main(["calibrate", str(model), "--max-false-alarm-rate", "0.2", "--quiet"]) == 0
+    thresholds = json.loads((model / "model.json").read_text())["thresholds"]
+    assert thresholds["image"]["method"] == "label-free" and "0.8 quantile" in thresholds["image"]["source"]
+    assert main(["info", str(model)]) == 0
+    assert "0.8 quantile" in capsys.readouterr().out

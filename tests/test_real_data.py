@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import BOTTLE, needs
 
 from gaussad import GaussAD
 from gaussad.evaluation import evaluate_category, list_test_images, training_images
-
-from .conftest import BOTTLE, needs
 
 
 @needs(BOTTLE)

@@ -1,0 +1,77 @@
+"""Thresholds a production line can act on, and scores normalized around them.
+
+Label-free (default): the good training images are split into folds; each fold is scored by Gaussians
+fitted without it, which gives honest "normal" scores and maps. The image threshold is the (1 - rate)
+quantile of the held-out scores for a target false-alarm rate; the pixel threshold is the same quantile of
+each held-out image's maximum map value, so that a good part's defect mask is empty at that rate too.
+With labels (`calibrate_labeled`): the F1-optimal point, or the rate measured on labelled good images.
+A manual value overrides either. Every threshold records how, and on what, it was chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
+from gaussad.errors import GaussADError
+
+DEFAULT_FOLDS = 5
+DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+@dataclass
+class Threshold:
+    """A decision threshold on raw scores (image) or raw map values (pixel), with its provenance.
+
+    `normal_level` is a typical normal value (the median of the normal data it was chosen on): normalized
+    scores map it to 0 and the threshold to 0.5.
+    """
+
+    value: float
+    normal_level: float
+    method: str  # "label-free", "f1", "false-alarm-rate" or "manual"
+    source: str  # one line: how and on what data
+
+    def normalize(self, values: np.ndarray) -> np.ndarray:
+        """Scores in [0, 1]: the typical normal value at 0, the threshold at 0.5, linear in between."""
+        span = max(self.value - self.normal_level, np.finfo(np.float64).eps * max(abs(self.value), 1.0))
+        return np.clip(0.5 + 0.5 * (np.asarray(values, dtype=np.float64) - self.value) / span, 0.0, 1.0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_rate(rate: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise GaussADError(f"false-alarm rate {rate}: expected a fraction in (0, 1), e.g. 0.01")
+
+
+def quantile_threshold(normal: np.ndarray, rate: float, method: str, source: str) -> Threshold:
+    """The (1 - rate) quantile of normal values: about `rate` of normal data lies above it."""
+    check_rate(rate)
+    normal = np.asarray(normal, dtype=np.float64)
+    return Threshold(float(np.quantile(normal, 1.0 - rate)), float(np.median(normal)), method, source)
+
+
+def f1_threshold(labels: np.ndarray, values: np.ndarray, source: str) -> Threshold:
+    """The threshold with the best F1 score for 'anomalous' on labelled data."""
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        raise GaussADError("F1 calibration needs both normal and anomalous examples")
+    precision, recall, thresholds = precision_recall_curve(labels, values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    best = int(np.argmax(f1))
+    normal_level = float(np.median(np.asarray(values)[~labels]))
+    return Threshold(float(thresholds[best]), normal_level, "f1", f"{source}; F1 {f1[best]:.3f}")
+
+
+def rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(false-alarm rate on normal images, miss rate on anomalous images) when score >= threshold flags."""
+    labels = np.asarray(labels).astype(bool)
+    flagged = np.asarray(scores) >= threshold
+    false_alarms = float(flagged[~labels].mean()) if (~labels).any() else float("nan")
+    misses = float((~flagged[labels]).mean()) if labels.any() else float("nan")
+    return false_alarms, misses

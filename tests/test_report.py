@@ -1,0 +1,271 @@
+"""The HTML report and the heatmap overlays it shows, on synthetic predictions (no model is fitted)."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gaussad.errors import GaussADError
+from gaussad.evaluation import CategoryPredictions, CategoryResult, list_test_images, read_mask
+from gaussad.heatmaps import colorize, overlay
+from gaussad.metrics import image_auroc, pixel_metrics
+from gaussad.report import (
+    SECTIONS,
+    CategoryReport,
+    ReportData,
+    color_scale,
+    gallery_order,
+    image_errors,
+    render_report,
+    write_report,
+)
+
+# Test images of the synthetic category in listing order: good/000..003, then scratch/000..003.
+# At threshold 0.5: scratch/001 is missed (0.05); good/001 (0.9) and good/002 (0.6) are false alarms.
+SCORES = np.array([0.2, 0.9, 0.6, 0.1, 0.7, 0.05, 0.95, 0.6])
+EXPECTED_ORDER = [
+    ("scratch", "001.png"),  # the miss
+    ("good", "001.png"),  # false alarms, highest first
+    ("good", "002.png"),
+    ("scratch", "003.png"),  # then by distance to the threshold: 0.1, 0.2, 0.3, 0.4, 0.45
+    ("scratch", "000.png"),
+    ("good", "000.png"),
+    ("good", "003.png"),
+    ("scratch", "002.png"),
+]
+
+
+def synthetic_category(
+    category: Path,
+    name: str = "widget",
+    scores: np.ndarray = SCORES,
+    keep: slice = slice(None),
+    map_side: int | None = None,
+    image_threshold: float = 0.5,
+    pixel_threshold: float = 0.5,
+) -> CategoryReport:
+    """A category's report from the synthetic data set, with made-up scores and maps (1 on the defect)."""
+    images = list_test_images(category)[keep]
+    scores = scores[keep]
+    rng = np.random.default_rng(1)
+    side = map_side or 96
+    masks = [read_mask(image, (side, side)) for image in images]
+    maps = [(rng.random((side, side)) * 0.3 + mask).astype(np.float32) for mask in masks]
+    labels = np.array([image.label for image in images])
+    both = len(set(labels)) == 2
+    pixel_auroc, aupro = pixel_metrics(masks, maps) if both else (float("nan"), float("nan"))
+    result = CategoryResult(
+        category=name,
+        image_auroc=image_auroc(labels, scores) if both else float("nan"),
+        pixel_auroc=pixel_auroc,
+        aupro=aupro,
+        n_train=16,
+        n_test=len(images),
+        fit_seconds=1.5,
+        test_seconds=0.5,
+        test_images_per_second=len(images) / 0.5,
+    )
+    return CategoryReport(
+        result=result,
+        predictions=CategoryPredictions(images, scores, maps, masks),
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        threshold_source="label-free: 99th percentile of 5-fold held-out normal scores",
+    )
+
+
+def synthetic_report(category: Path, *categories: CategoryReport) -> ReportData:
+    return ReportData(
+        title="Synthetic evaluation",
+        config={"backbone": "efficientnet_lite0", "levels": [3, 4, 5], "variance": 0.05, "device": None},
+        model_info={"components per level": {"3": 12, "4": 20}, "n_train": 16, "weights sha256": "ab12"},
+        categories=list(categories) or [synthetic_category(category)],
+    )
+
+
+class _Parts(HTMLParser):
+    """What the tests look at in the report: element ids, image sources, gallery tiles in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.tiles: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if "id" in attributes:
+            self.ids.append(attributes["id"] or "")
+        if tag == "img":
+            self.images.append(attributes.get("src") or "")
+        if tag == "figure":
+            self.tiles.append(
+                (attributes["data-defect"], attributes["data-name"], attributes["data-outcome"])
+            )
+
+
+def parse(text: str) -> _Parts:
+    parts = _Parts()
+    parts.feed(text)
+    return parts
+
+
+def test_report_has_every_section_in_order_and_nothing_external(category) -> None:
+    text = render_report(synthetic_report(category))
+    parts = parse(text)
+    section_ids = [key for key, _ in SECTIONS]
+    assert section_ids == ["config", "metrics", "curves", "histogram", "gallery", "timing"]
+    assert [i for i in parts.ids if i in section_ids] == section_ids
+    assert "http://" not in text and "https://" not in text
+    # 2 plots (curves, histogram), a colour bar and 8 tiles; every one embedded.
+    assert len(parts.images) == 11
+    assert all(re.fullmatch(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+", src) for src in parts.images)
+    assert text.isascii()
+    assert "efficientnet_lite0" in text and "[3, 4, 5]" in text and "99th percentile" in text
+
+
+def test_gallery_puts_misses_then_false_alarms_first(category) -> None:
+    parts = parse(render_report(synthetic_report(category)))
+    assert [(defect, name) for defect, name, _ in parts.tiles] == EXPECTED_ORDER
+    assert [outcome for *_, outcome in parts.tiles[:3]] == ["miss", "false alarm", "false alarm"]
+    assert {outcome for *_, outcome in parts.tiles[3:]} == {"detected", "normal"}
+    limited = parse(render_report(synthetic_report(category), gallery_size=2))
+    assert [(defect, name) for defect, name, _ in limited.tiles] == EXPECTED_ORDER[:2]
+
+
+def test_gallery_order_and_error_counts() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert gallery_order(labels, SCORES, 0.5).tolist() == [5, 1, 2, 7, 4, 0, 3, 6]
+    errors = image_errors(labels, SCORES, 0.5)
+    assert (errors.false_alarms, errors.n_good, errors.misses, errors.n_defective) == (2, 4, 1, 4)
+    assert errors.false_alarm_rate == 0.5 and errors.miss_rate == 0.25
+    # A score equal to the threshold is anomalous: a false alarm for a good image, no miss for a bad one.
+    assert image_errors([0, 1], [0.5, 0.5], 0.5)[::2] == (1, 0)
+    assert np.isnan(image_errors([0, 0], [0.1, 0.2], 0.5).miss_rate)
+
+
+def test_metrics_table_rates_and_mean_row(category) -> None:
+    text = render_report(synthetic_report(category))
+    assert re.findall(r'<td class="num false-alarms">([^<]*)</td>', text) == ["50.0% (2/4)"]
+    assert re.findall(r'<td class="num misses">([^<]*)</td>', text) == ["25.0% (1/4)"]
+    assert "<b>mean</b>" not in text
+
+    strict = synthetic_category(category, name="strict", image_threshold=0.92)  # 0 false alarms, 3 misses
+    text = render_report(synthetic_report(category, synthetic_category(category), strict))
+    assert re.findall(r'<td class="num false-alarms">([^<]*)</td>', text) == [
+        "50.0% (2/4)",
+        "0.0% (0/4)",
+        "25.0%",
+    ]
+    assert re.findall(r'<td class="num misses">([^<]*)</td>', text) == ["25.0% (1/4)", "75.0% (3/4)", "50.0%"]
+
+
+def test_text_is_escaped(category) -> None:
+    report = synthetic_report(category, synthetic_category(category, name="<b>x</b>"))
+    report.config["<script>alert(1)</script>"] = "a & b"
+    text = render_report(report)
+    assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text
+    assert "<script>" not in text and "&lt;script&gt;" in text and "a &amp; b" in text
+
+
+@pytest.mark.parametrize(
+    ("case", "options", "false_alarms", "misses"),
+    [
+        ("only good images", {"keep": slice(0, 4)}, "50.0% (2/4)", "&ndash;"),
+        ("only defective images", {"keep": slice(4, 8)}, "&ndash;", "25.0% (1/4)"),
+        ("nothing flagged", {"image_threshold": 2.0, "pixel_threshold": 5.0}, "0.0% (0/4)", "100.0% (4/4)"),
+        (
+            "everything flagged",
+            {"image_threshold": 0.0, "pixel_threshold": -1.0},
+            "100.0% (4/4)",
+            "0.0% (0/4)",
+        ),
+        ("maps smaller than images", {"map_side": 40}, "50.0% (2/4)", "25.0% (1/4)"),
+    ],
+)
+def test_edge_cases_render(category, case, options, false_alarms, misses) -> None:
+    text = render_report(synthetic_report(category, synthetic_category(category, **options)))
+    assert re.findall(r'<td class="num false-alarms">([^<]*)</td>', text) == [false_alarms], case
+    assert re.findall(r'<td class="num misses">([^<]*)</td>', text) == [misses], case
+    assert all(src.startswith("data:image/") for src in parse(text).images)
+
+
+def test_write_report_is_atomic(category, tmp_path) -> None:
+    report = synthetic_report(category)
+    path = write_report(tmp_path / "report.html", report, gallery_size=3)
+    assert path == tmp_path / "report.html"
+    text = path.read_text()
+    assert text == render_report(report, gallery_size=3) and text.endswith("</html>\n")
+    with pytest.raises(GaussADError, match="gallery size"):
+        write_report(path, report, gallery_size=-1)
+    assert path.read_text() == text  # a failed write leaves the previous report whole
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # and no temporary file behind
+
+
+def test_report_rejects_mismatched_predictions(category) -> None:
+    broken = synthetic_category(category)
+    broken.predictions.maps.pop()
+    with pytest.raises(GaussADError, match="must match"):
+        render_report(synthetic_report(category, broken))
+
+
+def test_color_scale_keeps_the_pixel_threshold_at_mid_scale_or_below() -> None:
+    maps = [np.linspace(0.0, 1.0, 10_001, dtype=np.float32).reshape(1, -1)]
+    low, high = color_scale(maps, pixel_threshold=0.2)
+    assert low == 0.0 and high == pytest.approx(0.999, abs=1e-4)
+    assert color_scale(maps, pixel_threshold=3.0) == (0.0, 6.0)  # nothing reaches it: all stays dark
+
+
+def _overlay_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image = np.zeros((32, 40, 3), dtype=np.uint8)
+    image[:] = (100, 50, 200)
+    anomaly_map = np.tile(np.linspace(-1.0, 3.0, 40, dtype=np.float32), (32, 1))
+    mask = np.zeros((32, 40), dtype=bool)
+    mask[10:20, 12:25] = True
+    return image, anomaly_map, mask
+
+
+def test_overlay_outlines_the_mask() -> None:
+    image, anomaly_map, mask = _overlay_inputs()
+    result = overlay(image, anomaly_map, 0.0, 2.0, mask=mask, outline_color=(0, 255, 0))
+    assert result.shape == image.shape and result.dtype == np.uint8
+    boundary = np.zeros_like(mask)
+    boundary[[10, 19], 12:25] = boundary[10:20, [12, 24]] = True
+    assert (result[boundary] == (0, 255, 0)).all()
+    assert not (result[~boundary] == (0, 255, 0)).all(axis=-1).any()  # inside and outside: blended only
+    np.testing.assert_array_equal(result[~boundary], overlay(image, anomaly_map, 0.0, 2.0)[~boundary])
+
+    edge = np.zeros((32, 40), dtype=bool)
+    edge[:5, :5] = True  # touching the image border: the border closes the outline
+    assert (
+        overlay(image, anomaly_map, 0.0, 2.0, mask=edge, outline_color=(1, 2, 3))[0, 2] == (1, 2, 3)
+    ).all()
+
+
+def test_overlay_blends_with_the_colorize_scale() -> None:
+    image, anomaly_map, _ = _overlay_inputs()
+    result = overlay(image, anomaly_map, 0.0, 2.0, alpha=0.25).astype(np.float64)
+    heat = colorize(anomaly_map, 0.0, 2.0).astype(np.float64)
+    np.testing.assert_array_equal(result, np.rint(0.75 * image + 0.25 * heat))
+    # Below `low`: the dark end of the colormap (inferno's near-black) blended in.
+    assert anomaly_map[5, 0] < 0.0
+    dark = colorize(np.array([[0.0]]), 0.0, 2.0)[0, 0].astype(np.float64)
+    assert dark.max() < 10
+    np.testing.assert_array_equal(result[5, 0], np.rint(0.75 * image[5, 0] + 0.25 * dark))
+    np.testing.assert_array_equal(overlay(image, anomaly_map, 0.0, 2.0, alpha=0.0), image)
+
+
+def test_overlay_rejects_mismatched_inputs() -> None:
+    image, anomaly_map, mask = _overlay_inputs()
+    with pytest.raises(GaussADError, match="anomaly map"):
+        overlay(image, anomaly_map[:-1], 0.0, 1.0)
+    with pytest.raises(GaussADError, match="mask"):
+        overlay(image, anomaly_map, 0.0, 1.0, mask=mask[:, :-1])
+    with pytest.raises(GaussADError, match="uint8"):
+        overlay(image.astype(np.float32), anomaly_map, 0.0, 1.0)
+    with pytest.raises(GaussADError, match="alpha"):
+        overlay(image, anomaly_map, 0.0, 1.0, alpha=1.5)
