@@ -1,0 +1,41 @@
+"""Thresholds: quantiles for a false-alarm rate, F1-optimal points, normalization, measured rates."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from gaussad.calibration import Threshold, f1_threshold, quantile_threshold, rates
+from gaussad.errors import GaussADError
+
+
+def test_quantile_threshold_flags_about_the_target_rate() -> None:
+    normal = np.random.default_rng(0).normal(10, 2, size=10_000)
+    threshold = quantile_threshold(normal, 0.01, "label-free", "test")
+    assert np.mean(normal >= threshold.value) == pytest.approx(0.01, abs=0.001)
+    assert threshold.normal_level == pytest.approx(np.median(normal))
+    with pytest.raises(GaussADError, match="false-alarm rate"):
+        quantile_threshold(normal, 1.5, "label-free", "test")
+
+
+def test_f1_threshold_is_the_best_threshold() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(200), np.ones(50)]
+    scores = np.r_[rng.normal(0, 1, 200), rng.normal(2, 1, 50)]
+    threshold = f1_threshold(labels, scores, "test")
+    best = max(f1_score(labels, scores >= t) for t in np.unique(scores))
+    assert f1_score(labels, scores >= threshold.value) == pytest.approx(best)
+    with pytest.raises(GaussADError, match="both normal and anomalous"):
+        f1_threshold(np.zeros(5), np.arange(5.0), "test")
+
+
+def test_normalize_puts_normal_at_zero_and_threshold_at_half() -> None:
+    threshold = Threshold(value=30.0, normal_level=10.0, method="manual", source="test")
+    np.testing.assert_allclose(
+        threshold.normalize([0.0, 10.0, 20.0, 30.0, 40.0, 60.0]), [0, 0, 0.25, 0.5, 0.75, 1]
+    )
+
+
+def test_rates() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([1.0, 2.0, 5.0, 3.0, 5.0, 0.5])
+    assert rates(labels, scores, 3.0) == (0.5, 0.5)  # 3.0 and 5.0 flagged among good; 0.5 missed
