@@ -49,8 +49,12 @@ def per_level_results(category: Path, backbone: str, reduction: str, variance: f
         combined = combine_levels(chosen, model.image_size_, defaults.blur_sigma)
         return pixel_metrics(masks, [resize_map(m, size).numpy() for m in combined])
 
-    default_map_levels = defaults.map_levels or LEVELS
-    rows = {"default": (image_auroc(labels, distances.sum(axis=1)), *localization(default_map_levels))}
+    rows = {
+        "default": (
+            image_auroc(labels, distances.sum(axis=1)),
+            *localization(model.backbone_.default_map_levels),
+        )
+    }
     for index, level in enumerate(LEVELS):
         rows[f"level {level}"] = (image_auroc(labels, distances[:, index]), *localization((level,)))
     return rows

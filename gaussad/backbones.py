@@ -63,6 +63,9 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _SAFETENSORS_SUFFIX = ".safetensors"
 # Side of the dummy image used to measure strides: divisible by 32, so every stride divides it exactly.
 _PROBE_SIDE = 128
+# Map levels of 7-stage EfficientNets, chosen by measurement (README, benchmarks/results/tune_maps*.md):
+# the best sum of pixel AUROC and AUPRO over MVTec bottle and Magnetic Tile with Lite0.
+EFFICIENTNET_MAP_LEVELS = (3, 4, 5)
 _EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -120,6 +123,7 @@ class TappedBackbone(torch.nn.Module):
             ]
             modules = ["bn1", *(f"blocks.{i}" for i in range(n_stages)), "bn2"]
             self.default_levels = tuple(range(min(3, n_stages), n_stages + 1))
+            self.default_map_levels = EFFICIENTNET_MAP_LEVELS if n_stages == 7 else self.default_levels
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
             self._steps = [
@@ -130,6 +134,7 @@ class TappedBackbone(torch.nn.Module):
                 model.layer4,
             ]
             self.default_levels = (0, 1, 2, 3)
+            self.default_map_levels = self.default_levels
             self.feature_info = self._measure(["act1", "layer1", "layer2", "layer3", "layer4"])
         elif hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
             self._steps = None
@@ -143,6 +148,7 @@ class TappedBackbone(torch.nn.Module):
                 for i, info in enumerate(model.feature_info)
             ]
             self.default_levels = tuple(range(1, len(self.feature_info))) or (0,)
+            self.default_map_levels = self.default_levels
         else:
             raise GaussADError(f"backbone {name!r}: this timm model exposes no intermediate feature maps")
 

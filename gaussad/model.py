@@ -60,7 +60,8 @@ class GaussAD:
     """Anomaly detector fitted on defect-free images.
 
     Parameters are stored as given (scikit-learn convention); what `fit` learns ends in `_`.
-    levels / map_levels default to the backbone's paper levels; image_size to its native input size.
+    levels default to the backbone's paper levels, map_levels to the backbone's measured map levels,
+    image_size to its native input size. `folds` > 1 also learns label-free thresholds (calibration.py).
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class GaussAD:
         variance: float = 0.05,
         localization: str = "shared",
         image_size: int | None = None,
-        blur_sigma: float = 4.0,
+        blur_sigma: float = 2.0,
         precision: Precision = "fp32",
         batch_size: int = 32,
         folds: int = DEFAULT_FOLDS,
@@ -118,7 +119,7 @@ class GaussAD:
     def _resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], tuple[int, ...]]:
         valid = {info["level"] for info in backbone.feature_info}
         levels = tuple(self.levels) if self.levels else backbone.default_levels
-        map_levels = tuple(self.map_levels) if self.map_levels else levels
+        map_levels = tuple(self.map_levels) if self.map_levels else backbone.default_map_levels
         for name, chosen in (("levels", levels), ("map levels", map_levels)):
             unknown = sorted(set(chosen) - valid)
             if unknown:
