@@ -7,13 +7,17 @@ Playwright never downloads a browser here: it drives the system chromium, which 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BOTTLE, needs
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from test_report import synthetic_category, synthetic_report
 
+from gaussad.cli import main
 from gaussad.report import SECTIONS, write_report
 
 CHROMIUM_ARGS = [
@@ -27,18 +31,26 @@ CHROMIUM_ARGS = [
 ]
 
 
-def test_report_renders_in_headless_chromium(category, tmp_path) -> None:
+@dataclass
+class PageVisit:
+    """What a headless browser saw when it opened a page."""
+
+    console_errors: list[str]
+    page_errors: list[str]
+    requests: list[str]
+    images: list[tuple[str, bool]]  # (alt text, loaded)
+    visible: dict[str, bool]  # section id -> visible
+    title: str
+    screenshot: np.ndarray  # full page, RGB
+
+
+def visit(path: Path, tmp_path: Path) -> PageVisit:
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail(
             "chromium is not installed: the browser test needs Debian's chromium on PATH "
             "(apt-get update && apt-get install -y chromium); .ci/run installs it"
         )
-    report = synthetic_report(
-        category, synthetic_category(category), synthetic_category(category, name="<b>second</b>")
-    )
-    path = write_report(tmp_path / "report.html", report)
-
     messages, page_errors, requests = [], [], []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
@@ -62,17 +74,42 @@ def test_report_renders_in_headless_chromium(category, tmp_path) -> None:
             page.screenshot(path=tmp_path / "screenshot.png", full_page=True)
         finally:
             context.close()
-
-    assert page_errors == []
-    assert [text for kind, text in messages if kind == "error"] == []
-    assert all(url.startswith(("file:", "data:")) for url in requests), requests
-    assert len(images) == 2 * (3 + 8)  # per category: curves, histogram, colour bar, 8 tiles
-    assert [alt for alt, loaded in images if not loaded] == []
-    assert visible == {key: True for key, _ in SECTIONS}
-    assert title == "Synthetic evaluation"
-
     with Image.open(tmp_path / "screenshot.png") as screenshot:
         pixels = np.asarray(screenshot.convert("RGB")).astype(np.int32)
-    assert pixels.shape[0] > 2000  # the whole page, not one screen
+    errors = [text for kind, text in messages if kind == "error"]
+    return PageVisit(errors, page_errors, requests, [tuple(i) for i in images], visible, title, pixels)
+
+
+def assert_sound(page: PageVisit) -> None:
+    """No errors, nothing fetched from outside, every picture drawn, every section shown, not blank."""
+    assert page.page_errors == [] and page.console_errors == []
+    assert all(url.startswith(("file:", "data:")) for url in page.requests), page.requests
+    assert [alt for alt, loaded in page.images if not loaded] == []
+    assert page.visible == {key: True for key, _ in SECTIONS}
+    assert page.screenshot.shape[0] > 2000  # the whole page, not one screen
+    pixels = page.screenshot
     colors = np.unique((pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2])
     assert len(colors) > 500 and pixels.std() > 20  # pictures and plots, not a blank page
+
+
+def test_report_renders_in_headless_chromium(category, tmp_path) -> None:
+    report = synthetic_report(
+        category, synthetic_category(category), synthetic_category(category, name="<b>second</b>")
+    )
+    page = visit(write_report(tmp_path / "report.html", report), tmp_path)
+    assert_sound(page)
+    assert len(page.images) == 2 * (3 + 8)  # per category: curves, histogram, colour bar, 8 tiles
+    assert page.title == "Synthetic evaluation"
+
+
+@needs(BOTTLE)
+@pytest.mark.slow
+def test_bottle_report_shows_every_section(tmp_path) -> None:
+    report = tmp_path / "bottle.html"
+    assert main(["report", str(BOTTLE), "-o", str(report), "--quiet", "--device", "cpu"]) == 0
+    page = visit(report, tmp_path)
+    assert_sound(page)
+    assert len(page.images) == 3 + 24  # curves, histogram, colour bar, a full gallery
+    html = report.read_text()
+    for text in ("bottle", "contamination", "label-free", "Image AUROC"):
+        assert text in html, text
