@@ -32,6 +32,7 @@ from gaussad.images import find_images, read_image
 from gaussad.model import LOCALIZATIONS, GaussAD
 from gaussad.persistence import FORMAT_VERSION
 from gaussad.report import CategoryReport, ReportData, write_report
+from gaussad.results import is_results_folder, load_results, save_results
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -212,7 +213,7 @@ def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
 
 
 def _run_config(args: argparse.Namespace) -> dict:
-    skip = ("handler", "json", "quiet", "report", "output")
+    skip = ("handler", "json", "quiet", "report", "output", "save_results")
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}, default=str))
 
 
@@ -225,13 +226,14 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[CategoryResult], list[Cate
     return results, predictions
 
 
-def _write_report(path: str, args: argparse.Namespace, results, predictions) -> None:
-    categories = []
+def _outcomes(results: list[CategoryResult], predictions: list[CategoryPredictions]) -> list[CategoryReport]:
+    """Each category's evaluation with its model's thresholds, as reports and saved results take them."""
+    outcomes = []
     for result, predicted in zip(results, predictions, strict=True):
         model = predicted.model
         if model.image_threshold_ is None or model.pixel_threshold_ is None:
-            raise GaussADError("a report needs the model's thresholds: fit with --folds 2 or more")
-        categories.append(
+            raise GaussADError("reports and saved results need thresholds: fit with --folds 2 or more")
+        outcomes.append(
             CategoryReport(
                 result,
                 predicted,
@@ -240,8 +242,11 @@ def _write_report(path: str, args: argparse.Namespace, results, predictions) -> 
                 threshold_source=f"{model.image_threshold_.method}: {model.image_threshold_.source}",
             )
         )
-    model = predictions[0].model
-    model_info = {
+    return outcomes
+
+
+def _model_info(model: GaussAD) -> dict:
+    return {
         "backbone": model.backbone_.name,
         "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
         "input size": model.image_size_,
@@ -251,27 +256,41 @@ def _write_report(path: str, args: argparse.Namespace, results, predictions) -> 
             f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
         },
     }
-    title = f"gaussad evaluation: {', '.join(r.category for r in results)}"
-    write_report(path, ReportData(title, _run_config(args), model_info, categories))
+
+
+def _report(path: str, config: dict, model_info: dict, outcomes: list[CategoryReport]) -> None:
+    title = f"gaussad evaluation: {', '.join(o.result.category for o in outcomes)}"
+    write_report(path, ReportData(title, config, model_info, outcomes))
+    print(f"report: {path}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     results, predictions = _evaluate(args)
     mean = mean_metrics(results)
     print(format_table(results, mean))
+    config = _run_config(args)
     if args.json:
-        document = {"config": _run_config(args), "categories": [r.as_dict() for r in results], "mean": mean}
+        document = {"config": config, "categories": [r.as_dict() for r in results], "mean": mean}
         write_text_atomic(args.json, json.dumps(document, indent=2) + "\n")
-    if args.report:
-        _write_report(args.report, args, results, predictions)
-        print(f"report: {args.report}")
+    if args.report or args.save_results:
+        outcomes = _outcomes(results, predictions)
+        model_info = _model_info(predictions[0].model)
+        if args.save_results:
+            save_results(args.save_results, config, model_info, outcomes)
+            print(f"results: {args.save_results}")
+        if args.report:
+            _report(args.report, config, model_info, outcomes)
 
 
 def run_report(args: argparse.Namespace) -> None:
+    if is_results_folder(args.root):
+        _report(args.output, *load_results(args.root))
+        return
     results, predictions = _evaluate(args)
     print(format_table(results, mean_metrics(results)))
-    _write_report(args.output, args, results, predictions)
-    print(f"report: {args.output}")
+    _report(
+        args.output, _run_config(args), _model_info(predictions[0].model), _outcomes(results, predictions)
+    )
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
@@ -382,12 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-size", type=int, help="evaluate maps at N x N (default: ground-truth size)")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--report", help="also write a self-contained HTML report to this file")
+    evaluate.add_argument(
+        "--save-results", help="also save results to this folder, for `gaussad report FOLDER` later"
+    )
     _add_model_options(evaluate)
     _add_runtime_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
     report = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
-    report.add_argument("root", help="a category folder, or a folder of categories, in MVTec AD layout")
+    report.add_argument(
+        "root",
+        help="a category folder or a folder of categories in MVTec AD layout (evaluated first), "
+        "or a folder written by `evaluate --save-results`",
+    )
     report.add_argument("-o", "--output", required=True, help="the HTML file to write")
     report.add_argument("--category", nargs="+", help="only these categories")
     report.add_argument("--eval-size", type=int, help="evaluate maps at N x N (default: ground-truth size)")

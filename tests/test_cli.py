@@ -163,3 +163,17 @@ def test_calibrate_and_info(model_dir: Path, category: Path, tmp_path, capsys) -
     assert thresholds["image"]["method"] == "label-free" and "0.8 quantile" in thresholds["image"]["source"]
     assert main(["info", str(model)]) == 0
     assert "0.8 quantile" in capsys.readouterr().out
+
+
+def test_saved_results_make_a_report_later(category: Path, tmp_path) -> None:
+    results = tmp_path / "results"
+    arguments = ["evaluate", str(category), "--save-results", str(results), *FAST]
+    assert main(arguments) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["results.json", "widget.npz"]
+    html = tmp_path / "later.html"
+    assert main(["report", str(results), "-o", str(html)]) == 0
+    text = html.read_text()
+    assert 'id="gallery"' in text and "widget" in text and "label-free" in text
+    (results / "widget.npz").write_bytes(b"damaged")
+    result = run_cli("report", str(results), "-o", str(tmp_path / "again.html"))
+    assert result.returncode == 2 and "widget.npz: cannot read predictions" in result.stderr
