@@ -15,7 +15,6 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gaussad.evaluation import list_test_images, read_mask, training_images
 from gaussad.maps import combine_levels, resize_map
@@ -33,13 +32,7 @@ def per_level_results(category: Path, backbone: str, reduction: str, variance: f
     model = GaussAD(
         backbone=backbone, reduction=reduction, variance=variance, levels=LEVELS, map_levels=LEVELS, folds=0
     ).fit(training_images(category))
-    distances, level_maps = [], [[] for _ in LEVELS]
-    for outputs in model.iter_levels([t.path for t in tests]):
-        distances.append(outputs.distances.cpu())
-        for store, level_map in zip(level_maps, outputs.level_maps, strict=True):
-            store.append(level_map.cpu())
-    distances = torch.cat(distances).numpy()
-    level_maps = [torch.cat(store) for store in level_maps]
+    distances, level_maps = model.level_results([t.path for t in tests])
     labels = np.array([t.label for t in tests])
     size = (eval_size, eval_size)
     masks = [read_mask(t, size) for t in tests]

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gaussad.evaluation import list_test_images, read_mask, training_images
 from gaussad.maps import combine_levels, resize_map
@@ -41,13 +40,7 @@ def run(
     started = time.perf_counter()
     model.fit(train)
     fit_seconds = time.perf_counter() - started
-    distances, level_maps = [], [[] for _ in CANDIDATE_LEVELS]
-    for outputs in model.iter_levels([t.path for t in tests]):
-        distances.append(outputs.distances.cpu())
-        for store, level_map in zip(level_maps, outputs.level_maps, strict=True):
-            store.append(level_map.cpu())
-    distances = torch.cat(distances).numpy()
-    level_maps = [torch.cat(store) for store in level_maps]
+    distances, level_maps = model.level_results([t.path for t in tests])
     labels = np.array([t.label for t in tests])
     masks = [read_mask(t, (eval_size, eval_size)) for t in tests]
     image_score_auroc = image_auroc(labels, distances.sum(axis=1))

@@ -284,6 +284,18 @@ class GaussAD:
             names = [describe(items[index], index) for index in range(batch.start, stop)]
             yield LevelOutputs(batch.start, names, batch.sizes, distances, level_maps)
 
+    def level_results(
+        self, images: ImageInput | Iterable[ImageInput]
+    ) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Per-level results of all images on the CPU: pooled distances (N, len(levels_)) and, per map
+        level, distance maps (N, h, w) on that level's grid. For ablations over levels and blurs."""
+        distances, level_maps = [], [[] for _ in self.map_levels_]
+        for outputs in self.iter_levels(images):
+            distances.append(outputs.distances.cpu())
+            for store, level_map in zip(level_maps, outputs.level_maps, strict=True):
+                store.append(level_map.cpu())
+        return torch.cat(distances).numpy(), [torch.cat(store) for store in level_maps]
+
     def iter_predict(
         self,
         images: ImageInput | Iterable[ImageInput],

@@ -163,3 +163,10 @@ def test_parameter_and_input_errors(category: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(GaussADError, match="no CUDA GPU"):
             GaussAD(image_size=64, device="cuda").fit(train)
+
+
+def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> None:
+    paths = [t.path for t in list_test_images(category)]
+    distances, level_maps = fitted.level_results(paths)
+    assert distances.shape == (8, 5) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
+    np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
