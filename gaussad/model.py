@@ -221,7 +221,8 @@ class GaussAD:
             return None, None
         rate = self.max_false_alarm_rate
         check_rate(rate)
-        where = f"{len(self.held_out_scores_)} good training images, {self.folds}-fold held out"
+        n_images = len(self.held_out_scores_)
+        where = f"{n_images} good training images, {self._n_folds(n_images)}-fold held out"
         image = quantile_threshold(
             self.held_out_scores_, rate, "label-free", f"{1 - rate:.4g} quantile of image scores of {where}"
         )
