@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -73,8 +74,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def _decode_png(path: str | os.PathLike) -> Image.Image | None:
+    """PNG through libpng (imagecodecs): 2-3x faster than Pillow on large PNGs, where decoding costs as
+    much as the backbone. None where Pillow should decode: EXIF orientation to apply, or an error to name."""
+    try:
+        data = Path(path).read_bytes()
+        if b"eXIf" in data:
+            return None
+        pixels = imagecodecs.png_decode(data)
+    except (OSError, ValueError, RuntimeError, imagecodecs.PngError):
+        return None
+    if pixels.ndim == 3 and pixels.shape[-1] == 2:  # gray + alpha
+        pixels = pixels[..., [0, 0, 0, 1]]
+    return array_to_rgb(pixels)
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to RGB; a missing or unreadable file is a GaussADError naming it."""
+    if Path(path).suffix.lower() == ".png" and (fast := _decode_png(path)) is not None:
+        return fast
     try:
         with Image.open(path) as opened:
             opened.load()

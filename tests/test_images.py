@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from gaussad.errors import GaussADError
-from gaussad.images import collect_images, find_images, load_rgb, read_image
+from gaussad.images import collect_images, find_images, load_rgb, read_image, to_rgb
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -87,3 +87,32 @@ def test_unreadable_image_names_the_file(tmp_path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(GaussADError, match="broken.png: cannot read image"):
         read_image(tmp_path / "broken.png")
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)),
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (5, 7), dtype=np.uint8)),
+        Image.fromarray(np.random.default_rng(2).integers(0, 65536, (5, 7), dtype=np.uint16)),
+        Image.fromarray(np.random.default_rng(3).integers(0, 256, (5, 7, 4), dtype=np.uint8), mode="RGBA"),
+        Image.fromarray(np.random.default_rng(4).integers(0, 256, (5, 7, 3), dtype=np.uint8)).convert("LA"),
+        Image.fromarray(np.random.default_rng(5).integers(0, 256, (5, 7, 3), dtype=np.uint8)).quantize(16),
+    ],
+    ids=["rgb", "gray", "gray16", "rgba", "gray-alpha", "palette"],
+)
+def test_fast_png_decoding_equals_pillow(image: Image.Image, tmp_path) -> None:
+    image.save(tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as opened:
+        opened.load()
+        expected = pixels(to_rgb(opened))
+    np.testing.assert_array_equal(pixels(read_image(tmp_path / "x.png")), expected)
+
+
+def test_png_with_exif_orientation_is_rotated(tmp_path) -> None:
+    wide = np.zeros((2, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(wide)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert pixels(read_image(tmp_path / "rotated.png")).shape == (4, 2, 3)
