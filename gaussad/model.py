@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import TappedBackbone, load_backbone
@@ -160,17 +161,20 @@ class GaussAD:
                     if level in accumulators:
                         accumulators[level].add(features, batch_folds.tolist())
             pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
-            self.image_gaussians_ = [
-                fit_gaussian(pooled_all[level], self.reduction, self.variance) for level in self.levels_
-            ]
-            self.map_gaussians_ = [
-                accumulators[level].finish(self.reduction, self.variance) for level in self.map_levels_
-            ]
-            self.held_out_scores_, self.held_out_map_maxima_, self.held_out_map_medians_ = (
-                self._held_out_normal(pooled_all, accumulators, fold_of, n_folds)
-                if n_folds
-                else (np.empty(0), np.empty(0), np.empty(0))
-            )
+            # Small dense linear algebra runs faster on one BLAS thread, and several times faster when
+            # another process shares the cores (measured: eigh of 320 x 320, 35 ms against 144 ms).
+            with threadpool_limits(limits=1, user_api="blas"):
+                self.image_gaussians_ = [
+                    fit_gaussian(pooled_all[level], self.reduction, self.variance) for level in self.levels_
+                ]
+                self.map_gaussians_ = [
+                    accumulators[level].finish(self.reduction, self.variance) for level in self.map_levels_
+                ]
+                self.held_out_scores_, self.held_out_map_maxima_, self.held_out_map_medians_ = (
+                    self._held_out_normal(pooled_all, accumulators, fold_of, n_folds)
+                    if n_folds
+                    else (np.empty(0), np.empty(0), np.empty(0))
+                )
         self.image_threshold_, self.pixel_threshold_ = self.label_free_thresholds()
         self.n_train_ = len(items)
         self.fit_seconds_ = time.perf_counter() - started
