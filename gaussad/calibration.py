@@ -17,9 +17,6 @@ from sklearn.metrics import precision_recall_curve
 
 from gaussad.errors import GaussADError
 
-DEFAULT_FOLDS = 5
-DEFAULT_FALSE_ALARM_RATE = 0.01
-
 
 @dataclass
 class Threshold:

@@ -9,30 +9,31 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from gaussad import __version__
-from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
-from gaussad.evaluation import (
-    CategoryPredictions,
-    CategoryResult,
-    calibrate_on_labeled,
-    evaluate_category,
-    find_categories,
-    mean_metrics,
+from gaussad.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BLUR_SIGMA,
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_FOLDS,
+    DEFAULT_LOCALIZATION,
+    DEFAULT_PRECISION,
+    DEFAULT_REDUCTION,
+    DEFAULT_VARIANCE,
+    LOCALIZATIONS,
+    PRECISIONS,
+    REDUCTIONS,
 )
-from gaussad.features import PRECISIONS
-from gaussad.fileio import replace_folder, write_text_atomic
-from gaussad.gaussian import REDUCTIONS
-from gaussad.heatmaps import colorize, overlay
-from gaussad.images import find_images, read_image
-from gaussad.model import LOCALIZATIONS, GaussAD
-from gaussad.persistence import FORMAT_VERSION
-from gaussad.report import CategoryReport, ReportData, write_report
-from gaussad.results import is_results_folder, load_results, save_results
+
+# The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
+# `gaussad --help` and argument errors answer at once instead of after seconds of imports.
+if TYPE_CHECKING:
+    from gaussad.calibration import Threshold
+    from gaussad.evaluation import CategoryPredictions, CategoryResult
+    from gaussad.model import GaussAD
+    from gaussad.report import CategoryReport
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -53,36 +54,37 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    defaults = GaussAD()
     group = parser.add_argument_group("model options")
     group.add_argument(
-        "--backbone", default=defaults.backbone, help="efficientnet_lite0/1/2 or any timm model"
+        "--backbone", default=DEFAULT_BACKBONE, help="efficientnet_lite0/1/2 or any timm model"
     )
     group.add_argument("--weights", help="local weights file (.pth or .safetensors) for a timm backbone")
     group.add_argument("--levels", type=_levels, help="levels for the image score (default: the backbone's)")
     group.add_argument("--map-levels", type=_levels, help="levels for the anomaly map (default: tuned)")
-    group.add_argument("--reduction", choices=REDUCTIONS, default=defaults.reduction)
+    group.add_argument("--reduction", choices=REDUCTIONS, default=DEFAULT_REDUCTION)
     group.add_argument(
-        "--variance", type=float, default=defaults.variance, help="variance share kept (opca 0.05, pca 0.95)"
+        "--variance", type=float, default=DEFAULT_VARIANCE, help="variance share kept (opca 0.05, pca 0.95)"
     )
-    group.add_argument("--localization", choices=LOCALIZATIONS, default=defaults.localization)
+    group.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULT_LOCALIZATION)
     group.add_argument("--image-size", type=int, help="square model input side (default: tuned)")
     group.add_argument(
-        "--blur-sigma", type=float, default=defaults.blur_sigma, help="map blur, input px; 0 = off"
+        "--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA, help="map blur, input px; 0 = off"
     )
-    group.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     group.add_argument(
-        "--folds", type=int, default=defaults.folds, help="folds for label-free thresholds; 0 = none"
+        "--folds", type=int, default=DEFAULT_FOLDS, help="folds for label-free thresholds; 0 = none"
     )
     group.add_argument(
         "--max-false-alarm-rate",
         type=float,
-        default=defaults.max_false_alarm_rate,
+        default=DEFAULT_FALSE_ALARM_RATE,
         help="target share of good images flagged, for the label-free thresholds (default: 0.01)",
     )
 
 
 def _model_from_args(args: argparse.Namespace) -> GaussAD:
+    from gaussad.model import GaussAD
+
     return GaussAD(
         backbone=args.backbone,
         weights=args.weights,
@@ -104,6 +106,8 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
 
 
 def run_fit(args: argparse.Namespace) -> None:
+    from gaussad.images import find_images
+
     model = _model_from_args(args).fit(find_images(args.train_dir))
     model.save(args.output)
     print(f"fitted on {model.n_train_} images in {model.fit_seconds_:.1f} s; saved to {args.output}")
@@ -112,6 +116,8 @@ def run_fit(args: argparse.Namespace) -> None:
 def output_names(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     """(image, output name) pairs: a folder's images are named by their path relative to that folder, a
     file by its name. Two inputs that would write the same name are an error, not a silent overwrite."""
+    from gaussad.images import find_images
+
     pairs: list[tuple[Path, Path]] = []
     for given in map(Path, inputs):
         base = given.parent if given.is_file() else given
@@ -125,6 +131,14 @@ def output_names(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from gaussad.fileio import replace_folder
+    from gaussad.heatmaps import colorize, overlay
+    from gaussad.images import read_image
+    from gaussad.model import GaussAD
+
     model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
     model.progress = not args.quiet
     image_threshold, pixel_threshold = model.image_threshold_, model.pixel_threshold_
@@ -218,6 +232,8 @@ def _run_config(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> tuple[list[CategoryResult], list[CategoryPredictions]]:
+    from gaussad.evaluation import evaluate_category, find_categories
+
     results, predictions = [], []
     for category in find_categories(args.root, args.category):
         result, predicted = evaluate_category(lambda: _model_from_args(args), category, args.eval_size)
@@ -228,6 +244,8 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[CategoryResult], list[Cate
 
 def _outcomes(results: list[CategoryResult], predictions: list[CategoryPredictions]) -> list[CategoryReport]:
     """Each category's evaluation with its model's thresholds, as reports and saved results take them."""
+    from gaussad.report import CategoryReport
+
     outcomes = []
     for result, predicted in zip(results, predictions, strict=True):
         model = predicted.model
@@ -259,12 +277,18 @@ def _model_info(model: GaussAD) -> dict:
 
 
 def _report(path: str, config: dict, model_info: dict, outcomes: list[CategoryReport]) -> None:
+    from gaussad.report import ReportData, write_report
+
     title = f"gaussad evaluation: {', '.join(o.result.category for o in outcomes)}"
     write_report(path, ReportData(title, config, model_info, outcomes))
     print(f"report: {path}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from gaussad.evaluation import mean_metrics
+    from gaussad.fileio import write_text_atomic
+    from gaussad.results import save_results
+
     results, predictions = _evaluate(args)
     mean = mean_metrics(results)
     print(format_table(results, mean))
@@ -283,6 +307,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
+    from gaussad.evaluation import mean_metrics
+    from gaussad.results import is_results_folder, load_results
+
     if is_results_folder(args.root):
         _report(args.output, *load_results(args.root))
         return
@@ -294,6 +321,9 @@ def run_report(args: argparse.Namespace) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
+    from gaussad.evaluation import calibrate_on_labeled, find_categories
+    from gaussad.model import GaussAD
+
     model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
     model.progress = not args.quiet
     if args.val_root:
@@ -318,6 +348,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 
 def manual_threshold(value: float, previous: Threshold | None, kind: str) -> Threshold:
+    from gaussad.calibration import Threshold
+
     normal_level = previous.normal_level if previous else 0.0
     if value <= normal_level:
         raise GaussADError(
@@ -337,6 +369,9 @@ def describe_thresholds(model: GaussAD) -> str:
 
 
 def run_info(args: argparse.Namespace) -> None:
+    from gaussad.model import GaussAD
+    from gaussad.persistence import FORMAT_VERSION
+
     model = GaussAD.load(args.model_dir, device="cpu")
     backbone = model.backbone_
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")

@@ -16,9 +16,9 @@ from PIL import Image
 from gaussad.backbones import TappedBackbone
 from gaussad.errors import GaussADError
 from gaussad.images import ImageInput, load_rgb
+from gaussad.options import PRECISIONS
 
 Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from gaussad.errors import GaussADError
+from gaussad.options import REDUCTIONS
 
 Reduction = Literal["opca", "pca", "none"]
-REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
 
 # Eigenvalues below this fraction of the mean variance are numerically zero: directions in which every
 # training sample was identical (a constant image corner, a dead channel) carry no usable spread.

@@ -21,20 +21,25 @@ from threadpoolctl import threadpool_limits
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import TappedBackbone, load_backbone
-from gaussad.calibration import (
-    DEFAULT_FALSE_ALARM_RATE,
-    DEFAULT_FOLDS,
-    Threshold,
-    check_rate,
-    quantile_threshold,
-)
+from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.errors import GaussADError
-from gaussad.features import PRECISIONS, FeatureExtractor, Precision, resolve_device
-from gaussad.gaussian import REDUCTIONS, Gaussian, Reduction, fit_gaussian, mahalanobis
+from gaussad.features import FeatureExtractor, Precision, resolve_device
+from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, mahalanobis
 from gaussad.images import ImageInput, collect_images, describe
 from gaussad.maps import combine_levels, level_distance_map, resize_map
-
-LOCALIZATIONS: tuple[str, ...] = ("shared", "per-position")
+from gaussad.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BLUR_SIGMA,
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_FOLDS,
+    DEFAULT_LOCALIZATION,
+    DEFAULT_PRECISION,
+    DEFAULT_REDUCTION,
+    DEFAULT_VARIANCE,
+    LOCALIZATIONS,
+    PRECISIONS,
+    REDUCTIONS,
+)
 
 
 @dataclass
@@ -67,16 +72,16 @@ class GaussAD:
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str = DEFAULT_BACKBONE,
         weights: str | os.PathLike | None = None,
         levels: Sequence[int] | None = None,
         map_levels: Sequence[int] | None = None,
-        reduction: Reduction = "opca",
-        variance: float = 0.05,
-        localization: str = "shared",
+        reduction: Reduction = DEFAULT_REDUCTION,
+        variance: float = DEFAULT_VARIANCE,
+        localization: str = DEFAULT_LOCALIZATION,
         image_size: int | None = None,
-        blur_sigma: float = 2.0,
-        precision: Precision = "fp32",
+        blur_sigma: float = DEFAULT_BLUR_SIGMA,
+        precision: Precision = DEFAULT_PRECISION,
         batch_size: int = 32,
         folds: int = DEFAULT_FOLDS,
         max_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
