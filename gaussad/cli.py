@@ -11,21 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gaussad import __version__
+from gaussad import __version__, options
 from gaussad.errors import GaussADError
-from gaussad.options import (
-    DEFAULT_BACKBONE,
-    DEFAULT_BLUR_SIGMA,
-    DEFAULT_FALSE_ALARM_RATE,
-    DEFAULT_FOLDS,
-    DEFAULT_LOCALIZATION,
-    DEFAULT_PRECISION,
-    DEFAULT_REDUCTION,
-    DEFAULT_VARIANCE,
-    LOCALIZATIONS,
-    PRECISIONS,
-    REDUCTIONS,
-)
 
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
@@ -56,28 +43,31 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
     group.add_argument(
-        "--backbone", default=DEFAULT_BACKBONE, help="efficientnet_lite0/1/2 or any timm model"
+        "--backbone", default=options.DEFAULT_BACKBONE, help="efficientnet_lite0/1/2 or any timm model"
     )
     group.add_argument("--weights", help="local weights file (.pth or .safetensors) for a timm backbone")
     group.add_argument("--levels", type=_levels, help="levels for the image score (default: the backbone's)")
     group.add_argument("--map-levels", type=_levels, help="levels for the anomaly map (default: tuned)")
-    group.add_argument("--reduction", choices=REDUCTIONS, default=DEFAULT_REDUCTION)
+    group.add_argument("--reduction", choices=options.REDUCTIONS, default=options.DEFAULT_REDUCTION)
     group.add_argument(
-        "--variance", type=float, default=DEFAULT_VARIANCE, help="variance share kept (opca 0.05, pca 0.95)"
+        "--variance",
+        type=float,
+        default=options.DEFAULT_VARIANCE,
+        help="variance share kept (opca 0.05, pca 0.95)",
     )
-    group.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULT_LOCALIZATION)
+    group.add_argument("--localization", choices=options.LOCALIZATIONS, default=options.DEFAULT_LOCALIZATION)
     group.add_argument("--image-size", type=int, help="square model input side (default: tuned)")
     group.add_argument(
-        "--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA, help="map blur, input px; 0 = off"
+        "--blur-sigma", type=float, default=options.DEFAULT_BLUR_SIGMA, help="map blur, input px; 0 = off"
     )
-    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
+    group.add_argument("--precision", choices=options.PRECISIONS, default=options.DEFAULT_PRECISION)
     group.add_argument(
-        "--folds", type=int, default=DEFAULT_FOLDS, help="folds for label-free thresholds; 0 = none"
+        "--folds", type=int, default=options.DEFAULT_FOLDS, help="folds for label-free thresholds; 0 = none"
     )
     group.add_argument(
         "--max-false-alarm-rate",
         type=float,
-        default=DEFAULT_FALSE_ALARM_RATE,
+        default=options.DEFAULT_FALSE_ALARM_RATE,
         help="target share of good images flagged, for the label-free thresholds (default: 0.01)",
     )
 
