@@ -66,6 +66,9 @@ _PROBE_SIDE = 128
 # Map levels of 7-stage EfficientNets, chosen by measurement (README, benchmarks/results/tune_maps*.md):
 # the best sum of pixel AUROC and AUPRO over MVTec bottle and Magnetic Tile with Lite0.
 EFFICIENTNET_MAP_LEVELS = (3, 4, 5)
+# Image-score levels of 7-stage EfficientNets, chosen likewise with the 4 x 4 image grid: the paper's 3..7
+# pool globally; with the grid, levels 4-6 detect best over both data sets with Lite0 and Lite2.
+EFFICIENTNET_IMAGE_LEVELS = (4, 5, 6)
 _EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -122,8 +125,11 @@ class TappedBackbone(torch.nn.Module):
                 torch.nn.Sequential(model.conv_head, model.bn2),
             ]
             modules = ["bn1", *(f"blocks.{i}" for i in range(n_stages)), "bn2"]
-            self.default_levels = tuple(range(min(3, n_stages), n_stages + 1))
-            self.default_map_levels = EFFICIENTNET_MAP_LEVELS if n_stages == 7 else self.default_levels
+            if n_stages == 7:
+                self.default_levels = EFFICIENTNET_IMAGE_LEVELS
+                self.default_map_levels = EFFICIENTNET_MAP_LEVELS
+            else:
+                self.default_levels = self.default_map_levels = tuple(range(min(3, n_stages), n_stages + 1))
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
             self._steps = [

@@ -60,6 +60,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--blur-sigma", type=float, default=options.DEFAULT_BLUR_SIGMA, help="map blur, input px; 0 = off"
     )
+    group.add_argument(
+        "--image-grid",
+        type=int,
+        default=options.DEFAULT_IMAGE_GRID,
+        help="image score: features averaged per cell of an N x N grid; 1 = global pooling (paper)",
+    )
     group.add_argument("--precision", choices=options.PRECISIONS, default=options.DEFAULT_PRECISION)
     group.add_argument(
         "--folds", type=int, default=options.DEFAULT_FOLDS, help="folds for label-free thresholds; 0 = none"
@@ -85,6 +91,7 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
         localization=args.localization,
         image_size=args.image_size,
         blur_sigma=args.blur_sigma,
+        image_grid=args.image_grid,
         precision=args.precision,
         folds=args.folds,
         max_false_alarm_rate=args.max_false_alarm_rate,
@@ -369,7 +376,7 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"input: {model.image_size_} px; trained on {model.n_train_} images")
     print(
         f"reduction: {model.reduction} {model.variance}; localization: {model.localization}; "
-        f"blur sigma: {model.blur_sigma}"
+        f"blur sigma: {model.blur_sigma}; image grid: {model.image_grid} x {model.image_grid}"
     )
     for row in model.describe_levels():
         print(

@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gaussad.backbones import TappedBackbone
@@ -46,6 +47,16 @@ def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, i
     size = (image.height, image.width)
     resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(resized), size
+
+
+def pool_features(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """One level's image descriptor: feature maps (B, C, H, W) averaged over each cell of a grid x grid
+    layout, cells concatenated (B, C * grid * grid). grid 1 is the paper's global average pooling; a finer
+    grid also keeps where in the image a feature occurs, which aligned parts reward (README, "How the
+    defaults were chosen")."""
+    if grid == 1:
+        return features.mean(dim=(2, 3))
+    return F.adaptive_avg_pool2d(features, grid).flatten(1)
 
 
 class FeatureExtractor:

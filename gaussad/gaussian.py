@@ -7,6 +7,7 @@ Scoring uses one whitening matrix per Gaussian: the Mahalanobis distance becomes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,6 +114,14 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whitening: torch.Ten
     return torch.linalg.vector_norm(torch.bmm(features - mean[:, None, :], whitening), dim=-1)
 
 
+def component_distance(features: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance divided by the square root of the components kept: the root mean square
+    whitened coordinate, about 1 for a typical normal sample whatever the dimension. Image scores sum it
+    over levels; with grid-pooled features the components grow with the training images, and this keeps
+    the scores of fold models (label-free calibration) on the scale of the full model's."""
+    return mahalanobis(features, mean, whitening) / math.sqrt(whitening.shape[-1])
+
+
 def fit_projection(covariance: np.ndarray, reduction: Reduction, variance: float) -> np.ndarray:
     """Orthonormal (C, d) projection onto the components a reduction keeps."""
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -148,6 +157,22 @@ def gaussian_from_moments(
     return Gaussian(mean=mean, whitening=whitening, shrinkage=np.asarray(shrinkage))
 
 
+def sample_projection(centered: np.ndarray, reduction: Reduction, variance: float) -> np.ndarray:
+    """Orthonormal (C, d) projection onto the components a reduction keeps, from centered samples (N, C).
+
+    With fewer samples than dimensions (grid-pooled features: channels x cells per image) the covariance
+    has rank below N, and the N x N Gram matrix gives the same non-zero spectrum far faster (measured:
+    0.34 s against 20 s for N = 571, C = 3072); only the kept axes are mapped back to feature space.
+    """
+    n_samples, n_dims = centered.shape
+    if n_samples >= n_dims:
+        return fit_projection(centered.T @ centered / n_samples, reduction, variance)
+    eigenvalues, vectors = np.linalg.eigh(centered @ centered.T / n_samples)
+    positive = np.flatnonzero(eigenvalues > 0)  # the rest is the null space of the samples
+    kept = positive[select_components(eigenvalues[positive], reduction, variance)]
+    return centered.T @ vectors[:, kept] / np.sqrt(n_samples * eigenvalues[kept])
+
+
 def fit_gaussian(samples: np.ndarray, reduction: Reduction, variance: float) -> Gaussian:
     """Fit a reduced Ledoit-Wolf Gaussian to samples (N, C) held in memory (pooled image features)."""
     samples = np.asarray(samples, dtype=np.float64)
@@ -155,7 +180,7 @@ def fit_gaussian(samples: np.ndarray, reduction: Reduction, variance: float) -> 
         raise GaussADError(f"need at least 2 training images, got {samples.shape[0]}")
     mean = samples.mean(axis=0)
     centered = samples - mean
-    projection = fit_projection(centered.T @ centered / samples.shape[0], reduction, variance)
+    projection = sample_projection(centered, reduction, variance)
     reduced = centered @ projection
     covariance = reduced.T @ reduced / samples.shape[0]
     quartic = np.sum(np.sum(reduced**2, axis=1) ** 2)

@@ -23,8 +23,8 @@ from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import TappedBackbone, load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.errors import GaussADError
-from gaussad.features import FeatureExtractor, Precision, resolve_device
-from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, mahalanobis
+from gaussad.features import FeatureExtractor, Precision, pool_features, resolve_device
+from gaussad.gaussian import Gaussian, Reduction, component_distance, fit_gaussian
 from gaussad.images import ImageInput, collect_images, describe
 from gaussad.maps import combine_levels, level_distance_map, resize_map
 from gaussad.options import (
@@ -32,6 +32,7 @@ from gaussad.options import (
     DEFAULT_BLUR_SIGMA,
     DEFAULT_FALSE_ALARM_RATE,
     DEFAULT_FOLDS,
+    DEFAULT_IMAGE_GRID,
     DEFAULT_LOCALIZATION,
     DEFAULT_PRECISION,
     DEFAULT_REDUCTION,
@@ -58,7 +59,7 @@ class LevelOutputs:
     start: int  # index of the batch's first image
     names: list[str]
     sizes: list[tuple[int, int]]  # original (height, width) of each image
-    distances: torch.Tensor  # (B, len(levels_)): Mahalanobis distance of pooled features per level
+    distances: torch.Tensor  # (B, len(levels_)): per-component distance of grid-pooled features per level
     level_maps: list[torch.Tensor]  # per map level: (B, h, w) distances on that level's grid
 
 
@@ -81,6 +82,7 @@ class GaussAD:
         localization: str = DEFAULT_LOCALIZATION,
         image_size: int | None = None,
         blur_sigma: float = DEFAULT_BLUR_SIGMA,
+        image_grid: int = DEFAULT_IMAGE_GRID,
         precision: Precision = DEFAULT_PRECISION,
         batch_size: int = 32,
         folds: int = DEFAULT_FOLDS,
@@ -98,6 +100,7 @@ class GaussAD:
         self.localization = localization
         self.image_size = image_size
         self.blur_sigma = blur_sigma
+        self.image_grid = image_grid
         self.precision = precision
         self.folds = folds
         self.max_false_alarm_rate = max_false_alarm_rate
@@ -119,6 +122,8 @@ class GaussAD:
         check_rate(self.max_false_alarm_rate)
         if self.blur_sigma < 0:
             raise GaussADError(f"blur sigma {self.blur_sigma}: expected 0 (off) or more")
+        if not isinstance(self.image_grid, int) or self.image_grid < 1:
+            raise GaussADError(f"image grid {self.image_grid!r}: expected a whole number of cells, 1 or more")
         if self.image_size is not None and self.image_size < 32:
             raise GaussADError(f"image size {self.image_size}: expected at least 32 pixels")
 
@@ -162,7 +167,9 @@ class GaussAD:
                 batch_folds = fold_of[batch.start : batch.start + len(batch.sizes)]
                 for level, features in zip(extractor.levels, batch.features, strict=True):
                     if level in pooled:
-                        pooled[level].append(features.mean(dim=(2, 3)).to("cpu", torch.float64).numpy())
+                        pooled[level].append(
+                            pool_features(features, self.image_grid).to("cpu", torch.float64).numpy()
+                        )
                     if level in accumulators:
                         accumulators[level].add(features, batch_folds.tolist())
             pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
@@ -213,7 +220,7 @@ class GaussAD:
                 tensors = [
                     torch.from_numpy(t) for t in (pooled[level][held], gaussian.mean, gaussian.whitening)
                 ]
-                scores[held] += mahalanobis(*tensors).numpy()
+                scores[held] += component_distance(*tensors).numpy()
             level_maps = []
             for level in self.map_levels_:
                 gaussian = accumulators[level].finish(self.reduction, self.variance, exclude_fold=fold)
@@ -279,7 +286,7 @@ class GaussAD:
             by_level = dict(zip(extractor.levels, batch.features, strict=True))
             distances = torch.stack(
                 [
-                    mahalanobis(by_level[level].mean(dim=(2, 3)), *gaussian)
+                    component_distance(pool_features(by_level[level], self.image_grid), *gaussian)
                     for level, gaussian in zip(self.levels_, image_gaussians, strict=True)
                 ],
                 dim=1,

@@ -9,6 +9,7 @@ DEFAULT_REDUCTION = "opca"
 DEFAULT_VARIANCE = 0.05  # OPCA: the smallest components holding 5% of the variance (paper)
 DEFAULT_LOCALIZATION = "shared"  # measured: README, "How the defaults were chosen"
 DEFAULT_BLUR_SIGMA = 2.0  # measured likewise
+DEFAULT_IMAGE_GRID = 4  # image score: level features averaged per cell of a 4 x 4 grid (measured likewise)
 DEFAULT_PRECISION = "fp32"
 DEFAULT_FOLDS = 5  # label-free calibration
 DEFAULT_FALSE_ALARM_RATE = 0.01

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from gaussad.model import GaussAD
 
 FORMAT = "gaussad-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: grid-pooled image features and per-component image distances (1 is not read)
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
 SAVED_PARAMS = (
@@ -35,6 +35,7 @@ SAVED_PARAMS = (
     "variance",
     "localization",
     "blur_sigma",
+    "image_grid",
     "precision",
     "folds",
     "max_false_alarm_rate",

@@ -89,7 +89,7 @@ def test_lite0_metadata(lite0: TappedBackbone) -> None:
     )
     assert lite0.weights_sha256 == LITE_SHA256[0]
     assert lite0.preprocessing == backbones.Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224)
-    assert lite0.default_levels == (3, 4, 5, 6, 7)
+    assert lite0.default_levels == (4, 5, 6) and lite0.default_map_levels == (3, 4, 5)
 
 
 @pytest.mark.slow
@@ -113,10 +113,11 @@ def test_lite2_classifies_real_photos(lite2: TappedBackbone, photo: str, label: 
 
 
 def test_lite_levels_channels_and_strides(lite0: TappedBackbone, lite2: TappedBackbone) -> None:
-    paper = [lite0.feature_info[level] for level in lite0.default_levels]
+    paper = lite0.feature_info[3:8]  # the paper's levels 3..7
     assert [info["num_chs"] for info in paper] == [40, 80, 112, 192, 320]
     assert [info["reduction"] for info in paper] == [8, 16, 16, 32, 32]
-    assert [lite2.feature_info[level]["num_chs"] for level in lite2.default_levels] == [48, 88, 120, 208, 352]
+    assert [info["num_chs"] for info in lite2.feature_info[3:8]] == [48, 88, 120, 208, 352]
+    assert lite2.default_levels == (4, 5, 6)
     assert [info["module"] for info in lite0.feature_info] == [
         "bn1",
         *(f"blocks.{i}" for i in range(7)),
@@ -217,7 +218,11 @@ def test_resnet18_wrapped_checkpoint_without_head(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
     torch.save({"state_dict": body, "epoch": 3}, path)
     backbone = load_backbone("resnet18", weights=path)
-    torch.testing.assert_close(backbone.model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    reference = timm.create_model("resnet18", pretrained=False).eval()
+    reference.load_state_dict(state)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x, [4])[0], _resnet_stages(reference, x)[4])
 
 
 def test_head_for_other_classes_is_ignored(tmp_path: Path) -> None:
@@ -225,7 +230,9 @@ def test_head_for_other_classes_is_ignored(tmp_path: Path) -> None:
     path = tmp_path / "resnet18_10cls.pth"
     torch.save({"model": model.state_dict()}, path)
     backbone = load_backbone("resnet18", weights=path)
-    torch.testing.assert_close(backbone.model.conv1.weight, model.conv1.weight)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x, [4])[0], _resnet_stages(model.eval(), x)[4])
 
 
 def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
@@ -234,10 +241,10 @@ def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
     backbone = load_backbone("tf_efficientnet_b4", weights=path)
     assert [i["num_chs"] for i in backbone.feature_info] == [48, 24, 32, 56, 112, 160, 272, 448, 1792]
     assert [i["reduction"] for i in backbone.feature_info] == [2, 2, 4, 8, 16, 16, 32, 32, 32]
-    assert backbone.default_levels == (3, 4, 5, 6, 7)
+    assert backbone.default_levels == (4, 5, 6)
     assert backbone.preprocessing.image_size == 380
     with torch.inference_mode():
-        maps = backbone(torch.rand(1, 3, 64, 64), backbone.default_levels)
+        maps = backbone(torch.rand(1, 3, 64, 64), range(3, 8))
     assert [m.shape[1:] for m in maps] == [(56, 8, 8), (112, 4, 4), (160, 4, 4), (272, 2, 2), (448, 2, 2)]
 
 

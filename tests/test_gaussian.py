@@ -7,7 +7,15 @@ from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
 from gaussad.errors import GaussADError
-from gaussad.gaussian import fit_gaussian, ledoit_wolf_shrinkage, mahalanobis, select_components, shrink
+from gaussad.gaussian import (
+    component_distance,
+    fit_gaussian,
+    ledoit_wolf_shrinkage,
+    mahalanobis,
+    sample_projection,
+    select_components,
+    shrink,
+)
 
 
 def correlated(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -93,6 +101,40 @@ def test_fitted_gaussian_gives_the_mahalanobis_distance_of_reduced_ledoit_wolf()
     )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
     assert gaussian.n_components == projection.shape[1] < 12
+
+
+@pytest.mark.parametrize("reduction", ["opca", "pca", "none"])
+def test_fewer_samples_than_dimensions_project_like_the_covariance(reduction: str) -> None:
+    rng = np.random.default_rng(7)
+    samples = correlated(rng, 30, 80)
+    centered = samples - samples.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered / 30)
+    # Centering leaves rank 29: the covariance's 51 null directions are dropped either way.
+    variance = 0.05 if reduction == "opca" else 0.95
+    expected = eigenvectors[:, select_components(eigenvalues, reduction, variance)]
+    got = sample_projection(centered, reduction, variance)
+    assert got.shape == expected.shape and got.shape[1] <= 29
+    np.testing.assert_allclose(got.T @ got, np.eye(got.shape[1]), atol=1e-9)
+    np.testing.assert_allclose(got @ got.T, expected @ expected.T, atol=1e-9)  # same subspace, signs aside
+
+    queries = correlated(rng, 5, 80)
+    wide = fit_gaussian(samples, reduction, variance)
+    reduced = (queries - wide.mean) @ expected
+    covariance = LedoitWolf().fit(centered @ expected).covariance_
+    np.testing.assert_allclose(
+        np.linalg.norm((queries - wide.mean) @ wide.whitening, axis=1),
+        np.sqrt(np.einsum("nd,de,ne->n", reduced, np.linalg.inv(covariance), reduced)),
+        rtol=1e-7,
+    )
+
+
+def test_component_distance_is_the_mahalanobis_distance_per_root_component() -> None:
+    rng = np.random.default_rng(8)
+    mean, whitening = torch.from_numpy(rng.normal(size=6)), torch.from_numpy(rng.normal(size=(6, 4)))
+    features = torch.from_numpy(rng.normal(size=(3, 6)))
+    torch.testing.assert_close(
+        component_distance(features, mean, whitening), mahalanobis(features, mean, whitening) / 2
+    )
 
 
 def test_per_position_mahalanobis_is_batched_over_positions() -> None:

@@ -22,9 +22,11 @@ def fitted(category: Path) -> GaussAD:
 
 def test_fit_follows_estimator_conventions(fitted: GaussAD) -> None:
     assert fitted.backbone == "efficientnet_lite0" and fitted.levels is None  # parameters kept as given
-    assert fitted.levels_ == (3, 4, 5, 6, 7) and fitted.map_levels_ == (2, 3)
+    assert fitted.levels_ == (4, 5, 6) and fitted.map_levels_ == (2, 3)
     assert fitted.n_train_ == 16 and fitted.image_size_ == 64
-    assert len(fitted.image_gaussians_) == 5 and len(fitted.map_gaussians_) == 2
+    assert len(fitted.image_gaussians_) == 3 and len(fitted.map_gaussians_) == 2
+    # Grid-pooled image Gaussians: each cell of the 4 x 4 grid contributes the level's channels.
+    assert [g.mean.shape for g in fitted.image_gaussians_] == [(80 * 16,), (112 * 16,), (192 * 16,)]
     assert all(g.whitening.dtype == np.float64 for g in fitted.image_gaussians_ + fitted.map_gaussians_)
     assert GaussAD(**SMALL).fit([np.zeros((8, 8)), np.ones((8, 8)) * 0.5]) is not None
 
@@ -67,7 +69,8 @@ def save_dir(model: GaussAD, category: Path) -> Path:
 def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     fitted.save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert config["format_version"] == 1 and config["backbone"]["weights_sha256"]
+    assert config["format_version"] == 2 and config["backbone"]["weights_sha256"]
+    assert config["params"]["image_grid"] == 4
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
     loaded = GaussAD.load(tmp_path / "model", device="cpu")
     paths = [t.path for t in list_test_images(category)]
@@ -158,6 +161,8 @@ def test_parameter_and_input_errors(category: Path) -> None:
         GaussAD(**SMALL, localization="everywhere").fit(train)
     with pytest.raises(GaussADError, match="at least 2 training images"):
         GaussAD(**SMALL).fit(sorted(train.iterdir())[:1])
+    with pytest.raises(GaussADError, match="image grid 0"):
+        GaussAD(**SMALL, image_grid=0).fit(train)
     with pytest.raises(GaussADError, match="not fitted"):
         GaussAD().score(train)
     if not torch.cuda.is_available():
@@ -168,5 +173,5 @@ def test_parameter_and_input_errors(category: Path) -> None:
 def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> None:
     paths = [t.path for t in list_test_images(category)]
     distances, level_maps = fitted.level_results(paths)
-    assert distances.shape == (8, 5) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
+    assert distances.shape == (8, 3) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
     np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)

@@ -1,0 +1,25 @@
+"""Image descriptors: feature maps pooled globally or per cell of a grid."""
+
+import torch
+
+from gaussad.features import pool_features
+
+
+def test_grid_pooling_averages_each_cell_and_keeps_channels_together() -> None:
+    features = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
+    torch.testing.assert_close(pool_features(features, 1), features.mean(dim=(2, 3)))
+    pooled = pool_features(features, 2)
+    assert pooled.shape == (2, 3 * 2 * 2)
+    # Channel-major: channel c's four cells (top-left, top-right, bottom-left, bottom-right) are adjacent.
+    top_left = features[:, :, :2, :2].mean(dim=(2, 3))
+    bottom_right = features[:, :, 2:, 2:].mean(dim=(2, 3))
+    torch.testing.assert_close(pooled.view(2, 3, 4)[:, :, 0], top_left)
+    torch.testing.assert_close(pooled.view(2, 3, 4)[:, :, 3], bottom_right)
+
+
+def test_grid_pooling_covers_maps_that_do_not_divide_evenly() -> None:
+    features = torch.rand(1, 2, 7, 7, dtype=torch.float64)
+    pooled = pool_features(features, 4).view(1, 2, 4, 4)
+    # Cells overlap where 7 does not divide by 4, yet the corners stay corners.
+    torch.testing.assert_close(pooled[0, :, 0, 0], features[0, :, :2, :2].mean(dim=(1, 2)))
+    torch.testing.assert_close(pooled[0, :, 3, 3], features[0, :, 5:, 5:].mean(dim=(1, 2)))
