@@ -118,6 +118,7 @@ class TappedBackbone(torch.nn.Module):
         # A plain list, not a ModuleList: the modules already belong to self.model.
         self._steps: list[torch.nn.Module] | None
         if all(hasattr(model, part) for part in _EFFICIENTNET_PARTS):
+            fold_batch_norms(model)
             n_stages = len(model.blocks)
             self._steps = [
                 torch.nn.Sequential(model.conv_stem, model.bn1),
@@ -132,6 +133,7 @@ class TappedBackbone(torch.nn.Module):
                 self.default_levels = self.default_map_levels = tuple(range(min(3, n_stages), n_stages + 1))
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
+            fold_batch_norms(model)
             self._steps = [
                 torch.nn.Sequential(model.conv1, model.bn1, model.act1),
                 torch.nn.Sequential(model.maxpool, model.layer1),
@@ -198,6 +200,36 @@ class TappedBackbone(torch.nn.Module):
                 if level in wanted:
                     found[level] = x
         return [found[level] for level in levels]
+
+
+def fold_batch_norms(model: torch.nn.Module) -> None:
+    """Fold each frozen BatchNorm into the convolution registered just before it, in place.
+
+    timm's EfficientNets and ResNets register every convolution right before its norm and run them in that
+    order, so the pair is one affine map: the norm's pass over every feature map disappears (measured
+    below in the README). A norm with a fused activation (timm's BatchNormAct2d) keeps its activation.
+    """
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (norm_name, norm) in zip(children, children[1:], strict=False):
+            if not (
+                isinstance(conv, torch.nn.Conv2d)
+                and isinstance(norm, torch.nn.BatchNorm2d)
+                and norm.num_features == conv.out_channels
+                and norm.running_mean is not None
+            ):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(norm.running_var + norm.eps)
+                shift = -norm.running_mean * scale
+                if norm.affine:
+                    scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+                bias = shift if conv.bias is None else conv.bias * scale + shift
+                weight = conv.weight * scale[:, None, None, None]
+                conv.weight = torch.nn.Parameter(weight, requires_grad=False)
+                conv.bias = torch.nn.Parameter(bias, requires_grad=False)
+            after = [getattr(norm, part) for part in ("drop", "act") if hasattr(norm, part)]
+            setattr(parent, norm_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
 
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None) -> TappedBackbone:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
 
@@ -233,6 +234,24 @@ def test_head_for_other_classes_is_ignored(tmp_path: Path) -> None:
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(backbone(x, [4])[0], _resnet_stages(model.eval(), x)[4])
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_folding_batch_norms_keeps_the_network_function(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):  # statistics far from the identity
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-1, 1)
+    folded = copy.deepcopy(model)
+    backbones.fold_batch_norms(folded)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
