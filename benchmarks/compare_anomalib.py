@@ -232,7 +232,8 @@ def patch_timm(backbone: str, timm_name: str) -> None:
         if model_name != timm_name:
             raise RuntimeError(f"pretrained {model_name!r} would download: only {timm_name!r} is offline")
         model = original(model_name, pretrained=False, **kwargs)
-        result = model.load_state_dict(load_backbone(backbone).model.state_dict(), strict=False)
+        trained = load_backbone(backbone, fold_norms=False).model.state_dict()  # anomalib runs the norms
+        result = model.load_state_dict(trained, strict=False)
         unused = [key for key in result.unexpected_keys if not key.startswith(HEAD_PREFIXES)]
         if result.missing_keys or unused:
             raise RuntimeError(

