@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from gaussad.backbones import load_backbone
+from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS, load_backbone
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import FeatureExtractor, pool_features
 from gaussad.gaussian import component_distance, fit_gaussian
 from gaussad.metrics import image_auroc
+from gaussad.options import DEFAULT_IMAGE_GRID
 
 CANDIDATE_LEVELS = (3, 4, 5, 6, 7)
 GRIDS = (1, 2, 3, 4)
@@ -73,7 +74,8 @@ def main() -> None:
         "|---|---|---|" + "---|" * len(GRIDS),
     ]
     variance_lines = [
-        "## Image AUROC by OPCA variance (default levels 4-6, grid 4 x 4)",
+        f"## Image AUROC by OPCA variance (default levels {EFFICIENTNET_IMAGE_LEVELS[0]}-"
+        f"{EFFICIENTNET_IMAGE_LEVELS[-1]}, grid {DEFAULT_IMAGE_GRID} x {DEFAULT_IMAGE_GRID})",
         "",
         "| category | backbone | " + " | ".join(f"OPCA {v:g}" for v in VARIANCES) + " |",
         "|---|---|" + "---|" * len(VARIANCES),
@@ -95,8 +97,9 @@ def main() -> None:
                     + " | ".join(f"{a:.4f}" for a in aurocs)
                     + " |"
                 )
+            defaults = [(level, DEFAULT_IMAGE_GRID) for level in EFFICIENTNET_IMAGE_LEVELS]
             aurocs = [
-                image_auroc(labels, sum(level_distances(train[lv, 4], test[lv, 4], v) for lv in (4, 5, 6)))
+                image_auroc(labels, sum(level_distances(train[key], test[key], v) for key in defaults))
                 for v in VARIANCES
             ]
         variance_lines.append(
