@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS, load_backbone
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import FeatureExtractor, pool_features
-from gaussad.gaussian import component_distance, fit_gaussian
+from gaussad.gaussian import fit_gaussian
 from gaussad.metrics import image_auroc
 from gaussad.options import DEFAULT_IMAGE_GRID
 
@@ -46,9 +46,7 @@ def pooled_features(backbone_name: str, items: list, grids=GRIDS) -> dict[tuple[
 
 
 def level_distances(train: np.ndarray, test: np.ndarray, variance: float) -> np.ndarray:
-    gaussian = fit_gaussian(train, "opca", variance)
-    tensors = [torch.from_numpy(t) for t in (test, gaussian.mean, gaussian.whitening)]
-    return component_distance(*tensors).numpy()
+    return fit_gaussian(train, "opca", variance).component_distances(test)
 
 
 def main() -> None:

@@ -102,6 +102,11 @@ class Gaussian:
         whitening = torch.from_numpy(self.whitening).to(device=device, dtype=torch.float32)
         return mean, whitening
 
+    def component_distances(self, samples: np.ndarray) -> np.ndarray:
+        """`component_distance` of samples (N, C) held in memory, in float64 on the CPU (fit-time scoring)."""
+        tensors = (np.asarray(samples, dtype=np.float64), self.mean, self.whitening)
+        return component_distance(*(torch.from_numpy(t) for t in tensors)).numpy()
+
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
     """Mahalanobis distance of features (..., C) as one matrix product.

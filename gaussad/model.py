@@ -217,10 +217,7 @@ class GaussAD:
             held = fold_of == fold
             for level in self.levels_:
                 gaussian = fit_gaussian(pooled[level][~held], self.reduction, self.variance)
-                tensors = [
-                    torch.from_numpy(t) for t in (pooled[level][held], gaussian.mean, gaussian.whitening)
-                ]
-                scores[held] += component_distance(*tensors).numpy()
+                scores[held] += gaussian.component_distances(pooled[level][held])
             level_maps = []
             for level in self.map_levels_:
                 gaussian = accumulators[level].finish(self.reduction, self.variance, exclude_fold=fold)

@@ -101,6 +101,9 @@ def test_fitted_gaussian_gives_the_mahalanobis_distance_of_reduced_ledoit_wolf()
     )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
     assert gaussian.n_components == projection.shape[1] < 12
+    np.testing.assert_allclose(
+        gaussian.component_distances(queries), expected / np.sqrt(gaussian.n_components), rtol=1e-9
+    )
 
 
 @pytest.mark.parametrize("reduction", ["opca", "pca", "none"])
