@@ -110,7 +110,7 @@ def main() -> None:
                 f"Command: `{command}`",
                 "",
                 f"Pixel metrics at {args.eval_size}x{args.eval_size}; 'default' is the backbone's default",
-                "image levels (EfficientNets: 4-6) for the image score and its default map levels and blur",
+                "image levels (EfficientNets: 4-5) for the image score and its default map levels and blur",
                 "for the map. The image grid pools each level's features per cell (1 x 1: the paper's global",
                 "pooling).",
                 "",

@@ -67,8 +67,9 @@ _PROBE_SIDE = 128
 # the best sum of pixel AUROC and AUPRO over MVTec bottle and Magnetic Tile with Lite0.
 EFFICIENTNET_MAP_LEVELS = (3, 4, 5)
 # Image-score levels of 7-stage EfficientNets, chosen likewise with the 4 x 4 image grid: the paper's 3..7
-# pool globally; with the grid, levels 4-6 detect best over both data sets with Lite0 and Lite2.
-EFFICIENTNET_IMAGE_LEVELS = (4, 5, 6)
+# pool globally; with the grid, levels 4-5 detect as well as 4-6 over both data sets with Lite0 and Lite2,
+# and stopping the backbone after stage 5 saves 27% of its FLOPs.
+EFFICIENTNET_IMAGE_LEVELS = (4, 5)
 _EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 

@@ -90,7 +90,7 @@ def test_lite0_metadata(lite0: TappedBackbone) -> None:
     )
     assert lite0.weights_sha256 == LITE_SHA256[0]
     assert lite0.preprocessing == backbones.Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224)
-    assert lite0.default_levels == (4, 5, 6) and lite0.default_map_levels == (3, 4, 5)
+    assert lite0.default_levels == (4, 5) and lite0.default_map_levels == (3, 4, 5)
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ def test_lite_levels_channels_and_strides(lite0: TappedBackbone, lite2: TappedBa
     assert [info["num_chs"] for info in paper] == [40, 80, 112, 192, 320]
     assert [info["reduction"] for info in paper] == [8, 16, 16, 32, 32]
     assert [info["num_chs"] for info in lite2.feature_info[3:8]] == [48, 88, 120, 208, 352]
-    assert lite2.default_levels == (4, 5, 6)
+    assert lite2.default_levels == (4, 5)
     assert [info["module"] for info in lite0.feature_info] == [
         "bn1",
         *(f"blocks.{i}" for i in range(7)),
@@ -269,7 +269,7 @@ def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
     backbone = load_backbone("tf_efficientnet_b4", weights=path)
     assert [i["num_chs"] for i in backbone.feature_info] == [48, 24, 32, 56, 112, 160, 272, 448, 1792]
     assert [i["reduction"] for i in backbone.feature_info] == [2, 2, 4, 8, 16, 16, 32, 32, 32]
-    assert backbone.default_levels == (4, 5, 6)
+    assert backbone.default_levels == (4, 5)
     assert backbone.preprocessing.image_size == 380
     with torch.inference_mode():
         maps = backbone(torch.rand(1, 3, 64, 64), range(3, 8))

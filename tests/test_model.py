@@ -22,11 +22,11 @@ def fitted(category: Path) -> GaussAD:
 
 def test_fit_follows_estimator_conventions(fitted: GaussAD) -> None:
     assert fitted.backbone == "efficientnet_lite0" and fitted.levels is None  # parameters kept as given
-    assert fitted.levels_ == (4, 5, 6) and fitted.map_levels_ == (2, 3)
+    assert fitted.levels_ == (4, 5) and fitted.map_levels_ == (2, 3)
     assert fitted.n_train_ == 16 and fitted.image_size_ == 64
-    assert len(fitted.image_gaussians_) == 3 and len(fitted.map_gaussians_) == 2
+    assert len(fitted.image_gaussians_) == 2 and len(fitted.map_gaussians_) == 2
     # Grid-pooled image Gaussians: each cell of the 4 x 4 grid contributes the level's channels.
-    assert [g.mean.shape for g in fitted.image_gaussians_] == [(80 * 16,), (112 * 16,), (192 * 16,)]
+    assert [g.mean.shape for g in fitted.image_gaussians_] == [(80 * 16,), (112 * 16,)]
     assert all(g.whitening.dtype == np.float64 for g in fitted.image_gaussians_ + fitted.map_gaussians_)
     assert GaussAD(**SMALL).fit([np.zeros((8, 8)), np.ones((8, 8)) * 0.5]) is not None
 
@@ -173,5 +173,5 @@ def test_parameter_and_input_errors(category: Path) -> None:
 def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> None:
     paths = [t.path for t in list_test_images(category)]
     distances, level_maps = fitted.level_results(paths)
-    assert distances.shape == (8, 3) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
+    assert distances.shape == (8, 2) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
     np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
