@@ -73,8 +73,31 @@ class LevelAccumulator:
 
     def finish(self, reduction: Reduction, variance: float, exclude_fold: int | None = None) -> Gaussian:
         """The Gaussian of all images (or all outside one fold): moments plus one read of the spill."""
+        return self.finish_many(reduction, variance, [exclude_fold])[0]
+
+    def finish_many(
+        self, reduction: Reduction, variance: float, exclude_folds: Sequence[int | None]
+    ) -> list[Gaussian]:
+        """One Gaussian per entry of `exclude_folds` (None: all images; f: all outside fold f), with a single
+        read of the spill for all of them: the full model and its fold models cost one pass, not one each."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
+        moments = [self._moments(reduction, variance, exclude) for exclude in exclude_folds]
+        quartics = self._quartic_sums(
+            [mean for _, mean, _, _, _ in moments],
+            [projection for _, _, _, projection, _ in moments],
+            exclude_folds,
+        )
+        return [
+            gaussian_from_moments(count, mean, reduced, quartic, projection, variance_scale=scale)
+            for (count, mean, reduced, projection, scale), quartic in zip(moments, quartics, strict=True)
+        ]
+
+    def _moments(
+        self, reduction: Reduction, variance: float, exclude_fold: int | None
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, float]:
+        """Sample count, mean, reduced covariance, projection and variance scale of the images outside
+        `exclude_fold`, from the accumulated moments alone."""
         keep = [fold for fold in range(self.n_folds) if fold != exclude_fold]
         shift = self._shift.numpy()
         total = self._sum[keep].sum(dim=0).numpy()
@@ -99,11 +122,8 @@ class LevelAccumulator:
             covariance = shared_covariance
             mean = shift + shared_mean
         reduced_covariance = projection.T @ covariance @ projection
-        quartic = self._quartic_sum(mean, projection, exclude_fold)
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
-        return gaussian_from_moments(
-            n_samples, mean, reduced_covariance, quartic, projection, variance_scale=scale
-        )
+        return n_samples, mean, reduced_covariance, projection, scale
 
     def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""
@@ -120,16 +140,37 @@ class LevelAccumulator:
                 yield start, values
                 start += len(values)
 
-    def _quartic_sum(self, mean: np.ndarray, projection: np.ndarray, exclude_fold: int | None) -> np.ndarray:
-        """Sum over training samples of ||(x - mean) @ projection||^4, read back from the spill file."""
+    def _quartic_sums(
+        self,
+        means: Sequence[np.ndarray],
+        projections: Sequence[np.ndarray],
+        exclude_folds: Sequence[int | None],
+    ) -> list[np.ndarray]:
+        """Per case, the sum over its training samples of ||(x - mean) @ projection||^4, in one spill read.
+
+        The projections sit side by side, so each chunk takes one GEMM for every case:
+        (x - m) @ P = x @ P - m @ P, and one more product sums each case's squared coordinates.
+        """
         folds = np.array(self.folds)
-        quartic = np.zeros(self.grid[0] * self.grid[1] if self.per_position else ())
+        widths = [projection.shape[1] for projection in projections]
+        stacked = np.concatenate(projections, axis=1)  # (C, sum of d)
+        offsets = np.concatenate(
+            [mean @ projection for mean, projection in zip(means, projections, strict=True)], axis=-1
+        )
+        case_of_column = np.repeat(np.arange(len(widths)), widths)
+        summing = (case_of_column[:, None] == np.arange(len(widths))).astype(np.float64)  # (sum of d, cases)
+        positions = self.grid[0] * self.grid[1]
+        quartics = np.zeros((len(widths), positions if self.per_position else 1))
         for start, values in self._chunks():
-            centered = values[folds[start : start + len(values)] != exclude_fold].astype(np.float64) - mean
-            reduced = centered.reshape(-1, centered.shape[-1]) @ projection  # one GEMM for the chunk
-            squared = np.sum(reduced**2, axis=-1).reshape(centered.shape[:2])  # (b, P)
-            quartic = quartic + (np.sum(squared**2, axis=0) if self.per_position else np.sum(squared**2))
-        return quartic
+            batch = len(values)
+            reduced = values.reshape(-1, values.shape[-1]).astype(np.float64) @ stacked
+            reduced = reduced.reshape(batch, positions, -1) - offsets  # offsets: (sum of d) or (P, sum of d)
+            squared = (reduced**2) @ summing  # (b, P, cases)
+            chunk_folds = folds[start : start + batch]
+            for case, exclude in enumerate(exclude_folds):
+                kept = squared[chunk_folds != exclude, :, case] ** 2  # (b', P)
+                quartics[case] += kept.sum(axis=0) if self.per_position else kept.sum()
+        return [quartic if self.per_position else quartic[0] for quartic in quartics]
 
     def read_fold(self, fold: int) -> torch.Tensor:
         """The spilled feature maps (n, C, H, W) of one fold's images, in the order they were added."""

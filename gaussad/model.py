@@ -179,11 +179,14 @@ class GaussAD:
                 self.image_gaussians_ = [
                     fit_gaussian(pooled_all[level], self.reduction, self.variance) for level in self.levels_
                 ]
-                self.map_gaussians_ = [
-                    accumulators[level].finish(self.reduction, self.variance) for level in self.map_levels_
+                # The full model's map Gaussians and each fold model's, from one read of the spill per level.
+                map_fits = [
+                    accumulators[level].finish_many(self.reduction, self.variance, [None, *range(n_folds)])
+                    for level in self.map_levels_
                 ]
+                self.map_gaussians_ = [fits[0] for fits in map_fits]
                 self.held_out_scores_, self.held_out_map_maxima_, self.held_out_map_medians_ = (
-                    self._held_out_normal(pooled_all, accumulators, fold_of, n_folds)
+                    self._held_out_normal(pooled_all, accumulators, [fits[1:] for fits in map_fits], fold_of)
                     if n_folds
                     else (np.empty(0), np.empty(0), np.empty(0))
                 )
@@ -206,23 +209,23 @@ class GaussAD:
         self,
         pooled: dict[int, np.ndarray],
         accumulators: dict[int, LevelAccumulator],
+        fold_map_gaussians: list[list[Gaussian]],
         fold_of: np.ndarray,
-        n_folds: int,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each training image scored by Gaussians fitted without its fold: its image score, and the
-        maximum and median of its anomaly map. Uses the features kept from the fit: no backbone pass."""
+        maximum and median of its anomaly map. Uses the features kept from the fit: no backbone pass.
+        fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold."""
         scores = np.zeros(len(fold_of))
         maxima, medians = np.zeros(len(fold_of)), np.zeros(len(fold_of))
-        for fold in range(n_folds):
+        for fold in range(len(fold_map_gaussians[0])):
             held = fold_of == fold
             for level in self.levels_:
                 gaussian = fit_gaussian(pooled[level][~held], self.reduction, self.variance)
                 scores[held] += gaussian.component_distances(pooled[level][held])
             level_maps = []
-            for level in self.map_levels_:
-                gaussian = accumulators[level].finish(self.reduction, self.variance, exclude_fold=fold)
+            for level, fold_gaussians in zip(self.map_levels_, fold_map_gaussians, strict=True):
                 features = accumulators[level].read_fold(fold).to(self.device_)
-                level_maps.append(level_distance_map(features, *gaussian.to_torch(self.device_)))
+                level_maps.append(level_distance_map(features, *fold_gaussians[fold].to_torch(self.device_)))
             combined = combine_levels(level_maps, self.image_size_, self.blur_sigma).flatten(1)
             maxima[held] = combined.amax(dim=1).cpu().numpy()
             medians[held] = combined.median(dim=1).values.cpu().numpy()

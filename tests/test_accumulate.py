@@ -1,6 +1,7 @@
 """Streaming fit of positional Gaussians equals the fit on all features held at once."""
 
 import numpy as np
+import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
@@ -92,3 +93,20 @@ def test_excluding_a_fold_equals_fitting_without_it(tmp_path) -> None:
     )
     held_out = accumulator.read_fold(1)
     torch.testing.assert_close(held_out, torch.stack([maps[i] for i in range(20) if folds[i] == 1]))
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_one_pass_for_many_folds_equals_one_pass_each(tmp_path, per_position: bool) -> None:
+    maps = feature_maps(5, n=15)
+    folds = [i % 3 for i in range(15)]
+    accumulator = LevelAccumulator(tmp_path / "all.f32", per_position=per_position, n_folds=3)
+    for start in range(0, 15, 4):
+        accumulator.add(maps[start : start + 4], folds[start : start + 4])
+    cases = [None, 0, 1, 2]
+    together = accumulator.finish_many("opca", 0.3, cases)
+    for case, gaussian in zip(cases, together, strict=True):
+        alone = accumulator.finish("opca", 0.3, exclude_fold=case)
+        np.testing.assert_allclose(gaussian.mean, alone.mean, rtol=1e-12)
+        np.testing.assert_allclose(gaussian.shrinkage, alone.shrinkage, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(gaussian.whitening, alone.whitening, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(together[0].mean, together[1].mean)  # each case its own images
