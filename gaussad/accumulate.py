@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,16 @@ import torch
 from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments
 
 _READ_CHUNK_VALUES = 1 << 22  # float32 values per read of the spill file (16 MiB)
+
+
+class _Moments(NamedTuple):
+    """What a Gaussian needs besides the fourth-moment sum, for one set of training images."""
+
+    count: int
+    mean: np.ndarray
+    reduced_covariance: np.ndarray
+    projection: np.ndarray
+    variance_scale: float
 
 
 class LevelAccumulator:
@@ -82,22 +93,19 @@ class LevelAccumulator:
         read of the spill for all of them: the full model and its fold models cost one pass, not one each."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
-        moments = [self._moments(reduction, variance, exclude) for exclude in exclude_folds]
+        cases = [self._moments(reduction, variance, exclude) for exclude in exclude_folds]
         quartics = self._quartic_sums(
-            [mean for _, mean, _, _, _ in moments],
-            [projection for _, _, _, projection, _ in moments],
-            exclude_folds,
+            [case.mean for case in cases], [case.projection for case in cases], exclude_folds
         )
         return [
-            gaussian_from_moments(count, mean, reduced, quartic, projection, variance_scale=scale)
-            for (count, mean, reduced, projection, scale), quartic in zip(moments, quartics, strict=True)
+            gaussian_from_moments(
+                case.count, case.mean, case.reduced_covariance, quartic, case.projection, case.variance_scale
+            )
+            for case, quartic in zip(cases, quartics, strict=True)
         ]
 
-    def _moments(
-        self, reduction: Reduction, variance: float, exclude_fold: int | None
-    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, float]:
-        """Sample count, mean, reduced covariance, projection and variance scale of the images outside
-        `exclude_fold`, from the accumulated moments alone."""
+    def _moments(self, reduction: Reduction, variance: float, exclude_fold: int | None) -> _Moments:
+        """The moments of the images outside `exclude_fold`, from the accumulated sums alone."""
         keep = [fold for fold in range(self.n_folds) if fold != exclude_fold]
         shift = self._shift.numpy()
         total = self._sum[keep].sum(dim=0).numpy()
@@ -123,7 +131,7 @@ class LevelAccumulator:
             mean = shift + shared_mean
         reduced_covariance = projection.T @ covariance @ projection
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
-        return n_samples, mean, reduced_covariance, projection, scale
+        return _Moments(n_samples, mean, reduced_covariance, projection, scale)
 
     def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""
