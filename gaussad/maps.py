@@ -45,9 +45,8 @@ def resampling_matrix(
     cells: int, size: int, blur_sigma: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """(size, cells): 1-D bilinear upsampling (align_corners=False, as F.interpolate) then the blur."""
-    basis = torch.eye(cells, dtype=torch.float64)[
-        :, None, :, None
-    ]  # each cell's unit map, (cells, 1, cells, 1)
+    # Row j: the unit map of cell j, upsampled (and blurred); as columns, they form the matrix.
+    basis = torch.eye(cells, dtype=torch.float64)[:, None, :, None]  # (cells, 1, cells, 1)
     upsampled = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]
     if blur_sigma > 0:
         upsampled = blur_last_axis(upsampled, blur_sigma)
