@@ -17,14 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
+from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS
 from gaussad.evaluation import list_test_images, read_mask, training_images
 from gaussad.maps import combine_levels, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
+from gaussad.options import DEFAULT_IMAGE_GRID
 
 LEVELS = (3, 4, 5, 6, 7)
+TABLE_4 = (("none", 1.0), ("opca", 0.05), ("opca", 0.15), ("pca", 0.95))
 # (reduction, variance, image grid): Table 4's reductions with the default grid, then the paper's pooling.
-VARIANTS = (("none", 1.0, 4), ("opca", 0.05, 4), ("opca", 0.15, 4), ("pca", 0.95, 4), ("opca", 0.05, 1))
+VARIANTS = (
+    *((reduction, variance, DEFAULT_IMAGE_GRID) for reduction, variance in TABLE_4),
+    ("opca", 0.05, 1),
+)
 
 
 def per_level_results(
@@ -104,15 +110,16 @@ def main() -> None:
                         + " | ".join(f"{v:.4f}" for v in values)
                         + " |"
                     )
+            image_levels = f"{EFFICIENTNET_IMAGE_LEVELS[0]}-{EFFICIENTNET_IMAGE_LEVELS[-1]}"
             text = [
                 "# Ablations",
                 "",
                 f"Command: `{command}`",
                 "",
                 f"Pixel metrics at {args.eval_size}x{args.eval_size}; 'default' is the backbone's default",
-                "image levels (EfficientNets: 4-5) for the image score and its default map levels and blur",
-                "for the map. The image grid pools each level's features per cell (1 x 1: the paper's global",
-                "pooling).",
+                f"image levels (EfficientNets: {image_levels}) for the image score and its default map",
+                "levels and blur for the map. The image grid pools each level's features per cell (1 x 1:",
+                "the paper's global pooling).",
                 "",
                 *reduction_lines,
                 "",
