@@ -19,7 +19,7 @@ import numpy as np
 
 from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS
 from gaussad.evaluation import list_test_images, read_mask, training_images
-from gaussad.maps import combine_levels, resize_map
+from gaussad.maps import combine_levels, hybrid_map, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
 from gaussad.options import DEFAULT_IMAGE_GRID
@@ -48,21 +48,24 @@ def per_level_results(
         map_levels=LEVELS,
         folds=0,
     ).fit(training_images(category))
-    distances, level_maps = model.level_results([t.path for t in tests])
+    distances, level_maps, position_maps = model.level_results([t.path for t in tests])
     labels = np.array([t.label for t in tests])
     size = (eval_size, eval_size)
     masks = [read_mask(t, size) for t in tests]
 
-    def localization(levels) -> tuple[float, float]:
+    def localization(levels, hybrid: bool = False) -> tuple[float, float]:
         chosen = [level_maps[LEVELS.index(level)] for level in levels]
         combined = combine_levels(chosen, model.image_size_, defaults.blur_sigma)
+        if hybrid:
+            positional = combine_levels([position_maps], model.image_size_, defaults.blur_sigma)
+            combined = hybrid_map(combined, positional)
         return pixel_metrics(masks, [resize_map(m, size).numpy() for m in combined])
 
     image_columns = [LEVELS.index(level) for level in model.backbone_.default_levels]
     rows = {
         "default": (
             image_auroc(labels, distances[:, image_columns].sum(axis=1)),
-            *localization(model.backbone_.default_map_levels),
+            *localization(model.backbone_.default_map_levels, hybrid=position_maps is not None),
         )
     }
     for index, level in enumerate(LEVELS):

@@ -67,7 +67,7 @@ def main() -> None:
     started = time.perf_counter()
     model.fit(train)
     fit_seconds = time.perf_counter() - started
-    levels = sorted(set(model.levels_) | set(model.map_levels_))
+    levels = model.extracted_levels
 
     started = time.perf_counter()
     for _ in model.iter_predict(tests):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gaussad.evaluation import list_test_images, read_mask, training_images
-from gaussad.maps import combine_levels, resize_map
+from gaussad.maps import combine_levels, hybrid_map, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
 
@@ -40,7 +40,7 @@ def run(
     started = time.perf_counter()
     model.fit(train)
     fit_seconds = time.perf_counter() - started
-    distances, level_maps = model.level_results([t.path for t in tests])
+    distances, level_maps, position_maps = model.level_results([t.path for t in tests])
     labels = np.array([t.label for t in tests])
     masks = [read_mask(t, (eval_size, eval_size)) for t in tests]
     image_score_auroc = image_auroc(labels, distances.sum(axis=1))
@@ -50,6 +50,8 @@ def run(
         chosen = [level_maps[CANDIDATE_LEVELS.index(level)] for level in levels]
         for blur in BLURS:
             combined = combine_levels(chosen, model.image_size_, blur)
+            if position_maps is not None:
+                combined = hybrid_map(combined, combine_levels([position_maps], model.image_size_, blur))
             maps = [resize_map(m, (eval_size, eval_size)).numpy() for m in combined]
             pixel_auroc, aupro = pixel_metrics(masks, maps)
             rows.append(
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[0], help="input sizes; 0 = native")
-    parser.add_argument("--localizations", nargs="+", default=["shared", "per-position"])
+    parser.add_argument("--localizations", nargs="+", default=["hybrid", "shared", "per-position"])
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--top", type=int, default=8, help="best rows per category and configuration")
     parser.add_argument("--out", type=Path, required=True)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments
+from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments, is_identity
 
 _READ_CHUNK_VALUES = 1 << 22  # float32 values per read of the spill file (16 MiB)
 
@@ -129,7 +129,7 @@ class LevelAccumulator:
         else:
             covariance = shared_covariance
             mean = shift + shared_mean
-        reduced_covariance = projection.T @ covariance @ projection
+        reduced_covariance = covariance if is_identity(projection) else projection.T @ covariance @ projection
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
         return _Moments(n_samples, mean, reduced_covariance, projection, scale)
 

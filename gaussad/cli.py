@@ -48,6 +48,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights", help="local weights file (.pth or .safetensors) for a timm backbone")
     group.add_argument("--levels", type=_levels, help="levels for the image score (default: the backbone's)")
     group.add_argument("--map-levels", type=_levels, help="levels for the anomaly map (default: tuned)")
+    group.add_argument(
+        "--position-levels",
+        type=_levels,
+        help="hybrid localization: levels stacked for the per-position Gaussian (default: tuned)",
+    )
     group.add_argument("--reduction", choices=options.REDUCTIONS, default=options.DEFAULT_REDUCTION)
     group.add_argument(
         "--variance",
@@ -86,6 +91,7 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
         weights=args.weights,
         levels=args.levels,
         map_levels=args.map_levels,
+        position_levels=args.position_levels,
         reduction=args.reduction,
         variance=args.variance,
         localization=args.localization,
@@ -267,6 +273,7 @@ def _model_info(model: GaussAD) -> dict:
         "input size": model.image_size_,
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
+        "levels (position)": list(model.position_levels_),
         "components per level": {
             f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
         },

@@ -59,6 +59,14 @@ def pool_features(features: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(features, grid).flatten(1)
 
 
+def stack_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feature maps of several levels side by side on the coarsest level's grid: finer maps (B, C, H, W)
+    are averaged over the cells of that grid, then concatenated along channels. The positional input of the
+    hybrid map's per-position Gaussian."""
+    grid = min((f.shape[-2:] for f in features), key=lambda shape: shape[0] * shape[1])
+    return torch.cat([f if f.shape[-2:] == grid else F.adaptive_avg_pool2d(f, grid) for f in features], dim=1)
+
+
 class FeatureExtractor:
     """Runs a frozen backbone over images and returns the feature maps of the requested levels."""
 

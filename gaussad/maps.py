@@ -40,6 +40,13 @@ def combine_levels(level_maps: Sequence[torch.Tensor], size: int, blur_sigma: fl
     return torch.cat(lefts, dim=-1) @ torch.cat(rights, dim=-1).T / len(level_maps)
 
 
+def hybrid_map(shared: torch.Tensor, positional: torch.Tensor) -> torch.Tensor:
+    """The geometric mean of two combined maps (B, S, S): the shared Gaussians' map, which knows what a
+    normal patch looks like anywhere, and the per-position Gaussian's, which knows what belongs where. A
+    position scores high only where both find it unusual (README, "How the defaults were chosen")."""
+    return torch.sqrt(shared * positional)
+
+
 @lru_cache(maxsize=64)
 def resampling_matrix(
     cells: int, size: int, blur_sigma: float, dtype: torch.dtype, device: torch.device

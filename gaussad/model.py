@@ -3,7 +3,8 @@
 Fit on good images: one Gaussian per level over globally pooled features (image score) and one per level
 over positional features (anomaly map), each on reduced features (OPCA by default) with Ledoit-Wolf
 shrinkage. Score: the sum over levels of pooled Mahalanobis distances. Map: the mean over map levels of
-positional distances, upsampled, optionally blurred, at each image's own size.
+positional distances, upsampled, optionally blurred, at each image's own size; the default "hybrid"
+localization takes its geometric mean with the map of one Gaussian per position over stacked levels.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import TappedBackbone, load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.errors import GaussADError
-from gaussad.features import FeatureExtractor, Precision, pool_features, resolve_device
+from gaussad.features import FeatureExtractor, Precision, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, component_distance, fit_gaussian
 from gaussad.images import ImageInput, collect_images, describe
-from gaussad.maps import combine_levels, level_distance_map, resize_map
+from gaussad.maps import combine_levels, hybrid_map, level_distance_map, resize_map
 from gaussad.options import (
     DEFAULT_BACKBONE,
     DEFAULT_BLUR_SIGMA,
@@ -41,6 +42,10 @@ from gaussad.options import (
     PRECISIONS,
     REDUCTIONS,
 )
+
+# The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
+# components, one Gaussian per position maps the tiles' defects worse than the shared ones (README).
+POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class LevelOutputs:
     sizes: list[tuple[int, int]]  # original (height, width) of each image
     distances: torch.Tensor  # (B, len(levels_)): per-component distance of grid-pooled features per level
     level_maps: list[torch.Tensor]  # per map level: (B, h, w) distances on that level's grid
+    position_map: torch.Tensor | None  # hybrid localization: (B, h, w) per-position distances, else None
 
 
 class GaussAD:
@@ -68,6 +74,7 @@ class GaussAD:
 
     Parameters are stored as given (scikit-learn convention); what `fit` learns ends in `_`.
     levels default to the backbone's paper levels, map_levels to the backbone's measured map levels,
+    position_levels (hybrid localization only) to its measured levels for the per-position Gaussian,
     image_size to its native input size. `folds` > 1 also learns label-free thresholds (calibration.py).
     """
 
@@ -77,6 +84,7 @@ class GaussAD:
         weights: str | os.PathLike | None = None,
         levels: Sequence[int] | None = None,
         map_levels: Sequence[int] | None = None,
+        position_levels: Sequence[int] | None = None,
         reduction: Reduction = DEFAULT_REDUCTION,
         variance: float = DEFAULT_VARIANCE,
         localization: str = DEFAULT_LOCALIZATION,
@@ -95,6 +103,7 @@ class GaussAD:
         self.weights = weights
         self.levels = levels
         self.map_levels = map_levels
+        self.position_levels = position_levels
         self.reduction = reduction
         self.variance = variance
         self.localization = localization
@@ -127,17 +136,31 @@ class GaussAD:
         if self.image_size is not None and self.image_size < 32:
             raise GaussADError(f"image size {self.image_size}: expected at least 32 pixels")
 
-    def _resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], ...]:
+        """Image, map and position levels: as given, else the backbone's defaults; no position levels
+        unless the localization is hybrid."""
         valid = {info["level"] for info in backbone.feature_info}
         levels = tuple(self.levels) if self.levels else backbone.default_levels
         map_levels = tuple(self.map_levels) if self.map_levels else backbone.default_map_levels
-        for name, chosen in (("levels", levels), ("map levels", map_levels)):
+        if self.localization != "hybrid":
+            if self.position_levels:
+                raise GaussADError(
+                    f"position levels apply to the hybrid localization only, not to {self.localization!r}"
+                )
+            position_levels: tuple[int, ...] = ()
+        else:
+            position_levels = tuple(self.position_levels or backbone.default_position_levels)
+        for name, chosen in (
+            ("levels", levels),
+            ("map levels", map_levels),
+            ("position levels", position_levels),
+        ):
             unknown = sorted(set(chosen) - valid)
             if unknown:
                 raise GaussADError(
                     f"{name} {unknown} do not exist in {backbone.name}: valid levels are {sorted(valid)}"
                 )
-        return tuple(sorted(set(levels))), tuple(sorted(set(map_levels)))
+        return tuple(sorted(set(levels))), tuple(sorted(set(map_levels))), tuple(sorted(set(position_levels)))
 
     def fit(self, images: ImageInput | Iterable[ImageInput]) -> GaussAD:
         """Learn the Gaussians from defect-free images (paths, folders, PIL images, arrays, tensors)."""
@@ -148,7 +171,7 @@ class GaussAD:
         started = time.perf_counter()
         self.device_ = resolve_device(self.device)
         self.backbone_ = load_backbone(self.backbone, self.weights)
-        self.levels_, self.map_levels_ = self._resolve_levels(self.backbone_)
+        self.levels_, self.map_levels_, self.position_levels_ = self._resolve_levels(self.backbone_)
         self.image_size_ = int(self.image_size or self.backbone_.preprocessing.image_size)
         extractor = self._extractor()
         n_folds = self._n_folds(len(items))
@@ -163,15 +186,22 @@ class GaussAD:
                 )
                 for level in self.map_levels_
             }
+            position_accumulator = (
+                LevelAccumulator(Path(spill_dir) / "position.f32", True, max(n_folds, 1))
+                if self.position_levels_
+                else None
+            )
             for batch in extractor.batches(items, progress="fit" if self.progress else None):
-                batch_folds = fold_of[batch.start : batch.start + len(batch.sizes)]
-                for level, features in zip(extractor.levels, batch.features, strict=True):
-                    if level in pooled:
-                        pooled[level].append(
-                            pool_features(features, self.image_grid).to("cpu", torch.float64).numpy()
-                        )
-                    if level in accumulators:
-                        accumulators[level].add(features, batch_folds.tolist())
+                batch_folds = fold_of[batch.start : batch.start + len(batch.sizes)].tolist()
+                by_level = dict(zip(extractor.levels, batch.features, strict=True))
+                for level in self.levels_:
+                    pooled[level].append(
+                        pool_features(by_level[level], self.image_grid).to("cpu", torch.float64).numpy()
+                    )
+                for level, accumulator in accumulators.items():
+                    accumulator.add(by_level[level], batch_folds)
+                if position_accumulator is not None:
+                    position_accumulator.add(self._position_features(by_level), batch_folds)
             pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
             # Small dense linear algebra runs faster on one BLAS thread, and several times faster when
             # another process shares the cores (measured: eigh of 320 x 320, 35 ms against 144 ms).
@@ -185,8 +215,20 @@ class GaussAD:
                     for level in self.map_levels_
                 ]
                 self.map_gaussians_ = [fits[0] for fits in map_fits]
+                position_fits = (
+                    position_accumulator.finish_many(*POSITION_REDUCTION, [None, *range(n_folds)])
+                    if position_accumulator is not None
+                    else None
+                )
+                self.position_gaussian_ = position_fits[0] if position_fits else None
                 self.held_out_scores_, self.held_out_map_maxima_, self.held_out_map_medians_ = (
-                    self._held_out_normal(pooled_all, accumulators, [fits[1:] for fits in map_fits], fold_of)
+                    self._held_out_normal(
+                        pooled_all,
+                        accumulators,
+                        [fits[1:] for fits in map_fits],
+                        (position_accumulator, position_fits[1:]) if position_fits else None,
+                        fold_of,
+                    )
                     if n_folds
                     else (np.empty(0), np.empty(0), np.empty(0))
                 )
@@ -210,11 +252,13 @@ class GaussAD:
         pooled: dict[int, np.ndarray],
         accumulators: dict[int, LevelAccumulator],
         fold_map_gaussians: list[list[Gaussian]],
+        fold_position: tuple[LevelAccumulator, list[Gaussian]] | None,
         fold_of: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each training image scored by Gaussians fitted without its fold: its image score, and the
         maximum and median of its anomaly map. Uses the features kept from the fit: no backbone pass.
-        fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold."""
+        fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold; fold_position the
+        position accumulator and its fold Gaussians (hybrid localization)."""
         scores = np.zeros(len(fold_of))
         maxima, medians = np.zeros(len(fold_of)), np.zeros(len(fold_of))
         for fold in range(len(fold_map_gaussians[0])):
@@ -226,7 +270,12 @@ class GaussAD:
             for level, fold_gaussians in zip(self.map_levels_, fold_map_gaussians, strict=True):
                 features = accumulators[level].read_fold(fold).to(self.device_)
                 level_maps.append(level_distance_map(features, *fold_gaussians[fold].to_torch(self.device_)))
-            combined = combine_levels(level_maps, self.image_size_, self.blur_sigma).flatten(1)
+            position_map = None
+            if fold_position is not None:
+                accumulator, fold_gaussians = fold_position
+                features = accumulator.read_fold(fold).to(self.device_)
+                position_map = level_distance_map(features, *fold_gaussians[fold].to_torch(self.device_))
+            combined = self._combine_maps(level_maps, position_map).flatten(1)
             maxima[held] = combined.amax(dim=1).cpu().numpy()
             medians[held] = combined.median(dim=1).values.cpu().numpy()
         return scores, maxima, medians
@@ -253,10 +302,15 @@ class GaussAD:
         if not hasattr(self, "image_gaussians_"):
             raise GaussADError("this GaussAD model is not fitted yet: call fit() or GaussAD.load()")
 
+    @property
+    def extracted_levels(self) -> list[int]:
+        """Every level the backbone produces for this model: image, map and position levels."""
+        return sorted({*self.levels_, *self.map_levels_, *self.position_levels_})
+
     def _extractor(self) -> FeatureExtractor:
         return FeatureExtractor(
             self.backbone_,
-            sorted(set(self.levels_) | set(self.map_levels_)),
+            self.extracted_levels,
             self.image_size_,
             self.device_,
             precision=self.precision,
@@ -264,14 +318,28 @@ class GaussAD:
             workers=self.workers,
         )
 
-    def _device_gaussians(self) -> tuple[list, list]:
-        """The Gaussians as float32 tensors on the model's device, converted once."""
+    def _device_gaussians(self) -> tuple[list, list, tuple | None]:
+        """The Gaussians (image, map, position) as float32 tensors on the model's device, converted once."""
         if getattr(self, "_on_device", None) is None:
+            position = self.position_gaussian_
             self._on_device = (
                 [gaussian.to_torch(self.device_) for gaussian in self.image_gaussians_],
                 [gaussian.to_torch(self.device_) for gaussian in self.map_gaussians_],
+                position.to_torch(self.device_) if position is not None else None,
             )
         return self._on_device
+
+    def _position_features(self, by_level: dict[int, torch.Tensor]) -> torch.Tensor:
+        return stack_levels([by_level[level] for level in self.position_levels_])
+
+    def _combine_maps(
+        self, level_maps: list[torch.Tensor], position_map: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The anomaly maps (B, S, S) at the model input size, from the per-level (and position) maps."""
+        combined = combine_levels(level_maps, self.image_size_, self.blur_sigma)
+        if position_map is None:
+            return combined
+        return hybrid_map(combined, combine_levels([position_map], self.image_size_, self.blur_sigma))
 
     def iter_levels(
         self, images: ImageInput | Iterable[ImageInput], with_maps: bool = True
@@ -280,7 +348,7 @@ class GaussAD:
         each map level's own grid. The building block of `iter_predict`, and of ablations over levels."""
         self._check_fitted()
         items = collect_images(images)
-        image_gaussians, map_gaussians = self._device_gaussians()
+        image_gaussians, map_gaussians, position_gaussian = self._device_gaussians()
         extractor = self._extractor()
         for batch in extractor.batches(items, progress="predict" if self.progress else None):
             by_level = dict(zip(extractor.levels, batch.features, strict=True))
@@ -291,27 +359,36 @@ class GaussAD:
                 ],
                 dim=1,
             )
-            level_maps = []
+            level_maps, position_map = [], None
             if with_maps:
                 level_maps = [
                     level_distance_map(by_level[level], *gaussian)
                     for level, gaussian in zip(self.map_levels_, map_gaussians, strict=True)
                 ]
+                if position_gaussian is not None:
+                    position_map = level_distance_map(self._position_features(by_level), *position_gaussian)
             stop = batch.start + len(distances)
             names = [describe(items[index], index) for index in range(batch.start, stop)]
-            yield LevelOutputs(batch.start, names, batch.sizes, distances, level_maps)
+            yield LevelOutputs(batch.start, names, batch.sizes, distances, level_maps, position_map)
 
     def level_results(
         self, images: ImageInput | Iterable[ImageInput]
-    ) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """Per-level results of all images on the CPU: pooled distances (N, len(levels_)) and, per map
-        level, distance maps (N, h, w) on that level's grid. For ablations over levels and blurs."""
-        distances, level_maps = [], [[] for _ in self.map_levels_]
+    ) -> tuple[np.ndarray, list[torch.Tensor], torch.Tensor | None]:
+        """Per-level results of all images on the CPU: pooled distances (N, len(levels_)), per map level
+        distance maps (N, h, w) on that level's grid, and the position maps (N, h, w) of a hybrid model
+        (else None). For ablations over levels and blurs."""
+        distances, level_maps, position_maps = [], [[] for _ in self.map_levels_], []
         for outputs in self.iter_levels(images):
             distances.append(outputs.distances.cpu())
             for store, level_map in zip(level_maps, outputs.level_maps, strict=True):
                 store.append(level_map.cpu())
-        return torch.cat(distances).numpy(), [torch.cat(store) for store in level_maps]
+            if outputs.position_map is not None:
+                position_maps.append(outputs.position_map.cpu())
+        return (
+            torch.cat(distances).numpy(),
+            [torch.cat(store) for store in level_maps],
+            torch.cat(position_maps) if position_maps else None,
+        )
 
     def iter_predict(
         self,
@@ -327,7 +404,7 @@ class GaussAD:
             scores = outputs.distances.sum(dim=1).cpu().numpy().astype(np.float64)
             maps: list[np.ndarray] = []
             if with_maps:
-                combined = combine_levels(outputs.level_maps, self.image_size_, self.blur_sigma)
+                combined = self._combine_maps(outputs.level_maps, outputs.position_map)
                 start, stop = outputs.start, outputs.start + len(scores)
                 sizes = outputs.sizes if map_sizes is None else map_sizes[start:stop]
                 maps = [resize_map(m, size).cpu().numpy() for m, size in zip(combined, sizes, strict=True)]
@@ -373,10 +450,14 @@ class GaussAD:
         ):
             for level, gaussian in zip(levels, gaussians, strict=True):
                 rows.append(_level_row(role, level, gaussian))
+        if self.position_gaussian_ is not None:
+            rows.append(
+                _level_row("position", "+".join(map(str, self.position_levels_)), self.position_gaussian_)
+            )
         return rows
 
 
-def _level_row(role: str, level: int, gaussian: Gaussian) -> dict:
+def _level_row(role: str, level: int | str, gaussian: Gaussian) -> dict:
     return {
         "role": role,
         "level": level,

@@ -1,7 +1,7 @@
 """The model's option names and defaults, importable without torch: the CLI builds its parser from them."""
 
 REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
-LOCALIZATIONS: tuple[str, ...] = ("shared", "per-position")
+LOCALIZATIONS: tuple[str, ...] = ("shared", "per-position", "hybrid")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 DEFAULT_BACKBONE = "efficientnet_lite0"

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from gaussad.model import GaussAD
 
 FORMAT = "gaussad-model"
-FORMAT_VERSION = 2  # 2: grid-pooled image features and per-component image distances (1 is not read)
+FORMAT_VERSION = 3  # 3: the hybrid map's position Gaussian; 2: grid-pooled image features (1 is not read)
+READABLE_VERSIONS = (2, 3)  # a version 2 model has no position Gaussian: shared or per-position maps
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
 SAVED_PARAMS = (
@@ -40,22 +41,23 @@ SAVED_PARAMS = (
     "folds",
     "max_false_alarm_rate",
 )
+POSITION_KEY = "position"
 HELD_OUT = ("held_out_scores_", "held_out_map_maxima_", "held_out_map_medians_")
 
 
 def save_model(model: GaussAD, directory: Path) -> Path:
     """Save a fitted model; returns the folder written."""
     tensors: dict[str, np.ndarray] = {}
-    for role, levels, gaussians in (
-        ("image", model.levels_, model.image_gaussians_),
-        ("map", model.map_levels_, model.map_gaussians_),
-    ):
-        for level, gaussian in zip(levels, gaussians, strict=True):
-            tensors[f"{role}.{level}.mean"] = np.ascontiguousarray(gaussian.mean, dtype=np.float64)
-            tensors[f"{role}.{level}.whitening"] = np.ascontiguousarray(gaussian.whitening, dtype=np.float64)
-            tensors[f"{role}.{level}.shrinkage"] = np.atleast_1d(
-                np.asarray(gaussian.shrinkage, dtype=np.float64)
-            )
+    named = [
+        *((f"image.{level}", g) for level, g in zip(model.levels_, model.image_gaussians_, strict=True)),
+        *((f"map.{level}", g) for level, g in zip(model.map_levels_, model.map_gaussians_, strict=True)),
+    ]
+    if model.position_gaussian_ is not None:
+        named.append((POSITION_KEY, model.position_gaussian_))
+    for key, gaussian in named:
+        tensors[f"{key}.mean"] = np.ascontiguousarray(gaussian.mean, dtype=np.float64)
+        tensors[f"{key}.whitening"] = np.ascontiguousarray(gaussian.whitening, dtype=np.float64)
+        tensors[f"{key}.shrinkage"] = np.atleast_1d(np.asarray(gaussian.shrinkage, dtype=np.float64))
     for name in HELD_OUT:
         tensors[name.rstrip("_")] = np.ascontiguousarray(getattr(model, name), dtype=np.float64)
     backbone = model.backbone_
@@ -72,6 +74,7 @@ def save_model(model: GaussAD, directory: Path) -> Path:
         },
         "levels": list(model.levels_),
         "map_levels": list(model.map_levels_),
+        "position_levels": list(model.position_levels_),
         "image_size": model.image_size_,
         "n_train": model.n_train_,
         "gaussians": model.describe_levels(),
@@ -102,10 +105,11 @@ def read_config(directory: Path) -> dict:
         raise GaussADError(f"{path}: corrupt model configuration ({error})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise GaussADError(f"{path}: not a gaussad model configuration")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise GaussADError(
             f"{path}: model format version {config.get('format_version')} is not supported "
-            f"(this gaussad reads version {FORMAT_VERSION}); refit the model"
+            f"(this gaussad reads versions {readable}); refit the model"
         )
     return config
 
@@ -138,19 +142,17 @@ def load_model(cls: type[GaussAD], directory: Path, device: str = "auto", **over
     model.device_ = resolve_device(device)
     model.levels_ = tuple(config["levels"])
     model.map_levels_ = tuple(config["map_levels"])
+    model.position_levels_ = tuple(config.get("position_levels", ()))
     model.image_size_ = int(config["image_size"])
     model.n_train_ = int(config["n_train"])
 
-    def gaussians(role: str, levels: tuple[int, ...]) -> list[Gaussian]:
+    def gaussian(key: str) -> Gaussian:
         try:
-            return [
-                Gaussian(
-                    mean=tensors[f"{role}.{level}.mean"],
-                    whitening=tensors[f"{role}.{level}.whitening"],
-                    shrinkage=tensors[f"{role}.{level}.shrinkage"],
-                )
-                for level in levels
-            ]
+            return Gaussian(
+                mean=tensors[f"{key}.mean"],
+                whitening=tensors[f"{key}.whitening"],
+                shrinkage=tensors[f"{key}.shrinkage"],
+            )
         except KeyError as missing:
             raise GaussADError(f"{tensors_path}: missing tensor {missing}") from None
 
@@ -159,7 +161,8 @@ def load_model(cls: type[GaussAD], directory: Path, device: str = "auto", **over
     model.pixel_threshold_ = Threshold(**thresholds["pixel"]) if thresholds.get("pixel") else None
     for name in HELD_OUT:
         setattr(model, name, tensors.get(name.rstrip("_"), np.empty(0)))
-    model.image_gaussians_ = gaussians("image", model.levels_)
-    model.map_gaussians_ = gaussians("map", model.map_levels_)
+    model.image_gaussians_ = [gaussian(f"image.{level}") for level in model.levels_]
+    model.map_gaussians_ = [gaussian(f"map.{level}") for level in model.map_levels_]
+    model.position_gaussian_ = gaussian(POSITION_KEY) if model.position_levels_ else None
     model._on_device = None
     return model

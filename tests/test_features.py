@@ -2,7 +2,7 @@
 
 import torch
 
-from gaussad.features import pool_features
+from gaussad.features import pool_features, stack_levels
 
 
 def test_grid_pooling_averages_each_cell_and_keeps_channels_together() -> None:
@@ -23,3 +23,12 @@ def test_grid_pooling_covers_maps_that_do_not_divide_evenly() -> None:
     # Cells overlap where 7 does not divide by 4, yet the corners stay corners.
     torch.testing.assert_close(pooled[0, :, 0, 0], features[0, :, :2, :2].mean(dim=(1, 2)))
     torch.testing.assert_close(pooled[0, :, 3, 3], features[0, :, 5:, 5:].mean(dim=(1, 2)))
+
+
+def test_stacked_levels_sit_on_the_coarsest_grid() -> None:
+    fine = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    coarse = torch.rand(2, 5, 4, 4, dtype=torch.float64)
+    stacked = stack_levels([fine, coarse])
+    assert stacked.shape == (2, 8, 4, 4)
+    torch.testing.assert_close(stacked[:, :3, 1, 2], fine[:, :, 2:4, 4:6].mean(dim=(2, 3)))
+    torch.testing.assert_close(stacked[:, 3:], coarse)

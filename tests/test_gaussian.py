@@ -154,3 +154,23 @@ def test_per_position_mahalanobis_is_batched_over_positions() -> None:
 def test_too_few_samples() -> None:
     with pytest.raises(GaussADError, match="at least 2"):
         fit_gaussian(np.ones((1, 3)), "opca", 0.05)
+
+
+def test_whitening_by_cholesky_and_by_floored_eigenvalues_agree() -> None:
+    from gaussad.gaussian import _floored_whitening
+
+    rng = np.random.default_rng(7)
+    samples = rng.normal(size=(4, 30, 6))
+    covariances = np.einsum("pnc,pnd->pcd", samples, samples) / 30 + 0.05 * np.eye(6)
+    covariances[3] = np.diag([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # singular: must be floored, not factorized
+    floor = np.full(4, 1e-3)
+    lowest = np.array([0.05, 0.05, 0.05, 0.0])  # a lower bound of each one's eigenvalues
+    cholesky = _floored_whitening(covariances, lowest, floor)  # the first three clear the floor
+    eigen = _floored_whitening(covariances, np.zeros(4), floor)  # forced through the eigenvalues
+    vectors = rng.normal(size=(4, 6))
+    norms = [np.linalg.norm(np.einsum("pc,pcd->pd", vectors, w), axis=1) for w in (cholesky, eigen)]
+    np.testing.assert_allclose(norms[0][:3], norms[1][:3], rtol=1e-10)
+    expected = np.einsum("pc,pcd,pd->p", vectors[:3], np.linalg.inv(covariances[:3]), vectors[:3])
+    np.testing.assert_allclose(norms[0][:3] ** 2, expected, rtol=1e-10)
+    assert np.isfinite(cholesky[3]).all()  # the singular one took the floored path
+    assert norms[0][3] == pytest.approx(np.hypot(np.linalg.norm(vectors[3, :5]), vectors[3, 5] / 1e-3**0.5))

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from gaussad import GaussAD, GaussADError
 from gaussad.evaluation import list_test_images, training_images
+from gaussad.maps import combine_levels, resize_map
 
 SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 
@@ -69,7 +70,7 @@ def save_dir(model: GaussAD, category: Path) -> Path:
 def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     fitted.save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert config["format_version"] == 2 and config["backbone"]["weights_sha256"]
+    assert config["format_version"] == 3 and config["backbone"]["weights_sha256"]
     assert config["params"]["image_grid"] == 4
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
     loaded = GaussAD.load(tmp_path / "model", device="cpu")
@@ -78,6 +79,7 @@ def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Pat
     np.testing.assert_array_equal(expected.scores, got.scores)
     np.testing.assert_array_equal(expected.maps[3], got.maps[3])
     assert loaded.localization == fitted.localization and loaded.map_levels_ == fitted.map_levels_
+    assert loaded.position_levels_ == fitted.position_levels_ == () and loaded.position_gaussian_ is None
 
 
 def test_saving_again_replaces_and_refuses_foreign_folders(fitted: GaussAD, tmp_path: Path) -> None:
@@ -142,11 +144,34 @@ def test_backbone_weights_are_referenced_and_checked(category: Path, tmp_path: P
         GaussAD.load(tmp_path / "model")
 
 
+def test_hybrid_map_is_the_geometric_mean_of_shared_and_position_maps(category: Path, tmp_path: Path) -> None:
+    hybrid = GaussAD(**SMALL, localization="hybrid").fit(training_images(category))
+    # Levels 3 (40 channels, 8 x 8) and 5 (112 channels, 4 x 4) side by side on the 4 x 4 grid.
+    assert hybrid.position_levels_ == (3, 5) and hybrid.position_gaussian_.mean.shape == (16, 152)
+    paths = [t.path for t in list_test_images(category)]
+    _, level_maps, position_maps = hybrid.level_results(paths)
+    shared = combine_levels(level_maps, hybrid.image_size_, hybrid.blur_sigma)
+    positional = combine_levels([position_maps], hybrid.image_size_, hybrid.blur_sigma)
+    expected = torch.sqrt(shared * positional)
+    prediction = hybrid.predict(paths)
+    for index in (0, 5):
+        np.testing.assert_allclose(
+            prediction.maps[index], resize_map(expected[index], (96, 96)).numpy(), rtol=1e-5
+        )
+    assert [row["role"] for row in hybrid.describe_levels()][-1] == "position"
+    assert hybrid.pixel_threshold_ is not None  # calibrated on held-out hybrid maps
+    hybrid.save(tmp_path / "hybrid")
+    loaded = GaussAD.load(tmp_path / "hybrid", device="cpu")
+    assert loaded.position_levels_ == (3, 5)
+    np.testing.assert_array_equal(loaded.predict(paths).maps[5], prediction.maps[5])
+
+
 def test_per_position_variant_and_separate_levels(category: Path) -> None:
     model = GaussAD(**SMALL, localization="per-position", levels=(4,), map_levels=(3,), blur_sigma=0).fit(
         training_images(category)
     )
     assert model.map_gaussians_[0].mean.shape == (64, 40)  # 8 x 8 positions at stride 8, 40 channels
+    assert model.position_gaussian_ is None and model.position_levels_ == ()
     tests = list_test_images(category)
     prediction = model.predict([t.path for t in tests])
     labels = np.array([t.label for t in tests])
@@ -159,6 +184,10 @@ def test_parameter_and_input_errors(category: Path) -> None:
         GaussAD(**SMALL, levels=(9,)).fit(train)
     with pytest.raises(GaussADError, match="localization"):
         GaussAD(**SMALL, localization="everywhere").fit(train)
+    with pytest.raises(GaussADError, match="position levels \\[9\\] do not exist"):
+        GaussAD(**SMALL, localization="hybrid", position_levels=(3, 9)).fit(train)
+    with pytest.raises(GaussADError, match="hybrid localization only"):
+        GaussAD(**SMALL, position_levels=(3, 5)).fit(train)
     with pytest.raises(GaussADError, match="at least 2 training images"):
         GaussAD(**SMALL).fit(sorted(train.iterdir())[:1])
     with pytest.raises(GaussADError, match="image grid 0"):
@@ -172,6 +201,6 @@ def test_parameter_and_input_errors(category: Path) -> None:
 
 def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> None:
     paths = [t.path for t in list_test_images(category)]
-    distances, level_maps = fitted.level_results(paths)
+    distances, level_maps, _ = fitted.level_results(paths)
     assert distances.shape == (8, 2) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
     np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
