@@ -9,7 +9,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from gaussad.errors import GaussADError
 
@@ -56,7 +56,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     16-bit and float grayscale are rescaled to 8 bits (not clipped); transparent pixels are composited over
     black, so what was invisible does not leak into the features.
     """
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # else exif_transpose would only copy
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         depth = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255.0
         values = np.asarray(image, dtype=np.float64) / depth
@@ -118,7 +119,9 @@ def array_to_rgb(array: np.ndarray) -> Image.Image:
     else:
         raise GaussADError(f"image array of dtype {array.dtype}: expected uint8, uint16 or float in [0, 1]")
     mode = "L" if data.ndim == 2 else ("RGB" if data.shape[-1] == 3 else "RGBA")
-    return to_rgb(Image.fromarray(np.ascontiguousarray(data), mode=mode))
+    data = np.ascontiguousarray(data)
+    # Shares the array's memory: no zero-filled image to decode into, no copy (2-3 ms per 900 x 900 image).
+    return to_rgb(Image.frombuffer(mode, (data.shape[1], data.shape[0]), data, "raw", mode, 0, 1))
 
 
 def tensor_to_rgb(tensor: torch.Tensor) -> Image.Image:

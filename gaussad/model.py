@@ -211,12 +211,16 @@ class GaussAD:
                 ]
                 # The full model's map Gaussians and each fold model's, from one read of the spill per level.
                 map_fits = [
-                    accumulators[level].finish_many(self.reduction, self.variance, [None, *range(n_folds)])
+                    accumulators[level].finish_many(
+                        self.reduction, self.variance, [None, *range(n_folds)], release=True
+                    )
                     for level in self.map_levels_
                 ]
                 self.map_gaussians_ = [fits[0] for fits in map_fits]
                 position_fits = (
-                    position_accumulator.finish_many(*POSITION_REDUCTION, [None, *range(n_folds)])
+                    position_accumulator.finish_many(
+                        *POSITION_REDUCTION, [None, *range(n_folds)], release=True
+                    )
                     if position_accumulator is not None
                     else None
                 )

@@ -96,16 +96,19 @@ def test_excluding_a_fold_equals_fitting_without_it(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("per_position", [False, True])
-def test_one_pass_for_many_folds_equals_one_pass_each(tmp_path, per_position: bool) -> None:
+@pytest.mark.parametrize(("reduction", "variance"), [("opca", 0.3), ("none", 1.0)])
+def test_one_pass_for_many_folds_equals_one_pass_each(
+    tmp_path, per_position: bool, reduction: str, variance: float
+) -> None:
     maps = feature_maps(5, n=15)
     folds = [i % 3 for i in range(15)]
     accumulator = LevelAccumulator(tmp_path / "all.f32", per_position=per_position, n_folds=3)
     for start in range(0, 15, 4):
         accumulator.add(maps[start : start + 4], folds[start : start + 4])
     cases = [None, 0, 1, 2]
-    together = accumulator.finish_many("opca", 0.3, cases)
+    together = accumulator.finish_many(reduction, variance, cases)
     for case, gaussian in zip(cases, together, strict=True):
-        alone = accumulator.finish("opca", 0.3, exclude_fold=case)
+        alone = accumulator.finish(reduction, variance, exclude_fold=case)
         np.testing.assert_allclose(gaussian.mean, alone.mean, rtol=1e-12)
         np.testing.assert_allclose(gaussian.shrinkage, alone.shrinkage, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(gaussian.whitening, alone.whitening, rtol=1e-9, atol=1e-12)
