@@ -28,8 +28,8 @@ anomalib settings (its defaults except the backbone; timm ``features_only`` indi
   backbones), random feature subset drawn with ``--seed``.
 - PatchCore: layers [2, 3] (default layer2, layer3), coreset_sampling_ratio 0.1, num_neighbors 9.
 - DFM: layer 3 (default layer3), pooling_kernel_size 4, pca_level 0.97, score_type "fre".
-gaussad runs with its defaults: ``GaussAD(backbone=..., image_size=..., device=...)``; gaussad-hybrid the
-same with ``localization="hybrid"`` (the ratios stay relative to the defaults).
+gaussad runs with its defaults: ``GaussAD(backbone=..., image_size=..., device=...)``; gaussad-shared the
+same with ``localization="shared"`` (the ratios stay relative to the defaults).
 
 Measured per method: fit seconds (wall time from building the model, weights loading included, to the end of
 fitting), test images per second (scoring stage only: data loading and the forward over all test images
@@ -84,8 +84,8 @@ from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
 from gaussad.options import DEFAULT_LOCALIZATION
 
-METHODS = ("gaussad", "gaussad-hybrid", "padim", "patchcore", "dfm")
-GAUSSAD_LOCALIZATIONS = {"gaussad": DEFAULT_LOCALIZATION, "gaussad-hybrid": "hybrid"}
+METHODS = ("gaussad", "gaussad-shared", "padim", "patchcore", "dfm")
+GAUSSAD_LOCALIZATIONS = {"gaussad": DEFAULT_LOCALIZATION, "gaussad-shared": "shared"}
 # anomalib constructor arguments besides backbone and the pre/post-processing switches.
 ANOMALIB_SETTINGS: dict[str, dict[str, Any]] = {
     "padim": {"layers": [1, 2, 3], "n_features": 100},
@@ -162,7 +162,7 @@ def run_single(spec_path: Path) -> None:
 def _run_gaussad(
     spec: dict[str, Any], train: list[Path], tests: list[LabeledImage]
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """gaussad with its defaults (or hybrid maps): fit and scoring times, scores and maps at input size."""
+    """gaussad with its defaults (or shared maps): fit and scoring times, scores and maps at input size."""
     model = GaussAD(
         backbone=spec["backbone"],
         image_size=spec["image_size"],
@@ -424,8 +424,8 @@ def markdown(command: str, settings: dict[str, Any], records: list[dict[str, Any
         f"std {settings['std']}, device {settings['device']}, seed {settings['seed']}",
         f"- machine: {settings['cpus']} CPUs, torch threads {settings['torch_threads']}; versions: "
         + ", ".join(f"{name} {v}" for name, v in settings["versions"].items()),
-        "- gaussad: defaults (`GaussAD(backbone=..., image_size=...)`); gaussad-hybrid: the same with "
-        '`localization="hybrid"`',
+        "- gaussad: defaults (`GaussAD(backbone=..., image_size=...)`); gaussad-shared: the same with "
+        '`localization="shared"`',
         *(
             f"- {method}: " + ", ".join(f"{key} {value}" for key, value in values.items())
             for method, values in ANOMALIB_SETTINGS.items()
