@@ -175,7 +175,9 @@ class GaussAD:
         self.image_size_ = int(self.image_size or self.backbone_.preprocessing.image_size)
         extractor = self._extractor()
         n_folds = self._n_folds(len(items))
-        fold_of = np.arange(len(items)) % max(n_folds, 1)
+        # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
+        # sums take one in-place product per fold present (tiles, cProfile: 1.5 s -> 0.8 s in add).
+        fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in self.levels_}
         with tempfile.TemporaryDirectory(prefix="gaussad-fit-") as spill_dir:
             accumulators = {
