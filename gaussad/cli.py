@@ -387,7 +387,7 @@ def run_info(args: argparse.Namespace) -> None:
     )
     for row in model.describe_levels():
         print(
-            f"  {row['role']:<5} level {row['level']}: {row['components']} of {row['channels']} components, "
+            f"  {row['role']:<8} level {row['level']}: {row['components']} of {row['channels']} components, "
             f"shrinkage {row['shrinkage']:.4f}"
         )
     print(describe_thresholds(model))
