@@ -164,6 +164,22 @@ def test_hybrid_map_is_the_geometric_mean_of_the_shared_and_position_maps(
     np.testing.assert_allclose(maps(fitted), np.sqrt(maps(shared) * positional.numpy()), rtol=1e-5)
 
 
+def test_models_saved_before_hybrid_maps_still_load(category: Path, tmp_path: Path) -> None:
+    shared = GaussAD(**SMALL, localization="shared").fit(category / "train" / "good")
+    shared.save(tmp_path / "model")
+    config_path = tmp_path / "model" / "model.json"
+    config = json.loads(config_path.read_text())
+    del config["position_levels"]  # what format version 2 wrote
+    config_path.write_text(json.dumps({**config, "format_version": 2}))
+    loaded = GaussAD.load(tmp_path / "model", device="cpu")
+    assert loaded.position_levels_ == () and loaded.position_gaussian_ is None
+    paths = [t.path for t in list_test_images(category)]
+    np.testing.assert_array_equal(loaded.predict(paths).maps[3], shared.predict(paths).maps[3])
+    config_path.write_text(json.dumps({**config, "format_version": 1}))
+    with pytest.raises(GaussADError, match="versions 2 and 3"):
+        GaussAD.load(tmp_path / "model", device="cpu")
+
+
 def test_per_position_variant_and_separate_levels(category: Path) -> None:
     model = GaussAD(**SMALL, localization="per-position", levels=(4,), map_levels=(3,), blur_sigma=0).fit(
         training_images(category)
