@@ -19,7 +19,7 @@ import numpy as np
 
 from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS
 from gaussad.evaluation import list_test_images, read_mask, training_images
-from gaussad.maps import combine_levels, hybrid_map, resize_map
+from gaussad.maps import combine_maps, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
 from gaussad.options import DEFAULT_IMAGE_GRID
@@ -55,10 +55,8 @@ def per_level_results(
 
     def localization(levels, hybrid: bool = False) -> tuple[float, float]:
         chosen = [level_maps[LEVELS.index(level)] for level in levels]
-        combined = combine_levels(chosen, model.image_size_, defaults.blur_sigma)
-        if hybrid:
-            positional = combine_levels([position_maps], model.image_size_, defaults.blur_sigma)
-            combined = hybrid_map(combined, positional)
+        positional = position_maps if hybrid else None
+        combined = combine_maps(chosen, positional, model.image_size_, defaults.blur_sigma)
         return pixel_metrics(masks, [resize_map(m, size).numpy() for m in combined])
 
     image_columns = [LEVELS.index(level) for level in model.backbone_.default_levels]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gaussad.evaluation import list_test_images, read_mask, training_images
-from gaussad.maps import combine_levels, hybrid_map, resize_map
+from gaussad.maps import combine_maps, resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
 
@@ -49,9 +49,7 @@ def run(
     for levels in contiguous_ranges(CANDIDATE_LEVELS):
         chosen = [level_maps[CANDIDATE_LEVELS.index(level)] for level in levels]
         for blur in BLURS:
-            combined = combine_levels(chosen, model.image_size_, blur)
-            if position_maps is not None:
-                combined = hybrid_map(combined, combine_levels([position_maps], model.image_size_, blur))
+            combined = combine_maps(chosen, position_maps, model.image_size_, blur)
             maps = [resize_map(m, (eval_size, eval_size)).numpy() for m in combined]
             pixel_auroc, aupro = pixel_metrics(masks, maps)
             rows.append(

@@ -40,11 +40,17 @@ def combine_levels(level_maps: Sequence[torch.Tensor], size: int, blur_sigma: fl
     return torch.cat(lefts, dim=-1) @ torch.cat(rights, dim=-1).T / len(level_maps)
 
 
-def hybrid_map(shared: torch.Tensor, positional: torch.Tensor) -> torch.Tensor:
-    """The geometric mean of two combined maps (B, S, S): the shared Gaussians' map, which knows what a
-    normal patch looks like anywhere, and the per-position Gaussian's, which knows what belongs where. A
-    position scores high only where both find it unusual (README, "How the defaults were chosen")."""
-    return torch.sqrt(shared * positional)
+def combine_maps(
+    level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None, size: int, blur_sigma: float
+) -> torch.Tensor:
+    """The anomaly maps (B, size, size): `combine_levels` of the level maps and, for hybrid maps, its
+    geometric mean with the position map upsampled and blurred the same way. The shared Gaussians' map knows
+    what a normal patch looks like anywhere, the per-position Gaussian's what belongs where; a position
+    scores high only where both find it unusual (README, "How the defaults were chosen")."""
+    combined = combine_levels(level_maps, size, blur_sigma)
+    if position_map is None:
+        return combined
+    return torch.sqrt(combined * combine_levels([position_map], size, blur_sigma))
 
 
 @lru_cache(maxsize=64)

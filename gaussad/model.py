@@ -27,7 +27,7 @@ from gaussad.errors import GaussADError
 from gaussad.features import FeatureExtractor, Precision, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, component_distance, fit_gaussian
 from gaussad.images import ImageInput, collect_images, describe
-from gaussad.maps import combine_levels, hybrid_map, level_distance_map, resize_map
+from gaussad.maps import combine_maps, level_distance_map, resize_map
 from gaussad.options import (
     DEFAULT_BACKBONE,
     DEFAULT_BLUR_SIGMA,
@@ -342,10 +342,7 @@ class GaussAD:
         self, level_maps: list[torch.Tensor], position_map: torch.Tensor | None
     ) -> torch.Tensor:
         """The anomaly maps (B, S, S) at the model input size, from the per-level (and position) maps."""
-        combined = combine_levels(level_maps, self.image_size_, self.blur_sigma)
-        if position_map is None:
-            return combined
-        return hybrid_map(combined, combine_levels([position_map], self.image_size_, self.blur_sigma))
+        return combine_maps(level_maps, position_map, self.image_size_, self.blur_sigma)
 
     def iter_levels(
         self, images: ImageInput | Iterable[ImageInput], with_maps: bool = True
