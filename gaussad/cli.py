@@ -35,8 +35,18 @@ def _levels(text: str) -> list[int]:
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run-time options")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    group.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    group.add_argument("--workers", type=int, default=2, help="threads decoding images (default: 2)")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=options.DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=options.DEFAULT_WORKERS,
+        help="threads decoding images (default: %(default)s)",
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -30,6 +30,7 @@ from gaussad.images import ImageInput, collect_images, describe
 from gaussad.maps import combine_maps, level_distance_map, resize_map
 from gaussad.options import (
     DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_BLUR_SIGMA,
     DEFAULT_FALSE_ALARM_RATE,
     DEFAULT_FOLDS,
@@ -38,6 +39,7 @@ from gaussad.options import (
     DEFAULT_PRECISION,
     DEFAULT_REDUCTION,
     DEFAULT_VARIANCE,
+    DEFAULT_WORKERS,
     LOCALIZATIONS,
     PRECISIONS,
     REDUCTIONS,
@@ -92,11 +94,11 @@ class GaussAD:
         blur_sigma: float = DEFAULT_BLUR_SIGMA,
         image_grid: int = DEFAULT_IMAGE_GRID,
         precision: Precision = DEFAULT_PRECISION,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         folds: int = DEFAULT_FOLDS,
         max_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         device: str = "auto",
-        workers: int = 2,
+        workers: int = DEFAULT_WORKERS,
         progress: bool = False,
     ) -> None:
         self.backbone = backbone
