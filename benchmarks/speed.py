@@ -1,8 +1,9 @@
 """Where gaussad's time goes: the backbone's forward-pass floor against fit and predict end to end.
 
 Prints, for one category: the forward pass alone on a synthetic batch in each memory format and precision
-(the floor), decoding and resizing alone, and gaussad's fit and test stages (scores and full-resolution
-maps) with the share of the test time that is not the forward pass. Writes a Markdown table.
+(the floor; first with glibc's default allocator policy, then with gaussad's), decoding and resizing alone,
+gaussad's fit and test stages (scores and full-resolution maps) with the share of the test time that is not
+the forward pass, and a profile of the test stage's main thread. Writes a Markdown report.
 
     python benchmarks/speed.py ../shared/datasets/mvtec_ad/bottle --out benchmarks/results/speed_bottle.md
 """
@@ -10,6 +11,8 @@ maps) with the share of the test time that is not the forward pass. Writes a Mar
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,22 +20,42 @@ from pathlib import Path
 import torch
 
 from gaussad import GaussAD
+from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import load_backbone
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import prepare
+from gaussad.options import DEFAULT_BATCH_SIZE
+
+# The test stage's main thread, by what it spends its time in: (label, [(file suffix, function)]).
+PROFILE_PARTS = [
+    ("backbone forward pass", [("gaussad/features.py", "_forward")]),
+    ("waiting for decoded images", [("concurrent/futures/_base.py", "result")]),
+    (
+        "Mahalanobis distances",
+        [("gaussad/gaussian.py", "component_distance"), ("gaussad/maps.py", "level_distance_map")],
+    ),
+    (
+        "maps: combined, blurred, resized",
+        [("gaussad/maps.py", "combine_maps"), ("gaussad/maps.py", "resize_map")],
+    ),
+]
+
+
+FORMATS = {
+    "fp32 contiguous": (torch.contiguous_format, None),
+    "fp32 channels_last": (torch.channels_last, None),
+    "bf16 channels_last": (torch.channels_last, torch.bfloat16),
+}
 
 
 def forward_floor(
-    backbone_name: str, size: int, levels: list[int], images: int, batch: int
+    backbone_name: str, size: int, levels: list[int], images: int, batch: int, formats: list[str]
 ) -> dict[str, float]:
     """Images per second of the bare forward pass up to the deepest level, per format and precision."""
     backbone = load_backbone(backbone_name)
     results = {}
-    for name, memory_format, dtype in (
-        ("fp32 contiguous", torch.contiguous_format, None),
-        ("fp32 channels_last", torch.channels_last, None),
-        ("bf16 channels_last", torch.channels_last, torch.bfloat16),
-    ):
+    for name in formats:
+        memory_format, dtype = FORMATS[name]
         model = backbone.to(memory_format=memory_format)
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
         autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
@@ -44,6 +67,29 @@ def forward_floor(
             elapsed = time.perf_counter() - started
         results[name] = (images // batch) * batch / elapsed
     return results
+
+
+def profile_test(model: GaussAD, tests: list[Path]) -> tuple[float, dict[str, float]]:
+    """The test stage under cProfile: its wall time and the main thread's seconds in each PROFILE_PARTS
+    part (cumulative, so a part includes what it calls); the remainder is everything else."""
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in model.iter_predict(tests):
+        pass
+    profiler.disable()
+    total = time.perf_counter() - started
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, calls, own s, cumulative s, ...)
+    parts = {
+        label: sum(
+            row[3]
+            for (file, _, function), row in stats.items()
+            if any(file.endswith(suffix) and function == name for suffix, name in functions)
+        )
+        for label, functions in PROFILE_PARTS
+    }
+    parts["everything else"] = total - sum(parts.values())
+    return total, parts
 
 
 def decode_rate(paths: list[Path], size: int) -> float:
@@ -64,10 +110,21 @@ def main() -> None:
 
     train, tests = training_images(args.category), [t.path for t in list_test_images(args.category)]
     model = GaussAD(backbone=args.backbone, precision=args.precision, device="cpu")
+    backbone = load_backbone(args.backbone)
+    levels = sorted(set().union(*model._resolve_levels(backbone)))
+    floor_args = (
+        args.backbone,
+        backbone.preprocessing.image_size,
+        levels,
+        max(len(tests), 64),
+        DEFAULT_BATCH_SIZE,
+    )
+    # First, before anything changes it: the floor with glibc's default allocator policy.
+    default_policy = forward_floor(*floor_args, [f"{args.precision} channels_last"])
+    keep_freed_memory()
     started = time.perf_counter()
     model.fit(train)
     fit_seconds = time.perf_counter() - started
-    levels = model.extracted_levels
 
     started = time.perf_counter()
     for _ in model.iter_predict(tests):
@@ -77,8 +134,9 @@ def main() -> None:
     for _ in model.iter_predict(tests, with_maps=False):
         pass
     score_seconds = time.perf_counter() - started
+    profiled_seconds, parts = profile_test(model, tests)
 
-    floors = forward_floor(args.backbone, model.image_size_, levels, images=max(len(tests), 64), batch=32)
+    floors = forward_floor(*floor_args, list(FORMATS))
     floor = floors[f"{args.precision} channels_last"]
     forward_seconds = len(tests) / floor
     decode = decode_rate(tests[:40], model.image_size_)
@@ -90,11 +148,15 @@ def main() -> None:
         f"--precision {args.precision}`",
         "",
         f"CPU threads: {torch.get_num_threads()}; {len(train)} training and {len(tests)} test images; "
-        f"input {model.image_size_} px; levels {levels}.",
+        f"input {model.image_size_} px; levels {levels}; batch {DEFAULT_BATCH_SIZE}.",
         "",
         "| what | images per second |",
         "|---|---|",
-        *(f"| forward pass alone, {name}, batch 32 | {rate:.1f} |" for name, rate in floors.items()),
+        *(
+            f"| forward pass alone, {name}, glibc's default allocator policy | {rate:.1f} |"
+            for name, rate in default_policy.items()
+        ),
+        *(f"| forward pass alone, {name} | {rate:.1f} |" for name, rate in floors.items()),
         f"| decode + resize alone, one thread | {decode:.1f} |",
         f"| gaussad fit (incl. 5-fold calibration), {fit_seconds:.1f} s | {len(train) / fit_seconds:.1f} |",
         f"| gaussad test: scores + full-size maps, {test_seconds:.1f} s | {len(tests) / test_seconds:.1f} |",
@@ -103,6 +165,16 @@ def main() -> None:
         f"Forward pass at the floor ({args.precision} channels_last) for the test images: "
         f"{forward_seconds:.2f} s, so {100 * (1 - forward_seconds / test_seconds):.0f}% of the test stage "
         "(scores + maps) is not the forward pass.",
+        "",
+        f"Profile of the test stage's main thread (cProfile, one more run: {profiled_seconds:.2f} s; "
+        "decoding runs in threads beside it, so it shows as waiting and as a slower forward pass):",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {seconds:.2f} | {100 * seconds / profiled_seconds:.0f}% |"
+            for label, seconds in parts.items()
+        ),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
