@@ -13,6 +13,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from timm.layers import Conv2dSame
 
 from gaussad import backbones
 from gaussad.backbones import TappedBackbone, available_backbones, file_sha256, load_backbone
@@ -255,12 +256,34 @@ def test_folding_batch_norms_keeps_the_network_function(name: str) -> None:
 
 
 def test_norms_can_be_kept_as_trained(lite0: TappedBackbone) -> None:
-    """Unfolded, the weights are the checkpoint's and load strictly into timm's own model elsewhere."""
+    """Unfolded, the weights are the checkpoint's and load strictly into timm's own model, which computes
+    the same features: folded norms and cropped "SAME" convolutions change nothing."""
     trained = load_backbone("efficientnet_lite0", fold_norms=False)
-    timm.create_model("tf_efficientnet_lite0", pretrained=False).load_state_dict(trained.model.state_dict())
+    timm_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    timm_model.load_state_dict(trained.model.state_dict())
+    assert any(isinstance(m, Conv2dSame) for m in timm_model.modules())
+    assert not any(isinstance(m, Conv2dSame) for m in lite0.modules())
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
-        torch.testing.assert_close(trained(x, [5])[0], lite0(x, [5])[0], rtol=1e-4, atol=1e-4)
+        expected = timm_model.blocks[:5](timm_model.bn1(timm_model.conv_stem(x)))
+        torch.testing.assert_close(trained(x, [5])[0], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lite0(x, [5])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation"), [(3, 2, 1), (5, 2, 1), (4, 1, 1), (3, 1, 2), (1, 2, 1)]
+)
+@pytest.mark.parametrize("size", [7, 31, 32, 57])
+def test_cropped_same_convolution_equals_the_padded_one(
+    kernel: int, stride: int, dilation: int, size: int
+) -> None:
+    torch.manual_seed(0)
+    padded = Conv2dSame(4, 6, kernel, stride, dilation=dilation, groups=2).double()
+    cropped = backbones.CroppedSameConv2d(4, 6, kernel, stride, 0, dilation, groups=2, bias=False).double()
+    cropped.weight, cropped.bias = padded.weight, padded.bias
+    x = torch.randn(2, 4, size, size + 3, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(cropped(x), padded(x), rtol=1e-12, atol=1e-12)
 
 
 def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:
