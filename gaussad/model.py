@@ -274,18 +274,23 @@ class GaussAD:
             for level in self.levels_:
                 gaussian = fit_gaussian(pooled[level][~held], self.reduction, self.variance)
                 scores[held] += gaussian.component_distances(pooled[level][held])
-            level_maps = []
-            for level, fold_gaussians in zip(self.map_levels_, fold_map_gaussians, strict=True):
-                features = accumulators[level].read_fold(fold).to(self.device_)
-                level_maps.append(level_distance_map(features, *fold_gaussians[fold].to_torch(self.device_)))
-            position_map = None
+            # Every map input with its fold Gaussian: (features (n, C, H, W), mean, whitening).
+            inputs = [
+                (accumulators[level].read_fold(fold), *fold_gaussians[fold].to_torch(self.device_))
+                for level, fold_gaussians in zip(self.map_levels_, fold_map_gaussians, strict=True)
+            ]
             if fold_position is not None:
                 accumulator, fold_gaussians = fold_position
-                features = accumulator.read_fold(fold).to(self.device_)
-                position_map = level_distance_map(features, *fold_gaussians[fold].to_torch(self.device_))
-            combined = self._combine_maps(level_maps, position_map).flatten(1)
-            maxima[held] = combined.amax(dim=1).cpu().numpy()
-            medians[held] = combined.median(dim=1).values.cpu().numpy()
+                inputs.append((accumulator.read_fold(fold), *fold_gaussians[fold].to_torch(self.device_)))
+            # Maps a batch at a time: a whole fold's full-size maps would raise the peak memory of the fit.
+            rows = np.flatnonzero(held)
+            for start in range(0, len(rows), self.batch_size):
+                part = slice(start, start + self.batch_size)
+                maps = [level_distance_map(f[part].to(self.device_), m, w) for f, m, w in inputs]
+                position_map = maps.pop() if fold_position is not None else None
+                combined = self._combine_maps(maps, position_map).flatten(1)
+                maxima[rows[part]] = combined.amax(dim=1).cpu().numpy()
+                medians[rows[part]] = combined.median(dim=1).values.cpu().numpy()
         return scores, maxima, medians
 
     def label_free_thresholds(self) -> tuple[Threshold | None, Threshold | None]:
