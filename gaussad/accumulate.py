@@ -21,14 +21,18 @@ from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_
 _READ_CHUNK_VALUES = 1 << 22  # float32 values per read of the spill file (16 MiB)
 
 
-class _Moments(NamedTuple):
-    """What a Gaussian needs besides the fourth-moment sum, for one set of training images."""
+class _Case(NamedTuple):
+    """One set of training images (all, or all outside one fold) before its covariance: what the fourth-
+    moment pass needs. The per-position covariance (36 MB per case on the tiles) is built only afterwards,
+    one case at a time."""
 
+    exclude_fold: int | None
     count: int
     mean: np.ndarray
-    reduced_covariance: np.ndarray
+    shifted_mean: np.ndarray  # the mean less the accumulator's shift: ([P,] C)
     projection: np.ndarray
     variance_scale: float
+    shared_covariance: np.ndarray
 
 
 class LevelAccumulator:
@@ -48,7 +52,7 @@ class LevelAccumulator:
         self.grid: tuple[int, int] | None = None
         self._shift: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None  # (folds, [P,] C)
-        self._outer: torch.Tensor | None = None  # (folds, [P,] C, C)
+        self._outer: list[torch.Tensor] | None = None  # per fold ([P,] C, C): each can be freed alone
 
     def add(self, features: torch.Tensor, folds: Sequence[int] | None = None) -> None:
         """Accumulate a batch of feature maps (B, C, H, W); `folds` gives each image's fold (default 0)."""
@@ -67,7 +71,9 @@ class LevelAccumulator:
             self._shift = wide.mean(dim=(0, 1))
             shape = (self.n_folds, *((wide.shape[1],) if self.per_position else ()), channels)
             self._sum = torch.zeros(shape, dtype=torch.float64)
-            self._outer = torch.zeros((*shape, channels), dtype=torch.float64)
+            self._outer = [
+                torch.zeros((*shape[1:], channels), dtype=torch.float64) for _ in range(self.n_folds)
+            ]
         shifted = wide - self._shift
         fold_index = torch.tensor(folds)
         for fold in fold_index.unique().tolist():
@@ -94,68 +100,96 @@ class LevelAccumulator:
         variance: float,
         exclude_folds: Sequence[int | None],
         release: bool = False,
+        fold_dtype: type = np.float64,
     ) -> list[Gaussian]:
         """One Gaussian per entry of `exclude_folds` (None: all images; f: all outside fold f), with a single
         read of the spill for all of them: the full model and its fold models cost one pass, not one each.
-        `release` frees the accumulated sums once read (per position, 36 MB per fold on the tiles): the
-        accumulator then serves only `read_fold`."""
+        `release` frees the accumulated sums as they are read (per position, 36 MB per fold on the tiles):
+        the accumulator then serves only `read_fold`. `fold_dtype` stores the fold models (which only score
+        held-out images, in float32) in that precision; they are fitted in float64 all the same."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
-        cases = [self._moments(reduction, variance, exclude) for exclude in exclude_folds]
-        if release:
-            self._sum = self._outer = None
+        total_outer = torch.stack([outer.sum(dim=0) for outer in self._outer]) if self.per_position else None
+        cases = [self._case(reduction, variance, exclude, total_outer) for exclude in exclude_folds]
         quartics = self._quartic_sums(
             [case.mean for case in cases], [case.projection for case in cases], exclude_folds
         )
-        gaussians = []
-        for index, quartic in enumerate(quartics):
-            case, cases[index] = cases[index], None  # each covariance goes once its Gaussian is built
-            gaussians.append(
-                gaussian_from_moments(
-                    case.count,
-                    case.mean,
-                    case.reduced_covariance,
-                    quartic,
-                    case.projection,
-                    case.variance_scale,
-                )
+        # The images of all folds, then each case's as all less its fold: the sums of one fold are read by
+        # one case only, so with `release` each is freed (or overwritten) once its case is built.
+        outer_sum = self._outer[0].clone()
+        for outer in self._outer[1:]:
+            outer_sum += outer
+        gaussians: list[Gaussian | None] = [None] * len(cases)
+        order = sorted(range(len(cases)), key=lambda index: cases[index].exclude_fold is None)
+        for index in order:  # all images last: with `release`, their sums are then used in place
+            case = cases[index]
+            if case.exclude_fold is None:
+                kept = outer_sum if release else outer_sum.clone()
+            else:
+                fold = case.exclude_fold
+                kept = torch.sub(outer_sum, self._outer[fold], out=self._outer[fold] if release else None)
+                if release:
+                    self._outer[fold] = None
+            covariance = self._covariance(case, kept)
+            del kept
+            gaussian = gaussian_from_moments(
+                case.count,
+                case.mean,
+                covariance,
+                quartics[index],
+                case.projection,
+                case.variance_scale,
+                scratch=self.per_position,
             )
+            del covariance
+            gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)
+        if release:
+            self._sum = self._outer = None
         return gaussians
 
-    def _moments(self, reduction: Reduction, variance: float, exclude_fold: int | None) -> _Moments:
-        """The moments of the images outside `exclude_fold`, from the accumulated sums alone."""
+    def _case(
+        self,
+        reduction: Reduction,
+        variance: float,
+        exclude_fold: int | None,
+        fold_outer_sums: torch.Tensor | None,
+    ) -> _Case:
+        """Count, mean and projection of the images outside `exclude_fold`, from the accumulated sums.
+        `fold_outer_sums` (folds, C, C): per position, each fold's outer sums summed over the positions."""
         keep = [fold for fold in range(self.n_folds) if fold != exclude_fold]
-        shift = self._shift.numpy()
-        total = self._sum[keep].sum(dim=0).numpy()
-        outer_sum = self._outer[keep[0]].clone()  # summed in place: per position each fold's sum is large
-        for fold in keep[1:]:
-            outer_sum += self._outer[fold]
-        outer = outer_sum.numpy()
         n_images = sum(1 for fold in self.folds if fold != exclude_fold)
         if n_images < 2:
             raise ValueError("fewer than 2 images outside the held-out fold")
         n_samples = n_images if self.per_position else n_images * self.grid[0] * self.grid[1]
+        total = self._sum[keep].sum(dim=0).numpy()
         if self.per_position:
-            shared_mean = total.sum(axis=0) / (n_samples * total.shape[0])
-            shared_outer = outer.sum(axis=0) / (n_samples * total.shape[0])
+            positions = total.shape[0]
+            shared_mean = total.sum(axis=0) / (n_samples * positions)
+            shared_outer = fold_outer_sums[keep].sum(dim=0).numpy() / (n_samples * positions)
+            shifted_mean = total / n_samples
         else:
+            outer = sum(self._outer[fold] for fold in keep).numpy()
             shared_mean, shared_outer = total / n_samples, outer / n_samples
+            shifted_mean = shared_mean
         shared_covariance = shared_outer - np.outer(shared_mean, shared_mean)
         projection = fit_projection(shared_covariance, reduction, variance)
-
-        if self.per_position:
-            local_mean = total / n_samples  # (P, C)
-            column = torch.from_numpy(local_mean)[:, :, None]
-            covariance = outer_sum.baddbmm_(
-                column, column.transpose(1, 2), beta=1 / n_samples, alpha=-1
-            ).numpy()
-            mean = shift + local_mean
-        else:
-            covariance = shared_covariance
-            mean = shift + shared_mean
-        reduced_covariance = covariance if is_identity(projection) else projection.T @ covariance @ projection
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
-        return _Moments(n_samples, mean, reduced_covariance, projection, scale)
+        mean = self._shift.numpy() + shifted_mean
+        return _Case(exclude_fold, n_samples, mean, shifted_mean, projection, scale, shared_covariance)
+
+    def _covariance(self, case: _Case, outer_sum: torch.Tensor) -> np.ndarray:
+        """The reduced covariance of a case from the outer sums of its images (per position: modified in
+        place)."""
+        if self.per_position:
+            local_mean = torch.from_numpy(case.shifted_mean)[:, :, None]  # (P, C, 1)
+            covariance = outer_sum.baddbmm_(
+                local_mean, local_mean.transpose(1, 2), beta=1 / case.count, alpha=-1
+            ).numpy()
+        else:
+            covariance = case.shared_covariance
+        if is_identity(case.projection):
+            return covariance
+        return case.projection.T @ covariance @ case.projection
 
     def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""

@@ -72,12 +72,17 @@ def ledoit_wolf_shrinkage(count: int, covariance: np.ndarray, quartic_sum: np.nd
         return np.where(beta == 0, 0.0, beta / delta)
 
 
-def shrink(covariance: np.ndarray, shrinkage: np.ndarray) -> np.ndarray:
-    """(1 - s) * S + s * trace(S) / d * I, batched: scikit-learn's `shrunk_covariance`."""
+def shrink(covariance: np.ndarray, shrinkage: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """(1 - s) * S + s * trace(S) / d * I, batched: scikit-learn's `shrunk_covariance`. `in_place`
+    overwrites the covariance (float64, contiguous) instead of allocating another as large."""
     d = covariance.shape[-1]
     s = np.asarray(shrinkage, dtype=np.float64)
     mu = np.trace(covariance, axis1=-2, axis2=-1) / d
-    shrunk = covariance * (1.0 - s)[..., None, None]
+    if in_place:
+        shrunk = covariance
+        shrunk *= (1.0 - s)[..., None, None]
+    else:
+        shrunk = covariance * (1.0 - s)[..., None, None]
     # The diagonals as a strided view: no identity matrix as large as the covariances (per position: 36 MB).
     shrunk.reshape(*shrunk.shape[:-2], d * d)[..., :: d + 1] += (s * mu)[..., None]
     return shrunk
@@ -98,6 +103,10 @@ class Gaussian:
     @property
     def n_components(self) -> int:
         return int(self.whitening.shape[-1])
+
+    def astype(self, dtype: np.dtype | type) -> Gaussian:
+        """The same Gaussian with mean and whitening in `dtype` (float32 halves a per-position model)."""
+        return Gaussian(self.mean.astype(dtype), self.whitening.astype(dtype), self.shrinkage)
 
     def to_torch(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and whitening in float32 on `device`, ready for `mahalanobis`."""
@@ -152,6 +161,7 @@ def gaussian_from_moments(
     quartic_sum: np.ndarray,
     projection: np.ndarray,
     variance_scale: float | None = None,
+    scratch: bool = False,
 ) -> Gaussian:
     """The Gaussian of reduced features z = (x - mean) @ projection, from their moments.
 
@@ -159,10 +169,11 @@ def gaussian_from_moments(
     Ledoit-Wolf, then factorized with a symmetric eigendecomposition whose eigenvalues are floored, so the
     precision stays finite and symmetric even where the covariance is singular. The floor is relative to
     `variance_scale` (default: each covariance's own mean variance); per-position Gaussians pass the level's
-    mean variance, since a constant position has no scale of its own.
+    mean variance, since a constant position has no scale of its own. `scratch`: the covariance may be
+    overwritten (one copy less: per position, 36 MB on the tiles).
     """
     shrinkage = ledoit_wolf_shrinkage(count, reduced_covariance, quartic_sum)
-    shrunk = shrink(reduced_covariance, shrinkage)
+    shrunk = shrink(reduced_covariance, shrinkage, in_place=scratch)
     d = shrunk.shape[-1]
     mean_variance = np.trace(shrunk, axis1=-2, axis2=-1) / d  # shrinking keeps the trace
     scale = mean_variance if variance_scale is None else np.full(mean_variance.shape, variance_scale)

@@ -216,14 +216,18 @@ class GaussAD:
                 # The full model's map Gaussians and each fold model's, from one read of the spill per level.
                 map_fits = [
                     accumulators[level].finish_many(
-                        self.reduction, self.variance, [None, *range(n_folds)], release=True
+                        self.reduction,
+                        self.variance,
+                        [None, *range(n_folds)],
+                        release=True,
+                        fold_dtype=np.float32,
                     )
                     for level in self.map_levels_
                 ]
                 self.map_gaussians_ = [fits[0] for fits in map_fits]
                 position_fits = (
                     position_accumulator.finish_many(
-                        *POSITION_REDUCTION, [None, *range(n_folds)], release=True
+                        *POSITION_REDUCTION, [None, *range(n_folds)], release=True, fold_dtype=np.float32
                     )
                     if position_accumulator is not None
                     else None
