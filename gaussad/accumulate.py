@@ -109,8 +109,10 @@ class LevelAccumulator:
         held-out images, in float32) in that precision; they are fitted in float64 all the same."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
-        total_outer = torch.stack([outer.sum(dim=0) for outer in self._outer]) if self.per_position else None
-        cases = [self._case(reduction, variance, exclude, total_outer) for exclude in exclude_folds]
+        position_summed = (
+            torch.stack([outer.sum(dim=0) for outer in self._outer]) if self.per_position else None
+        )
+        cases = [self._case(reduction, variance, exclude, position_summed) for exclude in exclude_folds]
         quartics = self._quartic_sums(
             [case.mean for case in cases], [case.projection for case in cases], exclude_folds
         )
