@@ -116,24 +116,24 @@ class LevelAccumulator:
         quartics = self._quartic_sums(
             [case.mean for case in cases], [case.projection for case in cases], exclude_folds
         )
-        # The images of all folds, then each case's as all less its fold: the sums of one fold are read by
-        # one case only, so with `release` each is freed (or overwritten) once its case is built.
-        outer_sum = self._outer[0].clone()
-        for outer in self._outer[1:]:
-            outer_sum += outer
+        # Per position, the sums of all folds' images (summed in place: no stack of five 36 MB sums); each
+        # case's are then all less its fold's.
+        outer_sum = None
+        if self.per_position:
+            outer_sum = self._outer[0].clone()
+            for outer in self._outer[1:]:
+                outer_sum += outer
         gaussians: list[Gaussian | None] = [None] * len(cases)
         order = sorted(range(len(cases)), key=lambda index: cases[index].exclude_fold is None)
         for index in order:  # all images last: with `release`, their sums are then used in place
             case = cases[index]
-            if case.exclude_fold is None:
-                kept = outer_sum if release else outer_sum.clone()
-            else:
-                fold = case.exclude_fold
-                kept = torch.sub(outer_sum, self._outer[fold], out=self._outer[fold] if release else None)
-                if release:
-                    self._outer[fold] = None
-            covariance = self._covariance(case, kept)
-            del kept
+            covariance = (
+                self._position_covariance(case, outer_sum, release)
+                if self.per_position
+                else case.shared_covariance
+            )
+            if not is_identity(case.projection):
+                covariance = case.projection.T @ covariance @ case.projection
             gaussian = gaussian_from_moments(
                 case.count,
                 case.mean,
@@ -179,19 +179,19 @@ class LevelAccumulator:
         mean = self._shift.numpy() + shifted_mean
         return _Case(exclude_fold, n_samples, mean, shifted_mean, projection, scale, shared_covariance)
 
-    def _covariance(self, case: _Case, outer_sum: torch.Tensor) -> np.ndarray:
-        """The reduced covariance of a case from the outer sums of its images (per position: modified in
-        place)."""
-        if self.per_position:
-            local_mean = torch.from_numpy(case.shifted_mean)[:, :, None]  # (P, C, 1)
-            covariance = outer_sum.baddbmm_(
-                local_mean, local_mean.transpose(1, 2), beta=1 / case.count, alpha=-1
-            ).numpy()
+    def _position_covariance(self, case: _Case, outer_sum: torch.Tensor, release: bool) -> np.ndarray:
+        """Per position, the covariance (P, C, C) of a case's images from the outer sums of all folds'
+        (`outer_sum`). With `release` it is built in place over the sums of the excluded fold, which no other
+        case reads and which are then dropped, or over `outer_sum` itself for all images (the last case)."""
+        if case.exclude_fold is None:
+            kept = outer_sum if release else outer_sum.clone()
         else:
-            covariance = case.shared_covariance
-        if is_identity(case.projection):
-            return covariance
-        return case.projection.T @ covariance @ case.projection
+            fold = case.exclude_fold
+            kept = torch.sub(outer_sum, self._outer[fold], out=self._outer[fold] if release else None)
+            if release:
+                self._outer[fold] = None
+        local_mean = torch.from_numpy(case.shifted_mean)[:, :, None]  # (P, C, 1)
+        return kept.baddbmm_(local_mean, local_mean.transpose(1, 2), beta=1 / case.count, alpha=-1).numpy()
 
     def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""
