@@ -3,8 +3,9 @@
 Fitting must not hold every training feature map in memory. The first pass accumulates float64 moments
 batch by batch and appends the float32 features to a temporary file on disk; once the covariance (and so
 the PCA) is known, one sequential read of that file gives the fourth-moment sum that Ledoit-Wolf shrinkage
-needs in the reduced space. The result equals fitting on all features at once, without a second forward
-pass of the backbone.
+needs in the reduced space. Per position, outer sums are kept for all images together, and those of a fold
+are read back from the file when calibration needs the Gaussian without it. The result equals fitting on
+all features at once, without a second forward pass of the backbone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments, is_identity
 
-_READ_CHUNK_VALUES = 1 << 22  # float32 values per read of the spill file (16 MiB)
+_READ_CHUNK_VALUES = 1 << 20  # float32 values per read of the spill file (4 MiB)
 
 
 class _Case(NamedTuple):
@@ -51,8 +52,11 @@ class LevelAccumulator:
         self.folds: list[int] = []  # the fold of every image added, in order
         self.grid: tuple[int, int] | None = None
         self._shift: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None  # (folds, [P,] C)
-        self._outer: list[torch.Tensor] | None = None  # per fold ([P,] C, C): each can be freed alone
+        self._sum: torch.Tensor | None = None  # per fold: (folds, [P,] C)
+        self._outer: torch.Tensor | None = None  # per fold, summed over positions: (folds, C, C)
+        # Per position, all folds together (P, C, C): 36 MB on the tiles, where one per fold would be five
+        # times that. A fold's own is rebuilt from the spill when its case needs it.
+        self._position_outer: torch.Tensor | None = None
 
     def add(self, features: torch.Tensor, folds: Sequence[int] | None = None) -> None:
         """Accumulate a batch of feature maps (B, C, H, W); `folds` gives each image's fold (default 0)."""
@@ -69,25 +73,22 @@ class LevelAccumulator:
         if self._shift is None:
             # Moments about a point near the mean: no cancellation when the mean is large against the spread.
             self._shift = wide.mean(dim=(0, 1))
-            shape = (self.n_folds, *((wide.shape[1],) if self.per_position else ()), channels)
-            self._sum = torch.zeros(shape, dtype=torch.float64)
-            self._outer = [
-                torch.zeros((*shape[1:], channels), dtype=torch.float64) for _ in range(self.n_folds)
-            ]
+            positions = (wide.shape[1],) if self.per_position else ()
+            self._sum = torch.zeros((self.n_folds, *positions, channels), dtype=torch.float64)
+            self._outer = torch.zeros((self.n_folds, channels, channels), dtype=torch.float64)
+            if self.per_position:
+                self._position_outer = torch.zeros((*positions, channels, channels), dtype=torch.float64)
         shifted = wide - self._shift
+        if self.per_position:
+            # In place: the sums are (P, C, C), and a temporary would triple the memory traffic (measured:
+            # 0.13 s against 0.03 s for 32 images, 196 positions, 152 channels).
+            _add_position_outer(self._position_outer, shifted)
         fold_index = torch.tensor(folds)
         for fold in fold_index.unique().tolist():
             members = shifted[fold_index == fold]
-            # In place: per position the sums are (P, C, C), and a temporary would triple the memory
-            # traffic (measured: 0.13 s against 0.03 s for 32 images, 196 positions, 152 channels).
-            if self.per_position:
-                positions = members.transpose(0, 1)  # (P, b, C)
-                self._sum[fold] += positions.sum(dim=1)
-                self._outer[fold].baddbmm_(positions.transpose(1, 2), positions)
-            else:
-                flat = members.reshape(-1, channels)
-                self._sum[fold] += flat.sum(dim=0)
-                self._outer[fold].addmm_(flat.T, flat)
+            self._sum[fold] += members.sum(dim=0) if self.per_position else members.sum(dim=(0, 1))
+            flat = members.reshape(-1, channels)
+            self._outer[fold].addmm_(flat.T, flat)
         self.folds += folds
 
     def finish(self, reduction: Reduction, variance: float, exclude_fold: int | None = None) -> Gaussian:
@@ -103,34 +104,23 @@ class LevelAccumulator:
         fold_dtype: type = np.float64,
     ) -> list[Gaussian]:
         """One Gaussian per entry of `exclude_folds` (None: all images; f: all outside fold f), with a single
-        read of the spill for all of them: the full model and its fold models cost one pass, not one each.
-        `release` frees the accumulated sums as they are read (per position, 36 MB per fold on the tiles):
-        the accumulator then serves only `read_fold`. `fold_dtype` stores the fold models (which only score
-        held-out images, in float32) in that precision; they are fitted in float64 all the same."""
+        read of the spill for all their fourth moments: the full model and its fold models cost one pass, not
+        one each (per position, each fold's outer sums are read back too). `release` frees the accumulated
+        sums as they are used: the accumulator then serves only `read_fold`. `fold_dtype` stores the fold
+        models (which only score held-out images, in float32) in that precision; they are fitted in float64
+        all the same."""
         if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
             raise ValueError("no features were accumulated")
-        position_summed = (
-            torch.stack([outer.sum(dim=0) for outer in self._outer]) if self.per_position else None
-        )
-        cases = [self._case(reduction, variance, exclude, position_summed) for exclude in exclude_folds]
+        cases = [self._case(reduction, variance, exclude) for exclude in exclude_folds]
         quartics = self._quartic_sums(
             [case.mean for case in cases], [case.projection for case in cases], exclude_folds
         )
-        # Per position, the sums of all folds' images (summed in place: no stack of five 36 MB sums); each
-        # case's are then all less its fold's.
-        outer_sum = None
-        if self.per_position:
-            outer_sum = self._outer[0].clone()
-            for outer in self._outer[1:]:
-                outer_sum += outer
         gaussians: list[Gaussian | None] = [None] * len(cases)
         order = sorted(range(len(cases)), key=lambda index: cases[index].exclude_fold is None)
         for index in order:  # all images last: with `release`, their sums are then used in place
             case = cases[index]
             covariance = (
-                self._position_covariance(case, outer_sum, release)
-                if self.per_position
-                else case.shared_covariance
+                self._position_covariance(case, release) if self.per_position else case.shared_covariance
             )
             if not is_identity(case.projection):
                 covariance = case.projection.T @ covariance @ case.projection
@@ -146,67 +136,69 @@ class LevelAccumulator:
             del covariance
             gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)
         if release:
-            self._sum = self._outer = None
+            self._sum = self._outer = self._position_outer = None
         return gaussians
 
-    def _case(
-        self,
-        reduction: Reduction,
-        variance: float,
-        exclude_fold: int | None,
-        fold_outer_sums: torch.Tensor | None,
-    ) -> _Case:
-        """Count, mean and projection of the images outside `exclude_fold`, from the accumulated sums.
-        `fold_outer_sums` (folds, C, C): per position, each fold's outer sums summed over the positions."""
+    def _case(self, reduction: Reduction, variance: float, exclude_fold: int | None) -> _Case:
+        """Count, mean and projection of the images outside `exclude_fold`, from the accumulated sums."""
         keep = [fold for fold in range(self.n_folds) if fold != exclude_fold]
         n_images = sum(1 for fold in self.folds if fold != exclude_fold)
         if n_images < 2:
             raise ValueError("fewer than 2 images outside the held-out fold")
-        n_samples = n_images if self.per_position else n_images * self.grid[0] * self.grid[1]
+        positions = self.grid[0] * self.grid[1]
+        n_values = n_images * positions  # feature vectors, over all positions
         total = self._sum[keep].sum(dim=0).numpy()
-        if self.per_position:
-            positions = total.shape[0]
-            shared_mean = total.sum(axis=0) / (n_samples * positions)
-            shared_outer = fold_outer_sums[keep].sum(dim=0).numpy() / (n_samples * positions)
-            shifted_mean = total / n_samples
-        else:
-            outer = sum(self._outer[fold] for fold in keep).numpy()
-            shared_mean, shared_outer = total / n_samples, outer / n_samples
-            shifted_mean = shared_mean
+        shared_mean = (total.sum(axis=0) if self.per_position else total) / n_values
+        shared_outer = self._outer[keep].sum(dim=0).numpy() / n_values
         shared_covariance = shared_outer - np.outer(shared_mean, shared_mean)
         projection = fit_projection(shared_covariance, reduction, variance)
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
+        # Per position, each position's mean from the images: n_images samples; shared, all vectors.
+        count, shifted_mean = (n_images, total / n_images) if self.per_position else (n_values, shared_mean)
         mean = self._shift.numpy() + shifted_mean
-        return _Case(exclude_fold, n_samples, mean, shifted_mean, projection, scale, shared_covariance)
+        return _Case(exclude_fold, count, mean, shifted_mean, projection, scale, shared_covariance)
 
-    def _position_covariance(self, case: _Case, outer_sum: torch.Tensor, release: bool) -> np.ndarray:
-        """Per position, the covariance (P, C, C) of a case's images from the outer sums of all folds'
-        (`outer_sum`). With `release` it is built in place over the sums of the excluded fold, which no other
-        case reads and which are then dropped, or over `outer_sum` itself for all images (the last case)."""
+    def _position_covariance(self, case: _Case, release: bool) -> np.ndarray:
+        """Per position, the covariance (P, C, C) of a case's images: the outer sums of all images, less
+        those of the excluded fold, rebuilt from the spill. With `release`, the case of all images (the last)
+        is built in place over the sums themselves."""
         if case.exclude_fold is None:
-            kept = outer_sum if release else outer_sum.clone()
+            kept = self._position_outer if release else self._position_outer.clone()
         else:
-            fold = case.exclude_fold
-            kept = torch.sub(outer_sum, self._outer[fold], out=self._outer[fold] if release else None)
-            if release:
-                self._outer[fold] = None
+            fold_outer = self._fold_position_outer(case.exclude_fold)
+            kept = torch.sub(self._position_outer, fold_outer, out=fold_outer)
         local_mean = torch.from_numpy(case.shifted_mean)[:, :, None]  # (P, C, 1)
         return kept.baddbmm_(local_mean, local_mean.transpose(1, 2), beta=1 / case.count, alpha=-1).numpy()
 
-    def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(index of first image, float32 features (b, P, C)) read back from the spill, in order."""
+    def _fold_position_outer(self, fold: int) -> torch.Tensor:
+        """Per position, the outer sums (P, C, C) of one fold's shifted features, read back from the spill:
+        the same products as `add` made, now for that fold's images only."""
+        outer = torch.zeros_like(self._position_outer)
+        for values in self._fold_chunks(fold):
+            _add_position_outer(outer, torch.from_numpy(values).to(torch.float64) - self._shift)
+        return outer
+
+    def _chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of first image, float32 features (b, P, C)) of images start..stop-1, read back from the
+        spill in order; the file is read from the first of them, not from its beginning."""
+        stop = len(self.folds) if stop is None else stop
         positions = self.grid[0] * self.grid[1]
         per_image = int(self._shift.numel()) * positions
         images_per_chunk = max(1, _READ_CHUNK_VALUES // per_image)
-        start = 0
         with self.spill_path.open("rb") as spill:
-            while True:
-                chunk = np.fromfile(spill, dtype=np.float32, count=images_per_chunk * per_image)
-                if chunk.size == 0:
-                    return
-                values = chunk.reshape(-1, positions, per_image // positions)
-                yield start, values
-                start += len(values)
+            spill.seek(start * per_image * np.dtype(np.float32).itemsize)
+            for first in range(start, stop, images_per_chunk):
+                count = min(images_per_chunk, stop - first)
+                chunk = np.fromfile(spill, dtype=np.float32, count=count * per_image)
+                yield first, chunk.reshape(count, positions, -1)
+
+    def _fold_chunks(self, fold: int) -> Iterator[np.ndarray]:
+        """Float32 features (b, P, C) of one fold's images in order, reading only their runs of the spill
+        (a fold is one run when folds are contiguous)."""
+        members = np.flatnonzero(np.array(self.folds) == fold)
+        for run in np.split(members, np.flatnonzero(np.diff(members) != 1) + 1):
+            if run.size:
+                yield from (values for _, values in self._chunks(int(run[0]), int(run[-1]) + 1))
 
     def _quartic_sums(
         self,
@@ -245,8 +237,9 @@ class LevelAccumulator:
             if same_projection:
                 cross = (reduced.swapaxes(0, 1) @ case_offsets).swapaxes(0, 1)  # (b, P, cases)
                 squared = np.sum(reduced**2, axis=-1)[..., None] - 2.0 * cross + offset_norms
-            else:
-                squared = (reduced - offsets) ** 2 @ summing  # offsets: (sum of d) or (P, sum of d)
+            else:  # in place: each temporary of this size is 4 bytes per input value and projected width
+                reduced -= offsets  # offsets: (sum of d) or (P, sum of d)
+                squared = np.square(reduced, out=reduced) @ summing
             chunk_folds = folds[start : start + batch]
             for case, exclude in enumerate(exclude_folds):
                 kept = squared[chunk_folds != exclude, :, case] ** 2  # (b', P)
@@ -255,7 +248,11 @@ class LevelAccumulator:
 
     def read_fold(self, fold: int) -> torch.Tensor:
         """The spilled feature maps (n, C, H, W) of one fold's images, in the order they were added."""
-        folds = np.array(self.folds)
-        parts = [values[folds[start : start + len(values)] == fold] for start, values in self._chunks()]
-        stacked = torch.from_numpy(np.concatenate(parts))  # (n, P, C)
+        stacked = torch.from_numpy(np.concatenate(list(self._fold_chunks(fold))))  # (n, P, C)
         return stacked.permute(0, 2, 1).reshape(len(stacked), -1, *self.grid)
+
+
+def _add_position_outer(outer: torch.Tensor, shifted: torch.Tensor) -> None:
+    """Add each position's outer products of (b, P, C) feature vectors to `outer` (P, C, C), in place."""
+    positions = shifted.transpose(0, 1)  # (P, b, C)
+    outer.baddbmm_(positions.transpose(1, 2), positions)
