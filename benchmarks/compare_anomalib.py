@@ -31,9 +31,10 @@ anomalib settings (its defaults except the backbone; timm ``features_only`` indi
 gaussad runs with its defaults: ``GaussAD(backbone=..., image_size=..., device=...)``; gaussad-shared the
 same with ``localization="shared"`` (the ratios stay relative to the defaults).
 
-gaussad sets its process's allocator policy (``gaussad.allocator``: glibc's malloc keeps freed blocks for
-reuse, which speeds up the CPU forward pass); anomalib's processes keep glibc's defaults, as its users get
-them. ``--anomalib-allocator gaussad`` gives anomalib's processes the same policy, to show what it is worth.
+gaussad holds its allocator policy while it extracts features (``gaussad.allocator``: glibc's malloc keeps
+freed blocks for reuse, which speeds up the CPU forward pass); anomalib's processes keep glibc's defaults, as
+its users get them. ``--anomalib-allocator gaussad`` holds the same policy while anomalib iterates the
+images (which is while its model runs its forward passes), to show what it is worth.
 
 Measured per method: fit seconds (wall time from building the model, weights loading included, to the end of
 fitting), test images per second (scoring stage only: data loading and the forward over all test images
@@ -65,6 +66,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -133,8 +135,6 @@ def run_single(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     method, size = spec["method"], spec["image_size"]
     if method not in GAUSSAD_LOCALIZATIONS:
-        if spec["anomalib_allocator"] == "gaussad":
-            keep_freed_memory()
         _import_anomalib_quietly()  # before the RSS baseline, as gaussad's imports are
     rss_after_imports = peak_rss_mib()
     torch.manual_seed(spec["seed"])  # PaDiM's feature subset and PatchCore's first center use torch's RNG
@@ -197,10 +197,18 @@ class PreparedImages(torch.utils.data.IterableDataset):
 
     Same decoding and resizing (``gaussad.features.prepare``), thread count and look-ahead as gaussad's own
     loader, in this process: loading costs the same for every method and its memory counts in this RSS.
+    `keep_freed_memory`: hold gaussad's allocator policy while the images are iterated, which is while the
+    model runs its forward passes, as gaussad holds it.
     """
 
     def __init__(
-        self, paths: Sequence[Path], labels: Sequence[int], image_size: int, workers: int, lookahead: int
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        image_size: int,
+        workers: int,
+        lookahead: int,
+        keep_freed_memory: bool,
     ) -> None:
         super().__init__()
         self.paths = list(paths)
@@ -208,6 +216,7 @@ class PreparedImages(torch.utils.data.IterableDataset):
         self.image_size = image_size
         self.workers = workers
         self.lookahead = lookahead
+        self.keep_freed_memory = keep_freed_memory
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -219,7 +228,8 @@ class PreparedImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         from anomalib.data import ImageItem
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        allocator = keep_freed_memory() if self.keep_freed_memory else nullcontext()
+        with allocator, ThreadPoolExecutor(max_workers=self.workers) as pool:
             pending: deque[Future] = deque()
             queued = 0
             for index, (path, label) in enumerate(zip(self.paths, self.labels, strict=True)):
@@ -325,7 +335,14 @@ def _run_anomalib(
         from anomalib.data import ImageBatch
 
         # gaussad's loader: its default threads, batch size and a look-ahead of two batches.
-        dataset = PreparedImages(paths, labels, size, defaults.workers, 2 * defaults.batch_size)
+        dataset = PreparedImages(
+            paths,
+            labels,
+            size,
+            defaults.workers,
+            2 * defaults.batch_size,
+            keep_freed_memory=spec["anomalib_allocator"] == "gaussad",
+        )
         return torch.utils.data.DataLoader(
             dataset, batch_size=defaults.batch_size, collate_fn=ImageBatch.collate
         )

@@ -91,8 +91,6 @@ class FeatureExtractor:
         self.precision = precision
         self.batch_size = batch_size
         self.workers = max(1, workers)
-        if device.type == "cpu":
-            keep_freed_memory()  # the forward pass reuses its activations' pages: 54 -> 90 img/s
         self.backbone = backbone.to(device=device, memory_format=torch.channels_last)
         mean, std = backbone.preprocessing.mean, backbone.preprocessing.std
         self._scale = (1.0 / (255.0 * torch.tensor(std))).to(device)
@@ -116,7 +114,9 @@ class FeatureExtractor:
         """Feature batches in input order; the next batch's images decode in threads while the model runs."""
         bar = _progress_bar(len(items), progress)
         lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        # On CPU the forward passes reuse their activations' pages (gaussad.allocator): 54 -> 90 img/s.
+        allocator = keep_freed_memory() if self.device.type == "cpu" else nullcontext()
+        with allocator, ThreadPoolExecutor(max_workers=self.workers) as pool:
             pending: deque[Future] = deque()
             queued = 0
             for start in range(0, len(items), self.batch_size):
