@@ -1,8 +1,26 @@
-"""Image descriptors: feature maps pooled globally or per cell of a grid."""
+"""Model inputs (decoded, squashed to a square) and image descriptors (feature maps pooled globally or per
+cell of a grid)."""
 
+import warnings
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from gaussad.features import pool_features, stack_levels
+from gaussad.features import pool_features, prepare, stack_levels
+
+
+@pytest.mark.parametrize("shape", [(300, 200, 3), (50, 70, 3), (64, 64, 3)], ids=["down", "up", "same"])
+def test_inputs_are_squashed_as_pillow_bilinear_does(shape: tuple[int, int, int]) -> None:
+    original = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    original.setflags(write=False)  # as PIL's arrays are: no warning, no write
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, size = prepare(original, 64)
+    expected = np.asarray(Image.fromarray(original).resize((64, 64), Image.Resampling.BILINEAR))
+    assert size == shape[:2] and pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - expected).max() <= 1  # rounding only
 
 
 def test_grid_pooling_averages_each_cell_and_keeps_channels_together() -> None:

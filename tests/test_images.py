@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from gaussad.errors import GaussADError
-from gaussad.images import collect_images, find_images, load_rgb, read_image, to_rgb
+from gaussad.images import collect_images, find_images, load_pixels, load_rgb, read_image, to_rgb
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -107,6 +107,7 @@ def test_fast_png_decoding_equals_pillow(image: Image.Image, tmp_path) -> None:
         opened.load()
         expected = pixels(to_rgb(opened))
     np.testing.assert_array_equal(pixels(read_image(tmp_path / "x.png")), expected)
+    np.testing.assert_array_equal(load_pixels(tmp_path / "x.png"), expected)  # the model's input path
 
 
 def test_png_with_exif_orientation_is_rotated(tmp_path) -> None:
