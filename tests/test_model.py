@@ -218,3 +218,21 @@ def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> N
     distances, level_maps, _ = fitted.level_results(paths)
     assert distances.shape == (8, 2) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
     np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
+
+
+def test_held_out_calibration_scores_each_fold_with_a_model_fitted_without_it(
+    fitted: GaussAD, category: Path
+) -> None:
+    """Label-free thresholds come from training images scored by models that never saw them: the first of
+    5 contiguous folds of the 16 images is images 0-3, and a model fitted on the other 12 must agree."""
+    train = training_images(category)
+    without = GaussAD(**SMALL, map_levels=(2, 3), folds=0).fit(train[4:])
+    assert len(without.held_out_scores_) == 0 and without.image_threshold_ is None  # no calibration
+    scores, maps = [], []
+    for _, batch_scores, batch_maps in without.iter_predict(train[:4], map_sizes=[(64, 64)] * 4):
+        scores.append(batch_scores)
+        maps += batch_maps
+    np.testing.assert_allclose(fitted.held_out_scores_[:4], np.concatenate(scores), rtol=1e-5)
+    maxima = [anomaly_map.max() for anomaly_map in maps]
+    np.testing.assert_allclose(fitted.held_out_map_maxima_[:4], maxima, rtol=1e-4)
+    assert fitted.image_threshold_.value >= np.quantile(fitted.held_out_scores_, 0.9)
