@@ -37,8 +37,7 @@ def keep_freed_memory() -> Iterator[bool]:
     held. Yields True where it takes effect, False where the C library is not glibc (other allocators
     keep their own policy)."""
     global _holders
-    glibc = platform.libc_ver()[0] == "glibc" and _libc() is not None
-    if not glibc:
+    if _libc() is None:
         yield False
         return
     with _lock:
@@ -59,6 +58,9 @@ def keep_freed_memory() -> Iterator[bool]:
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, with the functions the policy uses; None under another C library."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

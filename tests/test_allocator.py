@@ -67,5 +67,9 @@ def test_the_policy_holds_until_its_last_holder_leaves() -> None:
 
 def test_other_c_libraries_keep_their_own_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    with allocator.keep_freed_memory() as applied:
-        assert applied is False
+    allocator._libc.cache_clear()
+    try:
+        with allocator.keep_freed_memory() as applied:
+            assert applied is False
+    finally:
+        allocator._libc.cache_clear()
