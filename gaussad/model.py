@@ -210,7 +210,8 @@ class GaussAD:
             pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
             # Small dense linear algebra runs faster on one BLAS thread, and several times faster when
             # another process shares the cores (measured: eigh of 320 x 320, 35 ms against 144 ms). The
-            # Gaussians are independent of each other: two at a time, one per core (tiles: 4.1 -> 2.9 s).
+            # Gaussians are independent of each other: two at a time, one per core (tiles, statistics and
+            # calibration: 6.5 -> 5.3 s).
             with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=2) as pool:
                 folds = [None, *range(n_folds)]
                 finish = {"release": True, "fold_dtype": np.float32}  # fold models only score held-out images
