@@ -95,10 +95,18 @@ def _is_rgb8(pixels: np.ndarray) -> bool:
     return pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3
 
 
+def _decode_fast(path: str | os.PathLike) -> np.ndarray | None:
+    """A PNG file's pixels as libpng decodes them; None for other files and where Pillow should decode."""
+    return _decode_png(path) if Path(path).suffix.lower() == ".png" else None
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to RGB; a missing or unreadable file is a GaussADError naming it."""
-    if Path(path).suffix.lower() == ".png" and (decoded := _decode_png(path)) is not None:
-        return array_to_rgb(decoded)
+    decoded = _decode_fast(path)
+    return _read_with_pillow(path) if decoded is None else array_to_rgb(decoded)
+
+
+def _read_with_pillow(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -156,10 +164,11 @@ def load_rgb(item: ImageInput) -> Image.Image:
 def load_pixels(item: ImageInput) -> np.ndarray:
     """Any supported single-image input as RGB pixels (H, W, 3) uint8. An 8-bit RGB PNG file or array
     comes as decoded or given, without passing through a PIL image (a copy of 2.4 MB at 900 x 900)."""
-    if isinstance(item, (str, os.PathLike)) and Path(item).suffix.lower() == ".png":
-        decoded = _decode_png(item)
-        if decoded is not None:
-            return decoded if _is_rgb8(decoded) else np.asarray(array_to_rgb(decoded))
+    if isinstance(item, (str, os.PathLike)):
+        decoded = _decode_fast(item)  # tried once: a file it cannot take goes to Pillow directly
+        if decoded is None:
+            return np.asarray(_read_with_pillow(item))
+        return decoded if _is_rgb8(decoded) else np.asarray(array_to_rgb(decoded))
     if isinstance(item, np.ndarray) and _is_rgb8(item):
         return item
     return np.asarray(load_rgb(item))

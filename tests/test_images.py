@@ -87,6 +87,8 @@ def test_unreadable_image_names_the_file(tmp_path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(GaussADError, match="broken.png: cannot read image"):
         read_image(tmp_path / "broken.png")
+    with pytest.raises(GaussADError, match="broken.png: cannot read image"):
+        load_pixels(tmp_path / "broken.png")
 
 
 @pytest.mark.parametrize(
@@ -117,3 +119,4 @@ def test_png_with_exif_orientation_is_rotated(tmp_path) -> None:
     exif[0x0112] = 6
     image.save(tmp_path / "rotated.png", exif=exif)
     assert pixels(read_image(tmp_path / "rotated.png")).shape == (4, 2, 3)
+    assert load_pixels(tmp_path / "rotated.png").shape == (4, 2, 3)
