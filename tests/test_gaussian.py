@@ -174,3 +174,22 @@ def test_whitening_by_cholesky_and_by_floored_eigenvalues_agree() -> None:
     np.testing.assert_allclose(norms[0][:3] ** 2, expected, rtol=1e-10)
     assert np.isfinite(cholesky[3]).all()  # the singular one took the floored path
     assert norms[0][3] == pytest.approx(np.hypot(np.linalg.norm(vectors[3, :5]), vectors[3, 5] / 1e-3**0.5))
+
+
+def test_cholesky_whitening_in_place_and_on_a_copy() -> None:
+    from gaussad.gaussian import _cholesky_whitening
+
+    rng = np.random.default_rng(8)
+    samples = rng.normal(size=(3, 40, 5))
+    covariances = np.einsum("pnc,pnd->pcd", samples, samples) / 40 + 0.1 * np.eye(5)
+    original = covariances.copy()
+    copied = _cholesky_whitening(covariances)
+    np.testing.assert_array_equal(covariances, original)  # left as it was
+    for w, c in zip(copied, covariances, strict=True):
+        np.testing.assert_allclose(w @ w.T, np.linalg.inv(c), rtol=1e-10)
+        assert np.allclose(np.tril(w, -1), 0.0)  # W = L^-T is upper triangular
+    in_place = _cholesky_whitening(covariances, overwrite=True)
+    assert np.shares_memory(in_place, covariances)
+    np.testing.assert_array_equal(in_place, copied)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        _cholesky_whitening(np.diag([1.0, -1.0])[None])
