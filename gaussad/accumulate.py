@@ -131,7 +131,7 @@ class LevelAccumulator:
                 quartics[index],
                 case.projection,
                 case.variance_scale,
-                scratch=self.per_position,
+                overwrite=self.per_position,
             )
             del covariance
             gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)

@@ -73,13 +73,13 @@ def ledoit_wolf_shrinkage(count: int, covariance: np.ndarray, quartic_sum: np.nd
         return np.where(beta == 0, 0.0, beta / delta)
 
 
-def shrink(covariance: np.ndarray, shrinkage: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """(1 - s) * S + s * trace(S) / d * I, batched: scikit-learn's `shrunk_covariance`. `in_place`
-    overwrites the covariance (float64, contiguous) instead of allocating another as large."""
+def shrink(covariance: np.ndarray, shrinkage: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """(1 - s) * S + s * trace(S) / d * I, batched: scikit-learn's `shrunk_covariance`. With
+    `overwrite` the result is written over the covariance (float64, contiguous), not into another as large."""
     d = covariance.shape[-1]
     s = np.asarray(shrinkage, dtype=np.float64)
     mu = np.trace(covariance, axis1=-2, axis2=-1) / d
-    if in_place:
+    if overwrite:
         shrunk = covariance
         shrunk *= (1.0 - s)[..., None, None]
     else:
@@ -162,25 +162,26 @@ def gaussian_from_moments(
     quartic_sum: np.ndarray,
     projection: np.ndarray,
     variance_scale: float | None = None,
-    scratch: bool = False,
+    overwrite: bool = False,
 ) -> Gaussian:
     """The Gaussian of reduced features z = (x - mean) @ projection, from their moments.
 
     reduced_covariance (..., d, d) and quartic_sum (...) describe z; the covariance is shrunk with
-    Ledoit-Wolf, then factorized with a symmetric eigendecomposition whose eigenvalues are floored, so the
-    precision stays finite and symmetric even where the covariance is singular. The floor is relative to
+    Ledoit-Wolf, then factorized: by Cholesky where shrinkage keeps every eigenvalue above the floor, else by
+    a symmetric eigendecomposition whose eigenvalues are floored, so the precision stays finite and symmetric
+    even where the covariance is singular. The floor is relative to
     `variance_scale` (default: each covariance's own mean variance); per-position Gaussians pass the level's
-    mean variance, since a constant position has no scale of its own. `scratch`: the covariance may be
+    mean variance, since a constant position has no scale of its own. `overwrite`: the covariance may be
     overwritten (one copy less: per position, 36 MB on the tiles).
     """
     shrinkage = ledoit_wolf_shrinkage(count, reduced_covariance, quartic_sum)
-    shrunk = shrink(reduced_covariance, shrinkage, in_place=scratch)
+    shrunk = shrink(reduced_covariance, shrinkage, overwrite=overwrite)
     d = shrunk.shape[-1]
     mean_variance = np.trace(shrunk, axis1=-2, axis2=-1) / d  # shrinking keeps the trace
     scale = mean_variance if variance_scale is None else np.full(mean_variance.shape, variance_scale)
     floor = _EIGENVALUE_FLOOR * np.maximum(scale, np.finfo(np.float64).tiny)
     lowest = np.ravel(shrinkage * mean_variance)
-    whitening = _floored_whitening(shrunk.reshape(-1, d, d), lowest, np.ravel(floor), overwrite=scratch)
+    whitening = _floored_whitening(shrunk.reshape(-1, d, d), lowest, np.ravel(floor), overwrite=overwrite)
     whitening = whitening.reshape(shrunk.shape)
     if not is_identity(projection):
         whitening = projection @ whitening
