@@ -139,9 +139,10 @@ class GaussAD:
         if self.image_size is not None and self.image_size < 32:
             raise GaussADError(f"image size {self.image_size}: expected at least 32 pixels")
 
-    def _resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], ...]:
-        """Image, map and position levels: as given, else the backbone's defaults; no position levels
-        unless the localization is hybrid."""
+    def resolve_levels(self, backbone: TappedBackbone) -> tuple[tuple[int, ...], ...]:
+        """The image, map and position levels this model uses with `backbone`, before any fit: as given,
+        else the backbone's defaults; no position levels unless the localization is hybrid. Raises on
+        levels the backbone does not have."""
         valid = {info["level"] for info in backbone.feature_info}
         levels = tuple(self.levels) if self.levels else backbone.default_levels
         map_levels = tuple(self.map_levels) if self.map_levels else backbone.default_map_levels
@@ -174,7 +175,7 @@ class GaussAD:
         started = time.perf_counter()
         self.device_ = resolve_device(self.device)
         self.backbone_ = load_backbone(self.backbone, self.weights)
-        self.levels_, self.map_levels_, self.position_levels_ = self._resolve_levels(self.backbone_)
+        self.levels_, self.map_levels_, self.position_levels_ = self.resolve_levels(self.backbone_)
         self.image_size_ = int(self.image_size or self.backbone_.preprocessing.image_size)
         extractor = self._extractor()
         n_folds = self._n_folds(len(items))

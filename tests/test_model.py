@@ -192,6 +192,17 @@ def test_per_position_variant_and_separate_levels(category: Path) -> None:
     assert prediction.scores[labels == 1].mean() > prediction.scores[labels == 0].mean()
 
 
+def test_levels_resolve_before_any_fit() -> None:
+    from gaussad.backbones import load_backbone
+
+    backbone = load_backbone("efficientnet_lite0")
+    assert GaussAD().resolve_levels(backbone) == ((4, 5), (3, 4, 5), (3, 5))  # defaults, hybrid maps
+    shared = GaussAD(localization="shared", levels=(5, 3, 5), map_levels=(4,))
+    assert shared.resolve_levels(backbone) == ((3, 5), (4,), ())  # sorted, repeats dropped, no position
+    with pytest.raises(GaussADError, match="map levels \\[9\\] do not exist"):
+        GaussAD(map_levels=(3, 9)).resolve_levels(backbone)
+
+
 def test_parameter_and_input_errors(category: Path) -> None:
     train = category / "train" / "good"
     with pytest.raises(GaussADError, match="levels \\[9\\] do not exist"):
