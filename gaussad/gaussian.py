@@ -169,10 +169,10 @@ def gaussian_from_moments(
     reduced_covariance (..., d, d) and quartic_sum (...) describe z; the covariance is shrunk with
     Ledoit-Wolf, then factorized: by Cholesky where shrinkage keeps every eigenvalue above the floor, else by
     a symmetric eigendecomposition whose eigenvalues are floored, so the precision stays finite and symmetric
-    even where the covariance is singular. The floor is relative to
-    `variance_scale` (default: each covariance's own mean variance); per-position Gaussians pass the level's
-    mean variance, since a constant position has no scale of its own. `overwrite`: the covariance may be
-    overwritten (one copy less: per position, 36 MB on the tiles).
+    even where the covariance is singular. The floor is relative to `variance_scale` (default: each
+    covariance's own mean variance); per-position Gaussians pass the level's mean variance, since a constant
+    position has no scale of its own. `overwrite`: the covariance may be overwritten (one copy less: per
+    position, 36 MB on the tiles).
     """
     shrinkage = ledoit_wolf_shrinkage(count, reduced_covariance, quartic_sum)
     shrunk = shrink(reduced_covariance, shrinkage, overwrite=overwrite)
