@@ -85,10 +85,10 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/tune_maps.py {' '.join(map(str, args.categories))} "
         f"--backbones {' '.join(args.backbones)} --sizes {' '.join(map(str, args.sizes))} "
-        f"--localizations {' '.join(args.localizations)} --eval-size {args.eval_size}`",
+        f"--localizations {' '.join(args.localizations)} --eval-size {args.eval_size} --top {args.top}`",
         "",
         f"Metrics at {args.eval_size}x{args.eval_size}; "
-        "image AUROC is the default score (levels 3-7, summed).",
+        "image AUROC is the model's image score (default image levels and grid, whatever the map levels).",
         f"Per configuration, the {args.top} best map settings by pixel AUROC + AUPRO.",
         "",
         "| category | backbone | size | localization | map levels | blur "
