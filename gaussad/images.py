@@ -77,8 +77,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _decode_png(path: str | os.PathLike) -> np.ndarray | None:
     """PNG through libpng (imagecodecs), as the array it decodes to: 2-3x faster than Pillow on large PNGs,
-    where decoding costs as much as the backbone. None where Pillow should decode: EXIF orientation to
-    apply, or an error to name."""
+    where decoding costs as much as the backbone. None where Pillow should decode: files that are not PNG,
+    EXIF orientation to apply, or an error to name."""
+    if Path(path).suffix.lower() != ".png":
+        return None
     try:
         data = Path(path).read_bytes()
         if b"eXIf" in data:
@@ -95,14 +97,9 @@ def _is_rgb8(pixels: np.ndarray) -> bool:
     return pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3
 
 
-def _decode_fast(path: str | os.PathLike) -> np.ndarray | None:
-    """A PNG file's pixels as libpng decodes them; None for other files and where Pillow should decode."""
-    return _decode_png(path) if Path(path).suffix.lower() == ".png" else None
-
-
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to RGB; a missing or unreadable file is a GaussADError naming it."""
-    decoded = _decode_fast(path)
+    decoded = _decode_png(path)
     return _read_with_pillow(path) if decoded is None else array_to_rgb(decoded)
 
 
@@ -165,7 +162,7 @@ def load_pixels(item: ImageInput) -> np.ndarray:
     """Any supported single-image input as RGB pixels (H, W, 3) uint8. An 8-bit RGB PNG file or array
     comes as decoded or given, without passing through a PIL image (a copy of 2.4 MB at 900 x 900)."""
     if isinstance(item, (str, os.PathLike)):
-        decoded = _decode_fast(item)  # tried once: a file it cannot take goes to Pillow directly
+        decoded = _decode_png(item)  # tried once: a file it cannot take goes to Pillow directly
         if decoded is None:
             return np.asarray(_read_with_pillow(item))
         return decoded if _is_rgb8(decoded) else np.asarray(array_to_rgb(decoded))
