@@ -203,7 +203,7 @@ def _floored_whitening(
         return _cholesky_whitening(covariances, overwrite)
     whitening = np.empty_like(covariances)
     if safe.any():
-        whitening[safe] = _cholesky_whitening(covariances[safe])
+        whitening[safe] = _cholesky_whitening(covariances[safe], overwrite=True)  # indexing made a copy
     if not safe.all():
         eigenvalues, eigenvectors = np.linalg.eigh(covariances[~safe])
         kept = np.maximum(eigenvalues, floor[~safe][:, None])
