@@ -10,6 +10,7 @@ all features at once, without a second forward pass of the backbone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,9 @@ import torch
 from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments, is_identity
 
 _READ_CHUNK_VALUES = 1 << 20  # float32 values per read of the spill file (4 MiB)
+# The fourth-moment pass reads fewer images at a time: its float64 products (rows x projected widths) then
+# stay in cache. Bottle's three map levels and six cases (their shapes, one thread): 0.45 -> 0.30 s.
+_QUARTIC_BLOCK_BYTES = 2 << 20
 
 
 class _Case(NamedTuple):
@@ -159,32 +163,39 @@ class LevelAccumulator:
         return _Case(exclude_fold, count, mean, shifted_mean, projection, scale, shared_covariance)
 
     def _position_covariance(self, case: _Case, release: bool) -> np.ndarray:
-        """Per position, the covariance (P, C, C) of a case's images: the outer sums of all images, less
-        those of the excluded fold, rebuilt from the spill. With `release`, the case of all images (the last)
-        is built in place over the sums themselves."""
+        """Per position, the covariance (P, C, C) of a case's images, in one pass over the outer sums S of all
+        images: (S - F) / n - m m^T = S / n - R^T R, where F is the excluded fold's outer sums, rebuilt from
+        the spill, and R stacks that fold's features over sqrt(n) and the mean m, per position. With
+        `release`, the case of all images (the last) is built in place over the sums themselves."""
+        mean = torch.from_numpy(case.shifted_mean)  # (P, C)
         if case.exclude_fold is None:
-            kept = self._position_outer if release else self._position_outer.clone()
+            rows = mean[:, None, :]
         else:
-            fold_outer = self._fold_position_outer(case.exclude_fold)
-            kept = torch.sub(self._position_outer, fold_outer, out=fold_outer)
-        local_mean = torch.from_numpy(case.shifted_mean)[:, :, None]  # (P, C, 1)
-        return kept.baddbmm_(local_mean, local_mean.transpose(1, 2), beta=1 / case.count, alpha=-1).numpy()
+            fold = torch.from_numpy(np.concatenate(list(self._fold_chunks(case.exclude_fold))))  # (n, P, C)
+            rows = torch.empty((fold.shape[1], len(fold) + 1, fold.shape[2]), dtype=torch.float64)
+            rows[:, :-1] = fold.transpose(0, 1)  # converted to float64 as copied
+            rows[:, :-1].sub_(self._shift).mul_(1 / math.sqrt(case.count))
+            rows[:, -1] = mean
+        if case.exclude_fold is None and release:
+            covariance = self._position_outer.baddbmm_(
+                rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
+            )
+        else:
+            covariance = torch.baddbmm(
+                self._position_outer, rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
+            )
+        return covariance.numpy()
 
-    def _fold_position_outer(self, fold: int) -> torch.Tensor:
-        """Per position, the outer sums (P, C, C) of one fold's shifted features, read back from the spill:
-        the same products as `add` made, now for that fold's images only."""
-        outer = torch.zeros_like(self._position_outer)
-        for values in self._fold_chunks(fold):
-            _add_position_outer(outer, torch.from_numpy(values).to(torch.float64) - self._shift)
-        return outer
-
-    def _chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunks(
+        self, start: int = 0, stop: int | None = None, images_per_chunk: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """(index of first image, float32 features (b, P, C)) of images start..stop-1, read back from the
-        spill in order; the file is read from the first of them, not from its beginning."""
+        spill in order, `images_per_chunk` at a time (default: 4 MiB); the file is read from the first of
+        them, not from its beginning."""
         stop = len(self.folds) if stop is None else stop
         positions = self.grid[0] * self.grid[1]
         per_image = int(self._shift.numel()) * positions
-        images_per_chunk = max(1, _READ_CHUNK_VALUES // per_image)
+        images_per_chunk = images_per_chunk or max(1, _READ_CHUNK_VALUES // per_image)
         with self.spill_path.open("rb") as spill:
             spill.seek(start * per_image * np.dtype(np.float32).itemsize)
             for first in range(start, stop, images_per_chunk):
@@ -228,7 +239,10 @@ class LevelAccumulator:
         summing = (case_of_column[:, None] == np.arange(len(widths))).astype(np.float64)  # (sum of d, cases)
         positions = self.grid[0] * self.grid[1]
         quartics = np.zeros((len(widths), positions if self.per_position else 1))
-        for start, values in self._chunks():
+        product_bytes_per_image = np.dtype(np.float64).itemsize * positions * stacked.shape[1]
+        for start, values in self._chunks(
+            images_per_chunk=max(1, _QUARTIC_BLOCK_BYTES // product_bytes_per_image)
+        ):
             batch = len(values)
             reduced = values.reshape(-1, values.shape[-1]).astype(np.float64)
             if project:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
+from gaussad import accumulate
 from gaussad.accumulate import LevelAccumulator
 from gaussad.gaussian import fit_gaussian, fit_projection
 
@@ -113,3 +114,24 @@ def test_one_pass_for_many_folds_equals_one_pass_each(
         np.testing.assert_allclose(gaussian.shrinkage, alone.shrinkage, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(gaussian.whitening, alone.whitening, rtol=1e-9, atol=1e-12)
     assert not np.allclose(together[0].mean, together[1].mean)  # each case its own images
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_reading_the_spill_in_small_chunks_changes_nothing(tmp_path, monkeypatch, per_position: bool) -> None:
+    maps = feature_maps(6, n=16)
+    folds = [i * 4 // 16 for i in range(16)]
+
+    def fit(name: str, release: bool) -> list:
+        accumulator = LevelAccumulator(tmp_path / name, per_position=per_position, n_folds=4)
+        for start in range(0, 16, 5):
+            accumulator.add(maps[start : start + 5], folds[start : start + 5])
+        return accumulator.finish_many("opca", 0.3, [None, 0, 1, 2, 3], release=release)
+
+    whole = fit("whole.f32", release=False)
+    monkeypatch.setattr(accumulate, "_READ_CHUNK_VALUES", 1)  # one image per read
+    monkeypatch.setattr(accumulate, "_QUARTIC_BLOCK_BYTES", 1)
+    chunked = fit("chunked.f32", release=True)
+    for expected, gaussian in zip(whole, chunked, strict=True):
+        np.testing.assert_allclose(gaussian.mean, expected.mean, rtol=1e-12)
+        np.testing.assert_allclose(gaussian.shrinkage, expected.shrinkage, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(gaussian.whitening, expected.whitening, rtol=1e-9, atol=1e-12)
