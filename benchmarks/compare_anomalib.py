@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_description
 
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import available_backbones, load_backbone
@@ -452,8 +453,8 @@ def markdown(command: str, settings: dict[str, Any], records: list[dict[str, Any
         f"- backbone: {settings['backbone']} (timm {settings['timm_name']}, gaussad's offline weights), "
         f"input {settings['image_size']}x{settings['image_size']}, normalization mean {settings['mean']} "
         f"std {settings['std']}, device {settings['device']}, seed {settings['seed']}",
-        f"- machine: {settings['cpus']} CPUs, torch threads {settings['torch_threads']}; versions: "
-        + ", ".join(f"{name} {v}" for name, v in settings["versions"].items()),
+        f"- machine: {settings['cpu']}; {settings['cpus']} CPUs, torch threads {settings['torch_threads']}; "
+        "versions: " + ", ".join(f"{name} {v}" for name, v in settings["versions"].items()),
         "- gaussad: defaults (`GaussAD(backbone=..., image_size=...)`); gaussad-shared: the same with "
         '`localization="shared"`',
         *(
@@ -514,6 +515,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             **ANOMALIB_SETTINGS,
             "patchcore": {**ANOMALIB_SETTINGS["patchcore"], "coreset_sampling_ratio": args.patchcore_coreset},
         },
+        "cpu": cpu_description(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

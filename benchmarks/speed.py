@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 from gaussad import GaussAD
 from gaussad.allocator import keep_freed_memory
@@ -147,7 +148,8 @@ def main() -> None:
         f"Command: `python benchmarks/speed.py {args.category} --backbone {args.backbone} "
         f"--precision {args.precision}`",
         "",
-        f"CPU threads: {torch.get_num_threads()}; {len(train)} training and {len(tests)} test images; "
+        f"CPU: {cpu_description()}; threads: {torch.get_num_threads()}; "
+        f"{len(train)} training and {len(tests)} test images; "
         f"input {model.image_size_} px; levels {levels}; batch {DEFAULT_BATCH_SIZE}.",
         "",
         "| what | images per second |",
