@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +56,52 @@ def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, i
         channels_last, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
     )
     return resized[0].permute(1, 2, 0).numpy(), pixels.shape[:2]
+
+
+def _timed_prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int], float]:
+    """`prepare`, with the CPU seconds its thread spent on it."""
+    start = time.thread_time()
+    pixels, size = prepare(item, image_size)
+    return pixels, size, time.thread_time() - start
+
+
+class _ForwardThreads:
+    """How many threads the CPU forward pass gets beside the decoding threads, chosen from measured costs.
+
+    Both share the same cores. When decoding costs more CPU than a one-thread forward pass, a multi-threaded
+    forward pass mostly waits at its barriers for the thread a decoder displaced (bottle's 900 px PNGs,
+    2 cores: 52-54 img/s extracted with two threads, 65-68 with one); when the forward pass costs more (the
+    tiles' small JPEGs), it needs every core (87-103 img/s with one thread, 117-133 with two). So the model
+    starts on one thread, where the main thread's CPU time is the whole cost of a batch (forward pass and
+    what the caller does with it), and after the second batch (the first warms the model up) goes back to
+    all threads unless one thread keeps up: no slower than the decoders or the cores' shared budget.
+    """
+
+    def __init__(self, device: torch.device, decoders: int) -> None:
+        self.threads = torch.get_num_threads()
+        self.decoders = decoders
+        self.deciding = device.type == "cpu" and self.threads > 1
+        self.batches_seen = 0
+
+    def __enter__(self) -> _ForwardThreads:
+        if self.deciding:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.set_num_threads(self.threads)
+
+    def observe(self, main_seconds: float, decode_seconds: float, images: int) -> None:
+        """CPU seconds of one batch: the main thread's (forward pass and caller) and its images' decoding."""
+        if not self.deciding:
+            return
+        self.batches_seen += 1
+        if self.batches_seen < 2:
+            return
+        self.deciding = False
+        forward, decode = main_seconds / images, decode_seconds / images
+        if forward > max(decode / self.decoders, (forward + decode) / self.threads):
+            torch.set_num_threads(self.threads)
 
 
 def pool_features(features: torch.Tensor, grid: int) -> torch.Tensor:
@@ -118,21 +165,33 @@ class FeatureExtractor:
         return [output.float() for output in outputs]
 
     def batches(self, items: Sequence[ImageInput], progress: str | None = None) -> Iterator[FeatureBatch]:
-        """Feature batches in input order; the next batch's images decode in threads while the model runs."""
+        """Feature batches in input order; the next batch's images decode in threads while the model runs.
+
+        On CPU the forward pass runs on one thread or all of them, whichever the measured costs of the
+        first batches favour (`_ForwardThreads`); PyTorch's thread count is restored afterwards.
+        """
         bar = _progress_bar(len(items), progress)
         lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
         # On CPU the forward passes reuse their activations' pages (gaussad.allocator): 54 -> 90 img/s.
         allocator = keep_freed_memory() if self.device.type == "cpu" else nullcontext()
-        with allocator, ThreadPoolExecutor(max_workers=self.workers) as pool:
+        with (
+            allocator,
+            ThreadPoolExecutor(max_workers=self.workers) as pool,
+            _ForwardThreads(self.device, self.workers) as forward_threads,
+        ):
             pending: deque[Future] = deque()
             queued = 0
             for start in range(0, len(items), self.batch_size):
                 while queued < len(items) and queued < start + lookahead:
-                    pending.append(pool.submit(prepare, items[queued], self.image_size))
+                    pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
                     queued += 1
                 chunk = [pending.popleft().result() for _ in range(min(self.batch_size, len(items) - start))]
-                pixels = np.stack([pixels for pixels, _ in chunk])
-                yield FeatureBatch(start, self._forward(pixels), [size for _, size in chunk])
+                main_start = time.thread_time()
+                features = self._forward(np.stack([pixels for pixels, _, _ in chunk]))
+                yield FeatureBatch(start, features, [size for _, size, _ in chunk])
+                forward_threads.observe(
+                    time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
+                )
                 bar.update(len(chunk))
         bar.close()
 

@@ -8,7 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from gaussad.features import pool_features, prepare, stack_levels
+from gaussad.backbones import load_backbone
+from gaussad.features import FeatureExtractor, _ForwardThreads, pool_features, prepare, stack_levels
+
+
+@pytest.fixture
+def two_threads():
+    """PyTorch on two threads for the test, as on the 2-core machines the defaults were measured on."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", [(300, 200, 3), (50, 70, 3), (64, 64, 3)], ids=["down", "up", "same"])
@@ -50,3 +60,30 @@ def test_stacked_levels_sit_on_the_coarsest_grid() -> None:
     assert stacked.shape == (2, 8, 4, 4)
     torch.testing.assert_close(stacked[:, :3, 1, 2], fine[:, :, 2:4, 4:6].mean(dim=(2, 3)))
     torch.testing.assert_close(stacked[:, 3:], coarse)
+
+
+@pytest.mark.parametrize(
+    ("decode_seconds", "threads_after"), [(0.25, 1), (0.02, 2)], ids=["decoding-bound", "forward-bound"]
+)
+def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
+    two_threads, decode_seconds: float, threads_after: int
+) -> None:
+    with _ForwardThreads(torch.device("cpu"), decoders=2) as forward_threads:
+        assert torch.get_num_threads() == 1
+        forward_threads.observe(0.5, decode_seconds, 16)  # the first batch warms the model up: not used
+        assert torch.get_num_threads() == 1
+        forward_threads.observe(0.16, decode_seconds, 16)
+        assert torch.get_num_threads() == threads_after
+        forward_threads.observe(0.16, 0.02 if threads_after == 1 else 0.25, 16)  # decided once
+        assert torch.get_num_threads() == threads_after
+    assert torch.get_num_threads() == 2
+
+
+def test_feature_batches_restore_the_thread_count_when_the_reader_stops_early(two_threads, category) -> None:
+    backbone = load_backbone("efficientnet_lite0")
+    extractor = FeatureExtractor(backbone, [3], 64, torch.device("cpu"), batch_size=2)
+    batches = extractor.batches(sorted((category / "train" / "good").iterdir()))
+    first = next(batches)
+    assert torch.get_num_threads() == 1 and first.features[0].shape == (2, 40, 8, 8)
+    batches.close()
+    assert torch.get_num_threads() == 2
