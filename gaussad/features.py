@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -75,12 +76,13 @@ class _ForwardThreads:
     starts on one thread, where the main thread's CPU time is the whole cost of a batch (forward pass and
     what the caller does with it), and after the second batch (the first warms the model up) goes back to
     all threads unless one thread keeps up: no slower than the decoders or the cores' shared budget.
+    A single batch keeps all threads: nothing decodes beside its forward pass.
     """
 
-    def __init__(self, device: torch.device, decoders: int) -> None:
+    def __init__(self, device: torch.device, decoders: int, batches: int) -> None:
         self.threads = torch.get_num_threads()
         self.decoders = decoders
-        self.deciding = device.type == "cpu" and self.threads > 1
+        self.deciding = device.type == "cpu" and self.threads > 1 and batches > 1
         self.batches_seen = 0
 
     def __enter__(self) -> _ForwardThreads:
@@ -177,7 +179,9 @@ class FeatureExtractor:
         with (
             allocator,
             ThreadPoolExecutor(max_workers=self.workers) as pool,
-            _ForwardThreads(self.device, self.workers) as forward_threads,
+            _ForwardThreads(
+                self.device, self.workers, math.ceil(len(items) / self.batch_size)
+            ) as forward_threads,
         ):
             pending: deque[Future] = deque()
             queued = 0

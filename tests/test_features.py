@@ -68,7 +68,7 @@ def test_stacked_levels_sit_on_the_coarsest_grid() -> None:
 def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
     two_threads, decode_seconds: float, threads_after: int
 ) -> None:
-    with _ForwardThreads(torch.device("cpu"), decoders=2) as forward_threads:
+    with _ForwardThreads(torch.device("cpu"), decoders=2, batches=4) as forward_threads:
         assert torch.get_num_threads() == 1
         forward_threads.observe(0.5, decode_seconds, 16)  # the first batch warms the model up: not used
         assert torch.get_num_threads() == 1
@@ -87,3 +87,12 @@ def test_feature_batches_restore_the_thread_count_when_the_reader_stops_early(tw
     assert torch.get_num_threads() == 1 and first.features[0].shape == (2, 40, 8, 8)
     batches.close()
     assert torch.get_num_threads() == 2
+
+
+def test_a_single_batch_keeps_every_thread(two_threads, category) -> None:
+    backbone = load_backbone("efficientnet_lite0")
+    extractor = FeatureExtractor(backbone, [3], 64, torch.device("cpu"), batch_size=2)
+    batches = extractor.batches(sorted((category / "train" / "good").iterdir())[:2])
+    next(batches)
+    assert torch.get_num_threads() == 2
+    batches.close()
