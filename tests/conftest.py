@@ -1,9 +1,11 @@
-"""Shared fixtures: a small synthetic data set in MVTec AD layout, and the real data when present."""
+"""Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, and
+PyTorch's thread count for one test."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -53,3 +55,11 @@ def category(tmp_path_factory) -> Path:
 def needs(path: Path):
     """Skip a test, with the reason, where the real data set is not next to the repository."""
     return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path}")
+
+
+@pytest.fixture
+def torch_threads():
+    """Call it with a count to run the test's PyTorch on that many threads; the count before comes back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

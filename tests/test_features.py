@@ -13,12 +13,9 @@ from gaussad.features import FeatureExtractor, _ForwardThreads, pool_features, p
 
 
 @pytest.fixture
-def two_threads():
-    """PyTorch on two threads for the test, as on the 2-core machines the defaults were measured on."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def small_extractor() -> FeatureExtractor:
+    """Level 3 of the default backbone at 64 px, two images a batch, on the CPU."""
+    return FeatureExtractor(load_backbone("efficientnet_lite0"), [3], 64, torch.device("cpu"), batch_size=2)
 
 
 @pytest.mark.parametrize("shape", [(300, 200, 3), (50, 70, 3), (64, 64, 3)], ids=["down", "up", "same"])
@@ -66,8 +63,9 @@ def test_stacked_levels_sit_on_the_coarsest_grid() -> None:
     ("decode_seconds", "threads_after"), [(0.25, 1), (0.02, 2)], ids=["decoding-bound", "forward-bound"]
 )
 def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
-    two_threads, decode_seconds: float, threads_after: int
+    torch_threads, decode_seconds: float, threads_after: int
 ) -> None:
+    torch_threads(2)  # as on the 2-core machines the defaults were measured on
     with _ForwardThreads(torch.device("cpu"), decoders=2, batches=4) as forward_threads:
         assert torch.get_num_threads() == 1
         forward_threads.observe(0.5, decode_seconds, 16)  # the first batch warms the model up: not used
@@ -79,20 +77,22 @@ def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
     assert torch.get_num_threads() == 2
 
 
-def test_feature_batches_restore_the_thread_count_when_the_reader_stops_early(two_threads, category) -> None:
-    backbone = load_backbone("efficientnet_lite0")
-    extractor = FeatureExtractor(backbone, [3], 64, torch.device("cpu"), batch_size=2)
-    batches = extractor.batches(sorted((category / "train" / "good").iterdir()))
+def test_feature_batches_restore_the_thread_count_when_the_reader_stops_early(
+    torch_threads, small_extractor: FeatureExtractor, category
+) -> None:
+    torch_threads(2)
+    batches = small_extractor.batches(sorted((category / "train" / "good").iterdir()))
     first = next(batches)
     assert torch.get_num_threads() == 1 and first.features[0].shape == (2, 40, 8, 8)
     batches.close()
     assert torch.get_num_threads() == 2
 
 
-def test_a_single_batch_keeps_every_thread(two_threads, category) -> None:
-    backbone = load_backbone("efficientnet_lite0")
-    extractor = FeatureExtractor(backbone, [3], 64, torch.device("cpu"), batch_size=2)
-    batches = extractor.batches(sorted((category / "train" / "good").iterdir())[:2])
+def test_a_single_batch_keeps_every_thread(
+    torch_threads, small_extractor: FeatureExtractor, category
+) -> None:
+    torch_threads(2)
+    batches = small_extractor.batches(sorted((category / "train" / "good").iterdir())[:2])
     next(batches)
     assert torch.get_num_threads() == 2
     batches.close()

@@ -231,21 +231,14 @@ def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> N
     np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """PyTorch on one thread, as the fit's first two batches run (gaussad.features._ForwardThreads): a
-    forward pass on two threads can differ in the last bits (3e-5 of a score at this 64 px input)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_held_out_calibration_scores_each_fold_with_a_model_fitted_without_it(
-    fitted: GaussAD, category: Path, one_thread
+    fitted: GaussAD, category: Path, torch_threads
 ) -> None:
     """Label-free thresholds come from training images scored by models that never saw them: the first of
     5 contiguous folds of the 16 images is images 0-3, and a model fitted on the other 12 must agree."""
+    # One thread, as the fit's first two batches ran (gaussad.features._ForwardThreads): a forward pass on
+    # two threads can differ in the last bits (3e-5 of a score at this 64 px input).
+    torch_threads(1)
     train = training_images(category)
     without = GaussAD(**SMALL, map_levels=(2, 3), folds=0).fit(train[4:])
     assert len(without.held_out_scores_) == 0 and without.image_threshold_ is None  # no calibration
