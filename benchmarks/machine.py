@@ -10,7 +10,7 @@ import torch
 
 def cpu_description() -> str:
     """Model name, the vector instruction set PyTorch dispatches to, and whether bf16 has hardware support."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = "", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
@@ -19,8 +19,9 @@ def cpu_description() -> str:
                 model = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
-            if model and flags:
+            if model and flags:  # the first processor's entry is enough
                 break
+    model = model or platform.processor() or platform.machine()
     if not flags:
         bf16 = "bf16 instructions unknown"
     else:
