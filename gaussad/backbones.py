@@ -93,6 +93,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hex SHA-256 over a model's state dict (names, dtypes, shapes and bytes, in order): pins weights that
+    come from no file of ours, such as timm's downloads."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class TappedBackbone(torch.nn.Module):
     """A frozen timm model in eval mode that returns the feature maps of chosen levels.
 
@@ -318,7 +328,11 @@ def load_backbone(
                 f"backbone {name!r}: the pretrained weights could not be downloaded ({_first_line(e)}); "
                 "download them where there is internet or pass a local state dict with --weights FILE"
             ) from e
-        return TappedBackbone(name, model, _preprocessing(model), "timm", fold_norms=fold_norms)
+        # Downloaded weights are pinned by a digest of the state dict, checked when a saved model loads.
+        digest = state_dict_sha256(model)
+        return TappedBackbone(
+            name, model, _preprocessing(model), "timm", fold_norms=fold_norms, weights_sha256=digest
+        )
     path = Path(weights)
     model = timm.create_model(name, pretrained=False)
     _load_into(model, _read_state_dict(path), path)

@@ -1,53 +1,59 @@
-"""From images to backbone feature maps, in batches: decoding and resizing run in threads beside the model."""
+"""From images to model outputs, in batches: decoding and resizing run in threads beside the model."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from functools import lru_cache
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gaussad.allocator import keep_freed_memory
-from gaussad.backbones import TappedBackbone
+from gaussad.backbones import Preprocessing
+from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from gaussad.errors import GaussADError
 from gaussad.images import ImageInput, load_pixels
-from gaussad.options import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, PRECISIONS
+from gaussad.tuning import ForwardThreads, tuning_enabled
 
 Precision = Literal["fp32", "bf16"]
+Output = TypeVar("Output")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' picks CUDA where there is a GPU; an unavailable CUDA is a user error, not a crash later."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise GaussADError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise GaussADError("--device cuda: no CUDA GPU is available to PyTorch here")
     return resolved
 
 
 @dataclass
-class FeatureBatch:
-    """Feature maps of consecutive images: one float32 (B, C, H, W) tensor per requested level."""
+class Batch(Generic[Output]):
+    """The model's output for consecutive images, with each image's original size."""
 
-    start: int
-    features: list[torch.Tensor]
+    start: int  # index of the batch's first image
+    outputs: Output
     sizes: list[tuple[int, int]]  # each image's original (height, width)
 
 
 def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one image and squash it to the square model input: (S, S, 3) uint8 and the original size.
 
-    Resized by PyTorch's bilinear filter with antialiasing, on 8-bit pixels as they are laid out (HWC):
-    the same filter as Pillow's BILINEAR (within 1 of 255), 5x faster (900 px to 224: 1.4 against 7.1 ms).
+    Resized by PyTorch's bilinear filter with antialiasing on the 8-bit pixels as they lie (HWC): Pillow's
+    BILINEAR filter within 1 of 255, several times faster.
     """
     pixels = load_pixels(item)
     if not pixels.flags.writeable:  # as PIL's arrays are: torch warns of them, though nothing writes here
@@ -66,54 +72,32 @@ def _timed_prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple
     return pixels, size, time.thread_time() - start
 
 
-class _ForwardThreads:
-    """How many threads the CPU forward pass gets beside the decoding threads, chosen from measured costs.
+@lru_cache(maxsize=64)
+def pooling_matrix(cells: int, size: int) -> torch.Tensor:
+    """(size, cells) float64: row i averages the cells of output i under adaptive average pooling, whose
+    windows [floor(i * cells / size), ceil((i + 1) * cells / size)) overlap where size does not divide cells.
+    As a matrix product it exports to ONNX for any sizes, unlike `adaptive_avg_pool2d`."""
+    matrix = torch.zeros(size, cells, dtype=torch.float64)
+    for i in range(size):
+        start, stop = (i * cells) // size, -((-(i + 1) * cells) // size)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
 
-    Both share the same cores. When decoding costs more CPU than a one-thread forward pass, a multi-threaded
-    forward pass mostly waits at its barriers for the thread a decoder displaced (bottle's 900 px PNGs,
-    2 cores: 52-54 img/s extracted with two threads, 65-68 with one); when the forward pass costs more (the
-    tiles' small JPEGs), it needs every core (87-103 img/s with one thread, 117-133 with two). So the model
-    starts on one thread, where the main thread's CPU time is the whole cost of a batch (forward pass and
-    what the caller does with it), and after the second batch (the first warms the model up) goes back to
-    all threads unless one thread keeps up: no slower than the decoders or the cores' shared budget.
-    A single batch keeps all threads: nothing decodes beside its forward pass.
-    """
 
-    def __init__(self, device: torch.device, decoders: int, batches: int) -> None:
-        self.threads = torch.get_num_threads()
-        self.decoders = decoders
-        self.deciding = device.type == "cpu" and self.threads > 1 and batches > 1
-        self.batches_seen = 0
-
-    def __enter__(self) -> _ForwardThreads:
-        if self.deciding:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        torch.set_num_threads(self.threads)
-
-    def observe(self, main_seconds: float, decode_seconds: float, images: int) -> None:
-        """CPU seconds of one batch: the main thread's (forward pass and caller) and its images' decoding."""
-        if not self.deciding:
-            return
-        self.batches_seen += 1
-        if self.batches_seen < 2:
-            return
-        self.deciding = False
-        forward, decode = main_seconds / images, decode_seconds / images
-        if forward > max(decode / self.decoders, (forward + decode) / self.threads):
-            torch.set_num_threads(self.threads)
+def grid_pool(features: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Feature maps (B, C, H, W) averaged over a grid of cells by pooling matrices rows (h, H) and columns
+    (w, W): (B, C, h, w)."""
+    return rows @ features @ columns.T
 
 
 def pool_features(features: torch.Tensor, grid: int) -> torch.Tensor:
     """One level's image descriptor: feature maps (B, C, H, W) averaged over each cell of a grid x grid
-    layout, cells concatenated (B, C * grid * grid). grid 1 is the paper's global average pooling; a finer
-    grid also keeps where in the image a feature occurs, which aligned parts reward (README, "How the
-    defaults were chosen")."""
+    layout, cells concatenated channel by channel (B, C * grid * grid). grid 1 is the paper's global
+    average pooling; a finer grid also keeps where in the image a feature occurs (docs/design.md)."""
     if grid == 1:
         return features.mean(dim=(2, 3))
-    return F.adaptive_avg_pool2d(features, grid).flatten(1)
+    rows, columns = (pooling_matrix(n, grid).to(features) for n in features.shape[-2:])
+    return grid_pool(features, rows, columns).flatten(1)
 
 
 def stack_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -121,83 +105,84 @@ def stack_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
     are averaged over the cells of that grid, then concatenated along channels. The positional input of the
     hybrid map's per-position Gaussian."""
     grid = min((f.shape[-2:] for f in features), key=lambda shape: shape[0] * shape[1])
-    return torch.cat([f if f.shape[-2:] == grid else F.adaptive_avg_pool2d(f, grid) for f in features], dim=1)
+    pooled = [
+        f
+        if f.shape[-2:] == grid
+        else grid_pool(
+            f, pooling_matrix(f.shape[-2], grid[0]).to(f), pooling_matrix(f.shape[-1], grid[1]).to(f)
+        )
+        for f in features
+    ]
+    return torch.cat(pooled, dim=1)
 
 
-class FeatureExtractor:
-    """Runs a frozen backbone over images and returns the feature maps of the requested levels."""
+class BatchRunner:
+    """Runs a model over images in batches: decodes and squashes each image to the model input in threads
+    beside the model, normalizes the batch and calls `model(batch)` under inference mode."""
 
     def __init__(
         self,
-        backbone: TappedBackbone,
-        levels: Sequence[int],
+        model: Callable[[torch.Tensor], Output],
+        preprocessing: Preprocessing,
         image_size: int,
         device: torch.device,
-        precision: Precision = "fp32",
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise GaussADError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         if batch_size < 1:
             raise GaussADError(f"batch size {batch_size}: expected at least 1")
-        self.levels = list(levels)
+        self.model = model
         self.image_size = image_size
         self.device = device
-        self.precision = precision
         self.batch_size = batch_size
         self.workers = max(1, workers)
-        self.backbone = backbone.to(device=device, memory_format=torch.channels_last)
-        mean, std = backbone.preprocessing.mean, backbone.preprocessing.std
+        mean, std = preprocessing.mean, preprocessing.std
         self._scale = (1.0 / (255.0 * torch.tensor(std))).to(device)
         self._offset = (-torch.tensor(mean) / torch.tensor(std)).to(device)
 
-    def _forward(self, pixels: np.ndarray) -> list[torch.Tensor]:
-        # Normalized as (B, H, W, 3) by one fused multiply-add in place, over the channels as the last axis;
-        # seen as (B, 3, H, W), that is channels_last already (batch of 16: 8.4 -> 3.8 ms).
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 pixels -> the normalized float32 (B, 3, S, S) model input, channels last in
+        memory: one fused multiply-add in place over the channels as the last axis."""
         batch = torch.from_numpy(pixels).to(self.device).float()
-        batch = torch.addcmul(self._offset, batch, self._scale, out=batch).permute(0, 3, 1, 2)
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            outputs = self.backbone(batch, self.levels)
-        return [output.float() for output in outputs]
+        return torch.addcmul(self._offset, batch, self._scale, out=batch).permute(0, 3, 1, 2)
 
-    def batches(self, items: Sequence[ImageInput], progress: str | None = None) -> Iterator[FeatureBatch]:
-        """Feature batches in input order; the next batch's images decode in threads while the model runs.
+    def _run(self, pixels: np.ndarray) -> Output:
+        with torch.inference_mode():
+            return self.model(self.normalize(pixels))
 
-        On CPU the forward pass runs on one thread or all of them, whichever the measured costs of the
-        first batches favour (`_ForwardThreads`); PyTorch's thread count is restored afterwards.
+    def batches(self, items: Sequence[ImageInput], progress: str | None = None) -> Iterator[Batch[Output]]:
+        """Model outputs batch by batch in input order; the next batch's images decode while the model runs.
+
+        Under `gaussad.cpu_tuning()` the CPU forward pass holds the allocator policy and runs on one thread
+        or all, whichever the measured costs of the first batches favour (`ForwardThreads`).
         """
-        bar = _progress_bar(len(items), progress)
         lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
-        # On CPU the forward passes reuse their activations' pages (gaussad.allocator): 54 -> 90 img/s.
-        allocator = keep_freed_memory() if self.device.type == "cpu" else nullcontext()
+        tuned_cpu = tuning_enabled() and self.device.type == "cpu"
         with (
-            allocator,
+            _progress_bar(len(items), progress) as bar,
+            keep_freed_memory() if tuned_cpu else nullcontext(),
             ThreadPoolExecutor(max_workers=self.workers) as pool,
-            _ForwardThreads(
-                self.device, self.workers, math.ceil(len(items) / self.batch_size)
-            ) as forward_threads,
+            ForwardThreads(self.device, self.workers, math.ceil(len(items) / self.batch_size)) as threads,
         ):
             pending: deque[Future] = deque()
             queued = 0
-            for start in range(0, len(items), self.batch_size):
-                while queued < len(items) and queued < start + lookahead:
-                    pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
-                    queued += 1
-                chunk = [pending.popleft().result() for _ in range(min(self.batch_size, len(items) - start))]
-                main_start = time.thread_time()
-                features = self._forward(np.stack([pixels for pixels, _, _ in chunk]))
-                yield FeatureBatch(start, features, [size for _, size, _ in chunk])
-                forward_threads.observe(
-                    time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
-                )
-                bar.update(len(chunk))
-        bar.close()
+            try:
+                for start in range(0, len(items), self.batch_size):
+                    while queued < len(items) and queued < start + lookahead:
+                        pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
+                        queued += 1
+                    count = min(self.batch_size, len(items) - start)
+                    chunk = [pending.popleft().result() for _ in range(count)]
+                    main_start = time.thread_time()
+                    outputs = self._run(np.stack([pixels for pixels, _, _ in chunk]))
+                    yield Batch(start, outputs, [size for _, size, _ in chunk])
+                    threads.observe(
+                        time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), count
+                    )
+                    bar.update(count)
+            finally:
+                for future in pending:  # a reader that stops early leaves no decoding behind
+                    future.cancel()
 
 
 def _progress_bar(total: int, description: str | None):

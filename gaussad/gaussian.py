@@ -16,7 +16,7 @@ import torch
 from scipy.linalg import lapack
 
 from gaussad.errors import GaussADError
-from gaussad.options import REDUCTIONS
+from gaussad.config import REDUCTIONS
 
 Reduction = Literal["opca", "pca", "none"]
 

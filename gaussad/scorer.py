@@ -1,0 +1,197 @@
+"""The fitted model as one `torch.nn.Module`: normalized images in, image scores and anomaly maps out.
+
+`Scorer` holds the frozen backbone and, as float32 buffers, every fitted mean and whitening matrix, the
+pooling of the image score, the maps' resampling and blur, and the hybrid mix. Prediction, evaluation and
+the fit's held-out calibration all score through it (the calibration through its `MapHead` alone, on
+features kept from the fit), so scoring is written once. Every operation is a matrix product or an
+element-wise op, so the module exports to ONNX as it is. Decoding, resizing each map to its image's own
+size and decisions stay outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from gaussad.backbones import TappedBackbone
+from gaussad.features import pooling_matrix, stack_levels
+from gaussad.gaussian import Gaussian, component_distance
+from gaussad.maps import level_distance_map, resampling_matrix
+
+Grid = tuple[int, int]
+
+
+class LevelFeatures(nn.Module):
+    """The frozen backbone's float32 feature maps (B, C, H, W) at the levels a model reads, in order."""
+
+    def __init__(self, backbone: TappedBackbone, levels: Sequence[int], precision: str = "fp32") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.levels = tuple(levels)
+        self.precision = precision
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        autocast = (
+            torch.autocast(batch.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else nullcontext()
+        )
+        with autocast:
+            outputs = self.backbone(batch, self.levels)
+        return [output.float() for output in outputs]
+
+    def grids(self, image_size: int) -> dict[int, Grid]:
+        """Each level's feature grid (height, width) at a square input of `image_size`, from one probe."""
+        device = next(self.backbone.parameters()).device
+        with torch.inference_mode():
+            outputs = self.backbone(torch.zeros(1, 3, image_size, image_size, device=device), self.levels)
+        return {level: tuple(output.shape[-2:]) for level, output in zip(self.levels, outputs, strict=True)}
+
+
+def _gaussian_buffers(module: nn.Module, prefix: str, gaussian: Gaussian) -> None:
+    mean, whitening = gaussian.to_torch("cpu")
+    module.register_buffer(f"{prefix}_mean", mean)
+    module.register_buffer(f"{prefix}_whitening", whitening)
+
+
+class ImageHead(nn.Module):
+    """Image score parts: per level, the component distance of the grid-pooled features (B, levels)."""
+
+    def __init__(self, gaussians: Sequence[Gaussian], grids: Sequence[Grid], image_grid: int) -> None:
+        super().__init__()
+        self.n_levels = len(gaussians)
+        self.image_grid = image_grid
+        for index, (gaussian, (height, width)) in enumerate(zip(gaussians, grids, strict=True)):
+            _gaussian_buffers(self, f"level{index}", gaussian)
+            if image_grid > 1:
+                self.register_buffer(f"level{index}_rows", pooling_matrix(height, image_grid).float())
+                self.register_buffer(f"level{index}_columns", pooling_matrix(width, image_grid).float())
+
+    def pool(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        """One level's image descriptor, as `features.pool_features` computes it (cells per channel)."""
+        if self.image_grid == 1:
+            return features.mean(dim=(2, 3))
+        rows, columns = getattr(self, f"level{index}_rows"), getattr(self, f"level{index}_columns")
+        return (rows @ features @ columns.T).flatten(1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        distances = [
+            component_distance(
+                self.pool(index, level_features),
+                getattr(self, f"level{index}_mean"),
+                getattr(self, f"level{index}_whitening"),
+            )
+            for index, level_features in enumerate(features)
+        ]
+        return torch.stack(distances, dim=1)
+
+
+class MapHead(nn.Module):
+    """Anomaly maps (B, S, S) at the model input size from positional features.
+
+    The mean over map levels of each level's distance map, bilinearly upsampled and blurred; for hybrid
+    maps, its geometric mean with the per-position Gaussian's map of the stacked position levels, upsampled
+    and blurred the same way. The shared Gaussians know what a normal patch looks like anywhere, the
+    per-position one what belongs where: a position scores high only where both find it unusual.
+    Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (S, h)
+    and one (S, w) matrix, and levels side by side make the sum over levels one batched product.
+    """
+
+    def __init__(
+        self,
+        gaussians: Sequence[Gaussian],
+        grids: Sequence[Grid],
+        position_gaussian: Gaussian | None,
+        position_grid: Grid | None,
+        image_size: int,
+        blur_sigma: float,
+    ) -> None:
+        super().__init__()
+        self.n_levels = len(gaussians)
+        self.hybrid = position_gaussian is not None
+        self.position_grid = position_grid
+
+        def resampling(cells: int) -> torch.Tensor:
+            return resampling_matrix(
+                cells, image_size, blur_sigma, torch.float32, torch.device("cpu")
+            ).clone()
+
+        for index, (gaussian, (height, _)) in enumerate(zip(gaussians, grids, strict=True)):
+            _gaussian_buffers(self, f"level{index}", gaussian)
+            self.register_buffer(f"level{index}_rows", resampling(height))
+        self.register_buffer("columns", torch.cat([resampling(width) for _, width in grids], dim=-1))
+        if position_gaussian is not None and position_grid is not None:
+            _gaussian_buffers(self, "position", position_gaussian)
+            self.register_buffer("position_rows", resampling(position_grid[0]))
+            self.register_buffer("position_columns", resampling(position_grid[1]))
+
+    def level_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each map level's distance map (B, h, w) on its own grid."""
+        return [
+            level_distance_map(
+                level_features, getattr(self, f"level{i}_mean"), getattr(self, f"level{i}_whitening")
+            )
+            for i, level_features in enumerate(features)
+        ]
+
+    def position_map(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The per-position Gaussian's distance map (B, h, w) of stacked position features."""
+        return level_distance_map(stacked, self.position_mean, self.position_whitening)
+
+    def combine(self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None) -> torch.Tensor:
+        """The anomaly maps (B, S, S) from the level maps and, for hybrid maps, the position map."""
+        lefts = [getattr(self, f"level{i}_rows") @ level_map for i, level_map in enumerate(level_maps)]
+        combined = torch.cat(lefts, dim=-1) @ self.columns.T / len(level_maps)
+        if position_map is None:
+            return combined
+        return torch.sqrt(combined * (self.position_rows @ position_map @ self.position_columns.T))
+
+    def forward(self, features: Sequence[torch.Tensor], stacked: torch.Tensor | None = None) -> torch.Tensor:
+        """Maps from the map levels' features and, for hybrid maps, the stacked position features."""
+        return self.combine(self.level_maps(features), self.position_map(stacked) if self.hybrid else None)
+
+
+class Scorer(nn.Module):
+    """Normalized images (B, 3, S, S) -> image scores (B,) and anomaly maps (B, S, S) at the input size.
+
+    The image score is the sum over image levels of the component distances of grid-pooled features; the
+    map is `MapHead`'s; `with_maps=False` computes only the scores.
+    """
+
+    def __init__(
+        self,
+        features: LevelFeatures,
+        levels: Sequence[int],
+        map_levels: Sequence[int],
+        position_levels: Sequence[int],
+        image_head: ImageHead,
+        map_head: MapHead,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        index = {level: i for i, level in enumerate(features.levels)}
+        self.image_indices = [index[level] for level in levels]
+        self.map_indices = [index[level] for level in map_levels]
+        self.position_indices = [index[level] for level in position_levels]
+        self.image_head = image_head
+        self.map_head = map_head
+
+    def forward(self, batch: torch.Tensor, with_maps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(self.features(batch), with_maps)
+
+    def score(
+        self, features: Sequence[torch.Tensor], with_maps: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps from the backbone's features at `features.levels` (maps (B, 0, 0) without)."""
+        scores = self.image_head([features[i] for i in self.image_indices]).sum(dim=1)
+        if not with_maps:
+            return scores, scores.new_empty((len(scores), 0, 0))
+        stacked = self.stack_position([features[i] for i in self.position_indices])
+        return scores, self.map_head([features[i] for i in self.map_indices], stacked)
+
+    def stack_position(self, features: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The hybrid map's per-position input: the position levels side by side (None for other maps)."""
+        return stack_levels(features) if features else None

@@ -1,0 +1,164 @@
+"""What fitting learns, in one dataclass that converts to and from named arrays and JSON metadata.
+
+`FittedState` is the model's learned state: the levels and input size it used, every Gaussian, the held-out
+normal results of label-free calibration, the thresholds, and the backbone it was fitted with. A model
+folder stores `to_tensors()` (safetensors) and its metadata (JSON); `from_tensors` rebuilds it. Nothing here
+knows of `GaussAD`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from gaussad.calibration import Threshold
+from gaussad.errors import GaussADError
+from gaussad.gaussian import Gaussian
+
+POSITION_KEY = "position"
+HELD_OUT = ("held_out_scores", "held_out_map_maxima", "held_out_map_medians")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The backbone a model was fitted with: its name and the checksum of its weights."""
+
+    name: str
+    weights_source: str  # a package name, "file", or "timm" (downloaded by timm)
+    weights_path: str | None
+    weights_sha256: str | None
+
+
+@dataclass
+class FittedState:
+    """Everything `GaussAD.fit` learns. Gaussians are in float64; thresholds may be changed later
+    (`gaussad calibrate`), the rest only by fitting again."""
+
+    backbone: BackboneInfo
+    levels: tuple[int, ...]
+    map_levels: tuple[int, ...]
+    position_levels: tuple[int, ...]
+    image_size: int
+    n_train: int
+    image_gaussians: list[Gaussian]
+    map_gaussians: list[Gaussian]
+    position_gaussian: Gaussian | None
+    held_out_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    held_out_map_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
+    held_out_map_medians: np.ndarray = field(default_factory=lambda: np.empty(0))
+    image_threshold: Threshold | None = None
+    pixel_threshold: Threshold | None = None
+
+    @property
+    def extracted_levels(self) -> tuple[int, ...]:
+        """Every level the backbone produces for this model: image, map and position levels."""
+        return tuple(sorted({*self.levels, *self.map_levels, *self.position_levels}))
+
+    def with_thresholds(self, image: Threshold | None, pixel: Threshold | None) -> FittedState:
+        return replace(self, image_threshold=image, pixel_threshold=pixel)
+
+    def describe_levels(self) -> list[dict[str, Any]]:
+        """Per-Gaussian facts for reports: level, role, channels, components kept, mean shrinkage."""
+        rows = [
+            _level_row(role, level, gaussian)
+            for role, levels, gaussians in (
+                ("image", self.levels, self.image_gaussians),
+                ("map", self.map_levels, self.map_gaussians),
+            )
+            for level, gaussian in zip(levels, gaussians, strict=True)
+        ]
+        if self.position_gaussian is not None:
+            rows.append(
+                _level_row("position", "+".join(map(str, self.position_levels)), self.position_gaussian)
+            )
+        return rows
+
+    def _named_gaussians(self) -> list[tuple[str, Gaussian]]:
+        named = [
+            *((f"image.{level}", g) for level, g in zip(self.levels, self.image_gaussians, strict=True)),
+            *((f"map.{level}", g) for level, g in zip(self.map_levels, self.map_gaussians, strict=True)),
+        ]
+        if self.position_gaussian is not None:
+            named.append((POSITION_KEY, self.position_gaussian))
+        return named
+
+    def to_tensors(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(named float64 arrays, JSON-ready metadata): what a model folder stores."""
+        tensors: dict[str, np.ndarray] = {}
+        for key, gaussian in self._named_gaussians():
+            tensors[f"{key}.mean"] = np.ascontiguousarray(gaussian.mean, dtype=np.float64)
+            tensors[f"{key}.whitening"] = np.ascontiguousarray(gaussian.whitening, dtype=np.float64)
+            tensors[f"{key}.shrinkage"] = np.atleast_1d(np.asarray(gaussian.shrinkage, dtype=np.float64))
+        for name in HELD_OUT:
+            tensors[name] = np.ascontiguousarray(getattr(self, name), dtype=np.float64)
+        metadata = {
+            "backbone": vars(self.backbone).copy(),
+            "levels": list(self.levels),
+            "map_levels": list(self.map_levels),
+            "position_levels": list(self.position_levels),
+            "image_size": self.image_size,
+            "n_train": self.n_train,
+            "gaussians": self.describe_levels(),
+            "thresholds": {
+                "image": self.image_threshold.as_dict() if self.image_threshold else None,
+                "pixel": self.pixel_threshold.as_dict() if self.pixel_threshold else None,
+            },
+        }
+        return tensors, metadata
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, np.ndarray], metadata: dict[str, Any], where: str
+    ) -> FittedState:
+        """Rebuild the state from `to_tensors`' output; anything missing or malformed is an error naming
+        `where` (the model folder's files)."""
+
+        def gaussian(key: str) -> Gaussian:
+            try:
+                return Gaussian(
+                    tensors[f"{key}.mean"], tensors[f"{key}.whitening"], tensors[f"{key}.shrinkage"]
+                )
+            except KeyError as missing:
+                raise GaussADError(f"{where}: missing tensor {missing}") from None
+
+        try:
+            levels = _levels(metadata["levels"])
+            map_levels = _levels(metadata["map_levels"])
+            position_levels = _levels(metadata.get("position_levels", []))
+            thresholds = metadata.get("thresholds") or {}
+            return cls(
+                backbone=BackboneInfo(**metadata["backbone"]),
+                levels=levels,
+                map_levels=map_levels,
+                position_levels=position_levels,
+                image_size=int(metadata["image_size"]),
+                n_train=int(metadata["n_train"]),
+                image_gaussians=[gaussian(f"image.{level}") for level in levels],
+                map_gaussians=[gaussian(f"map.{level}") for level in map_levels],
+                position_gaussian=gaussian(POSITION_KEY) if position_levels else None,
+                **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
+                image_threshold=Threshold(**thresholds["image"]) if thresholds.get("image") else None,
+                pixel_threshold=Threshold(**thresholds["pixel"]) if thresholds.get("pixel") else None,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise GaussADError(
+                f"{where}: malformed model description ({type(error).__name__}: {error})"
+            ) from None
+
+
+def _levels(values: Any) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"levels {values!r} are not a list of whole numbers")
+    return tuple(values)
+
+
+def _level_row(role: str, level: int | str, gaussian: Gaussian) -> dict[str, Any]:
+    return {
+        "role": role,
+        "level": level,
+        "channels": int(gaussian.whitening.shape[-2]),
+        "components": gaussian.n_components,
+        "shrinkage": float(np.mean(gaussian.shrinkage)),
+    }
