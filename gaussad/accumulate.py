@@ -84,8 +84,7 @@ class LevelAccumulator:
                 self._position_outer = torch.zeros((*positions, channels, channels), dtype=torch.float64)
         shifted = wide - self._shift
         if self.per_position:
-            # In place: the sums are (P, C, C), and a temporary would triple the memory traffic (measured:
-            # 0.13 s against 0.03 s for 32 images, 196 positions, 152 channels).
+            # In place: the sums are (P, C, C), and a temporary would triple the memory traffic.
             _add_position_outer(self._position_outer, shifted)
         fold_index = torch.tensor(folds)
         for fold in fold_index.unique().tolist():

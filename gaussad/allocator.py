@@ -3,7 +3,8 @@
 Every batch, the backbone allocates and frees activations of tens of MiB. glibc's malloc serves blocks that
 large by `mmap` and returns them to the system when freed, so the next batch faults every page in again and
 the kernel zeroes it: 3,700 minor page faults per image for EfficientNet-Lite0 at 224 px, about 40% of the
-forward pass on 2 cores. Served from the heap and kept there once freed, the same pass runs 54 -> 90 img/s.
+forward pass on 2 cores. Served from the heap and kept there once freed, the pass runs much faster
+(docs/design.md). Used only under `gaussad.cpu_tuning()`.
 
 Outside the forward passes the kept memory only adds to the peak: blocks of other sizes (fitting's
 statistics) fit badly into the holes it leaves, and the heap grows. So the policy is held while features

@@ -65,7 +65,7 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _SAFETENSORS_SUFFIX = ".safetensors"
 # Side of the dummy image used to measure strides: divisible by 32, so every stride divides it exactly.
 _PROBE_SIDE = 128
-# Map levels of 7-stage EfficientNets, chosen by measurement (README, benchmarks/results/tune_maps*.md):
+# Map levels of 7-stage EfficientNets, chosen by measurement (docs/design.md, tune_maps*.md in results):
 # the best sum of pixel AUROC and AUPRO over MVTec bottle and Magnetic Tile with Lite0.
 EFFICIENTNET_MAP_LEVELS = (3, 4, 5)
 # Image-score levels of 7-stage EfficientNets, chosen likewise with the 4 x 4 image grid: the paper's 3..7
@@ -233,7 +233,7 @@ class CroppedSameConv2d(torch.nn.Conv2d):
     Conv2dSame first copies its input into a padded tensor. Padded evenly by the start pad plus the stride
     instead, the convolution's grid moves by exactly one step: the same outputs follow one extra at the
     start (and at most one at the end), which a crop drops. What is copied later is then the output, a
-    stride squared smaller. EfficientNet-Lite0 to stage 5 at 224 px, batch 16, 2 threads: 120 -> 140 img/s.
+    stride squared smaller, and the forward pass faster (docs/design.md).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,8 +272,8 @@ def fold_batch_norms(model: torch.nn.Module) -> None:
     """Fold each frozen BatchNorm into the convolution registered just before it, in place.
 
     timm's EfficientNets and ResNets register every convolution right before its norm and run them in that
-    order, so the pair is one affine map: the norm's pass over every feature map disappears (measured
-    below in the README). A norm with a fused activation (timm's BatchNormAct2d) keeps its activation.
+    order, so the pair is one affine map: the norm's pass over every feature map disappears. A norm with a
+    fused activation (timm's BatchNormAct2d) keeps its activation.
     """
     for parent in list(model.modules()):
         children = list(parent.named_children())
