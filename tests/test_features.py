@@ -117,3 +117,18 @@ def test_a_single_batch_keeps_every_thread(
     next(batches)
     assert torch.get_num_threads() == 2
     batches.close()
+
+
+def test_the_progress_bar_ends_when_the_reader_stops(
+    small_extractor: BatchRunner, category, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A progress bar left open would print its line over the next message (an error, say)."""
+    from gaussad import features
+
+    bars = []
+    make_bar = features._progress_bar
+    monkeypatch.setattr(features, "_progress_bar", lambda *args: bars.append(make_bar(*args)) or bars[-1])
+    batches = small_extractor.batches(sorted((category / "train" / "good").iterdir()), progress="fit")
+    next(batches)
+    batches.close()
+    assert len(bars) == 1 and bars[0].disable is True  # tqdm marks a closed bar disabled
