@@ -32,10 +32,12 @@ anomalib settings (its defaults except the backbone; timm ``features_only`` indi
 gaussad runs with its defaults: ``GaussAD(backbone=..., image_size=..., device=...)``; gaussad-shared the
 same with ``localization="shared"`` (the ratios stay relative to the defaults).
 
-gaussad holds its allocator policy while it extracts features (``gaussad.allocator``: glibc's malloc keeps
-freed blocks for reuse, which speeds up the CPU forward pass); anomalib's processes keep glibc's defaults, as
-its users get them. ``--anomalib-allocator gaussad`` holds the same policy while anomalib iterates the
-images (which is while its model runs its forward passes), to show what it is worth.
+gaussad runs as its CLI runs it, under ``gaussad.cpu_tuning()``: it holds its allocator policy while it
+extracts features (``gaussad.allocator``: glibc's malloc keeps freed blocks for reuse, which speeds up the
+CPU forward pass), chooses the forward pass's threads and fits on one BLAS thread per job; anomalib's
+processes keep glibc's and PyTorch's defaults, as its users get them. ``--anomalib-allocator gaussad`` holds
+the same allocator policy while anomalib iterates the images (which is while its model runs its forward
+passes), to show what it is worth.
 
 Measured per method: fit seconds (wall time from building the model, weights loading included, to the end of
 fitting), test images per second (scoring stage only: data loading and the forward over all test images
@@ -76,26 +78,21 @@ from typing import Any
 import numpy as np
 import torch
 from machine import cpu_description
+from PIL import Image
 
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import available_backbones, load_backbone
+from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, DEFAULTS
 from gaussad.errors import GaussADError
-from gaussad.evaluation import (
-    LabeledImage,
-    _image_size,
-    find_categories,
-    list_test_images,
-    read_mask,
-    training_images,
-)
+from gaussad.evaluation import LabeledImage, find_categories, list_test_images, read_mask, training_images
 from gaussad.features import prepare
 from gaussad.maps import resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD
-from gaussad.options import DEFAULT_LOCALIZATION
+from gaussad.tuning import cpu_tuning
 
 METHODS = ("gaussad", "gaussad-shared", "padim", "patchcore", "dfm")
-GAUSSAD_LOCALIZATIONS = {"gaussad": DEFAULT_LOCALIZATION, "gaussad-shared": "shared"}
+GAUSSAD_LOCALIZATIONS = {"gaussad": DEFAULTS.localization, "gaussad-shared": "shared"}
 # anomalib constructor arguments besides backbone and the pre/post-processing switches (its defaults;
 # --patchcore-coreset changes PatchCore's ratio for a run).
 ANOMALIB_SETTINGS: dict[str, dict[str, Any]] = {
@@ -173,26 +170,28 @@ def run_single(spec_path: Path) -> None:
 def _run_gaussad(
     spec: dict[str, Any], train: list[Path], tests: list[LabeledImage]
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """gaussad with its defaults (or shared maps): fit and scoring times, scores and maps at input size."""
+    """gaussad with its defaults (or shared maps): fit and scoring times, scores and maps at input size.
+
+    Runs under `cpu_tuning()`, as gaussad's CLI runs: its allocator policy, forward-pass threads and BLAS
+    threads."""
     model = GaussAD(
         backbone=spec["backbone"],
         image_size=spec["image_size"],
         device=spec["device"],
         localization=GAUSSAD_LOCALIZATIONS[spec["method"]],
     )
-    started = time.perf_counter()
-    model.fit(train)
-    fit_seconds = time.perf_counter() - started
-    log(f"  {spec['method']}: fitted in {fit_seconds:.1f} s, scoring {len(tests)} images")
-    size = (spec["image_size"], spec["image_size"])
-    started = time.perf_counter()
-    scores, maps = [], []
-    for _, batch_scores, batch_maps in model.iter_predict(
-        [t.path for t in tests], map_sizes=[size] * len(tests)
-    ):
-        scores.append(batch_scores)
-        maps += batch_maps
-    score_seconds = time.perf_counter() - started
+    with cpu_tuning():
+        started = time.perf_counter()
+        model.fit(train)
+        fit_seconds = time.perf_counter() - started
+        log(f"  {spec['method']}: fitted in {fit_seconds:.1f} s, scoring {len(tests)} images")
+        size = (spec["image_size"], spec["image_size"])
+        started = time.perf_counter()
+        scores, maps = [], []
+        for batch in model.iter_predict([t.path for t in tests], map_sizes=[size] * len(tests)):
+            scores.append(batch.scores)
+            maps += batch.maps
+        score_seconds = time.perf_counter() - started
     return fit_seconds, score_seconds, np.concatenate(scores), np.stack(maps)
 
 
@@ -336,7 +335,6 @@ def _run_anomalib(
 
     method, size = spec["method"], spec["image_size"]
     patch_timm(spec["backbone"], spec["timm_name"])
-    defaults = GaussAD()
 
     def loader(paths: Sequence[Path], labels: Sequence[int]) -> torch.utils.data.DataLoader:
         from anomalib.data import ImageBatch
@@ -346,12 +344,12 @@ def _run_anomalib(
             paths,
             labels,
             size,
-            defaults.workers,
-            2 * defaults.batch_size,
+            DEFAULT_WORKERS,
+            2 * DEFAULT_BATCH_SIZE,
             keep_freed_memory=spec["anomalib_allocator"] == "gaussad",
         )
         return torch.utils.data.DataLoader(
-            dataset, batch_size=defaults.batch_size, collate_fn=ImageBatch.collate
+            dataset, batch_size=DEFAULT_BATCH_SIZE, collate_fn=ImageBatch.collate
         )
 
     class Collect(Callback):
@@ -396,6 +394,17 @@ def _run_anomalib(
 
 
 # ------------------------------------------------------------------------------------------------ the driver
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) as the models see the image (after EXIF rotation), read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except OSError as error:
+        raise GaussADError(f"{path}: cannot read image ({error})") from None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def evaluate(category: Path, outputs: dict[str, np.ndarray], measured: dict[str, Any]) -> dict[str, Any]:
     """Metrics of one method from its raw outputs, maps resized bilinearly to each image's full size."""
     tests = list_test_images(category)

@@ -19,11 +19,13 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS, load_backbone
+from gaussad.config import DEFAULTS
 from gaussad.evaluation import list_test_images, training_images
-from gaussad.features import FeatureExtractor, pool_features
+from gaussad.features import BatchRunner, pool_features
 from gaussad.gaussian import fit_gaussian
 from gaussad.metrics import image_auroc
-from gaussad.options import DEFAULT_IMAGE_GRID
+from gaussad.scorer import LevelFeatures
+from gaussad.tuning import cpu_tuning
 
 CANDIDATE_LEVELS = (3, 4, 5, 6, 7)
 GRIDS = (1, 2, 3, 4)
@@ -32,13 +34,16 @@ VARIANCES = (0.02, 0.05, 0.1, 0.15)
 
 def pooled_features(backbone_name: str, items: list, grids=GRIDS) -> dict[tuple[int, int], np.ndarray]:
     """(level, grid) -> (N, C * grid * grid) float64 pooled features of the images."""
-    backbone = load_backbone(backbone_name)
-    extractor = FeatureExtractor(
-        backbone, CANDIDATE_LEVELS, backbone.preprocessing.image_size, torch.device("cpu")
+    backbone = load_backbone(backbone_name).to(memory_format=torch.channels_last)  # as gaussad's fit
+    runner = BatchRunner(
+        LevelFeatures(backbone, CANDIDATE_LEVELS),
+        backbone.preprocessing,
+        backbone.preprocessing.image_size,
+        torch.device("cpu"),
     )
     parts: dict[tuple[int, int], list[np.ndarray]] = {}
-    for batch in extractor.batches(items):
-        for level, features in zip(CANDIDATE_LEVELS, batch.features, strict=True):
+    for batch in runner.batches(items):
+        for level, features in zip(CANDIDATE_LEVELS, batch.outputs, strict=True):
             for grid in grids:
                 pooled = pool_features(features, grid).to(torch.float64).numpy()
                 parts.setdefault((level, grid), []).append(pooled)
@@ -73,7 +78,7 @@ def main() -> None:
     ]
     variance_lines = [
         f"## Image AUROC by OPCA variance (default levels {EFFICIENTNET_IMAGE_LEVELS[0]}-"
-        f"{EFFICIENTNET_IMAGE_LEVELS[-1]}, grid {DEFAULT_IMAGE_GRID} x {DEFAULT_IMAGE_GRID})",
+        f"{EFFICIENTNET_IMAGE_LEVELS[-1]}, grid {DEFAULTS.image_grid} x {DEFAULTS.image_grid})",
         "",
         "| category | backbone | " + " | ".join(f"OPCA {v:g}" for v in VARIANCES) + " |",
         "|---|---|" + "---|" * len(VARIANCES),
@@ -81,8 +86,9 @@ def main() -> None:
     for category, backbone in itertools.product(args.categories, args.backbones):
         tests = list_test_images(category)
         labels = np.array([t.label for t in tests])
-        train = pooled_features(backbone, training_images(category))
-        test = pooled_features(backbone, [t.path for t in tests])
+        with cpu_tuning():  # gaussad's feature extraction as the CLI runs it: faster, the same features
+            train = pooled_features(backbone, training_images(category))
+            test = pooled_features(backbone, [t.path for t in tests])
         with threadpool_limits(limits=1, user_api="blas"):
             distances = {
                 key: level_distances(train[key], test[key], 0.05)
@@ -95,7 +101,7 @@ def main() -> None:
                     + " | ".join(f"{a:.4f}" for a in aurocs)
                     + " |"
                 )
-            defaults = [(level, DEFAULT_IMAGE_GRID) for level in EFFICIENTNET_IMAGE_LEVELS]
+            defaults = [(level, DEFAULTS.image_grid) for level in EFFICIENTNET_IMAGE_LEVELS]
             aurocs = [
                 image_auroc(labels, sum(level_distances(train[key], test[key], v) for key in defaults))
                 for v in VARIANCES

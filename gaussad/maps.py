@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -19,6 +20,38 @@ def level_distance_map(features: torch.Tensor, mean: torch.Tensor, whitening: to
         return mahalanobis(features.permute(0, 2, 3, 1), mean, whitening)
     per_position = features.flatten(2).permute(2, 0, 1)  # (P, B, C)
     return mahalanobis(per_position, mean, whitening).T.reshape(batch, height, width)
+
+
+def combine_levels(
+    level_maps: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], columns: torch.Tensor
+) -> torch.Tensor:
+    """Mean over levels of the maps (B, h, w) resampled to (B, S, S): level i's map m becomes R_i @ m @ C_i.T,
+    with rows[i] = R_i (S, h_i) and `columns` the C_i (S, w_i) side by side, so that the sum over levels is
+    one batched product. Upsampling and blur are separable and linear: `resampling_matrix` gives both."""
+    lefts = [level_rows @ level_map for level_rows, level_map in zip(rows, level_maps, strict=True)]
+    return torch.cat(lefts, dim=-1) @ columns.T / len(level_maps)
+
+
+def combine_maps(
+    level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None, size: int, blur_sigma: float
+) -> torch.Tensor:
+    """The anomaly maps (B, size, size) of level maps and, for hybrid maps, a position map, as
+    `gaussad.scorer.MapHead` combines them, for any levels and blur (tuning and ablations)."""
+
+    def matrix(cells: int, like: torch.Tensor) -> torch.Tensor:
+        return resampling_matrix(cells, size, blur_sigma, like.dtype, like.device)
+
+    rows = [matrix(m.shape[-2], m) for m in level_maps]
+    combined = combine_levels(level_maps, rows, torch.cat([matrix(m.shape[-1], m) for m in level_maps], -1))
+    if position_map is None:
+        return combined
+    position = position_map
+    return torch.sqrt(
+        combined
+        * combine_levels(
+            [position], [matrix(position.shape[-2], position)], matrix(position.shape[-1], position)
+        )
+    )
 
 
 @lru_cache(maxsize=64)

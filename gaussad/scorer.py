@@ -19,7 +19,7 @@ from torch import nn
 from gaussad.backbones import TappedBackbone
 from gaussad.features import pooling_matrix, stack_levels
 from gaussad.gaussian import Gaussian, component_distance
-from gaussad.maps import level_distance_map, resampling_matrix
+from gaussad.maps import combine_levels, level_distance_map, resampling_matrix
 
 Grid = tuple[int, int]
 
@@ -143,11 +143,13 @@ class MapHead(nn.Module):
 
     def combine(self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None) -> torch.Tensor:
         """The anomaly maps (B, S, S) from the level maps and, for hybrid maps, the position map."""
-        lefts = [getattr(self, f"level{i}_rows") @ level_map for i, level_map in enumerate(level_maps)]
-        combined = torch.cat(lefts, dim=-1) @ self.columns.T / len(level_maps)
+        rows = [getattr(self, f"level{i}_rows") for i in range(self.n_levels)]
+        combined = combine_levels(level_maps, rows, self.columns)
         if position_map is None:
             return combined
-        return torch.sqrt(combined * (self.position_rows @ position_map @ self.position_columns.T))
+        return torch.sqrt(
+            combined * combine_levels([position_map], [self.position_rows], self.position_columns)
+        )
 
     def forward(self, features: Sequence[torch.Tensor], stacked: torch.Tensor | None = None) -> torch.Tensor:
         """Maps from the map levels' features and, for hybrid maps, the stacked position features."""

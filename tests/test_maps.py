@@ -6,16 +6,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from gaussad.gaussian import Gaussian, mahalanobis
-from gaussad.maps import blur_last_axis, level_distance_map, resize_map
-from gaussad.scorer import MapHead
+from gaussad.gaussian import mahalanobis
+from gaussad.maps import blur_last_axis, combine_maps, level_distance_map, resize_map
 
 
 def combine_levels(level_maps: list[torch.Tensor], size: int, blur_sigma: float) -> torch.Tensor:
-    """MapHead's combination of level maps (B, h, w) into (B, size, size), in float32."""
-    dummy = [Gaussian(np.zeros(1), np.ones((1, 1)), np.zeros(1)) for _ in level_maps]
-    head = MapHead(dummy, [tuple(m.shape[-2:]) for m in level_maps], None, None, size, blur_sigma)
-    return head.combine([m.float() for m in level_maps], None)
+    return combine_maps(level_maps, None, size, blur_sigma)
 
 
 def test_blur_matches_scipy() -> None:
@@ -36,8 +32,8 @@ def test_combined_map_is_the_mean_of_upsampled_levels_blurred(blur_sigma: float)
     if blur_sigma:
         expected = gaussian_filter(expected, blur_sigma, axes=(1, 2), mode="mirror", truncate=4.0)
     combined = combine_levels(level_maps, 32, blur_sigma)
-    assert combined.dtype == torch.float32  # the scorer's buffers are float32
-    np.testing.assert_allclose(combined.numpy(), expected, atol=1e-6)
+    assert combined.dtype == torch.float64
+    np.testing.assert_allclose(combined.numpy(), expected, atol=1e-12)
 
 
 def test_level_maps_shared_and_per_position_agree_with_direct_distances() -> None:
