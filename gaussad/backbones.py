@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
 
 import timm
 import torch
@@ -61,6 +64,7 @@ _EMBEDDED: dict[str, _EmbeddedWeights] = {
     ),
 }
 
+_HUB_PROBE_SECONDS = 3.0  # one connection attempt to the model hub before a download
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _SAFETENSORS_SUFFIX = ".safetensors"
 # Side of the dummy image used to measure strides: divisible by 32, so every stride divides it exactly.
@@ -322,7 +326,7 @@ def load_backbone(
         )
     if weights is None:
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = _download_pretrained(name)
         except Exception as e:
             raise GaussADError(
                 f"backbone {name!r}: the pretrained weights could not be downloaded ({_first_line(e)}); "
@@ -339,6 +343,21 @@ def load_backbone(
     return TappedBackbone(
         name, model, _preprocessing(model), "file", str(path), file_sha256(path), fold_norms=fold_norms
     )
+
+
+def _download_pretrained(name: str) -> torch.nn.Module:
+    """timm's pretrained model, downloaded or from the local cache. Where the hub cannot be reached (one
+    connection attempt), only the cache is tried: without a network the answer comes at once instead of
+    after a minute of download retries."""
+    from huggingface_hub import constants
+
+    host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=_HUB_PROBE_SECONDS).close()
+    except OSError:
+        with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+            return timm.create_model(name, pretrained=True)
+    return timm.create_model(name, pretrained=True)
 
 
 def _first_line(error: Exception) -> str:

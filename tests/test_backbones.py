@@ -378,3 +378,21 @@ def test_no_weights_offline_suggests_weights_option(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(GaussADError, match=r"could not be downloaded.*--weights FILE"):
         load_backbone("resnet18")
+
+
+def test_a_download_without_network_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the hub cannot be reached, only the local cache (empty here) is tried: no minute of retries."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(GaussADError, match="could not be downloaded.*--weights FILE"):
+        load_backbone("resnet18")
+    assert time.perf_counter() - started < 10
