@@ -20,7 +20,7 @@ from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import Preprocessing
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from gaussad.errors import GaussADError
-from gaussad.images import ImageInput, load_pixels
+from gaussad.images import ImageInput, describe, load_pixels
 from gaussad.tuning import ForwardThreads, tuning_enabled
 
 Precision = Literal["fp32", "bf16"]
@@ -40,13 +40,30 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+@dataclass(frozen=True)
+class ImageError:
+    """An input image that could not be read, skipped where a run is told to go on."""
+
+    index: int  # its position among the inputs
+    name: str  # its path, or "<image N>"
+    message: str  # the one-line reason, naming the file
+
+
 @dataclass
 class Batch(Generic[Output]):
-    """The model's output for consecutive images, with each image's original size."""
+    """The model's output for images in input order, with each image's original size. `indices` are the
+    images' positions among the inputs; `errors` the images skipped since the previous batch (a last batch
+    may hold only errors: then `outputs` is None)."""
 
-    start: int  # index of the batch's first image
-    outputs: Output
+    indices: list[int]
+    outputs: Output | None
     sizes: list[tuple[int, int]]  # each image's original (height, width)
+    errors: list[ImageError]
+
+    @property
+    def start(self) -> int:
+        """Position of the batch's first image among the inputs."""
+        return self.indices[0] if self.indices else -1
 
 
 def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -150,11 +167,15 @@ class BatchRunner:
         with torch.inference_mode():
             return self.model(self.normalize(pixels))
 
-    def batches(self, items: Sequence[ImageInput], progress: str | None = None) -> Iterator[Batch[Output]]:
+    def batches(
+        self, items: Sequence[ImageInput], progress: str | None = None, skip_errors: bool = False
+    ) -> Iterator[Batch[Output]]:
         """Model outputs batch by batch in input order; the next batch's images decode while the model runs.
 
-        Under `gaussad.cpu_tuning()` the CPU forward pass holds the allocator policy and runs on one thread
-        or all, whichever the measured costs of the first batches favour (`ForwardThreads`).
+        An unreadable image stops the run with its `GaussADError`, or with `skip_errors` is left out and
+        reported in the next batch's `errors`. Under `gaussad.cpu_tuning()` the CPU forward pass holds the
+        allocator policy and runs on one thread or all, whichever the measured costs of the first batches
+        favour (`ForwardThreads`).
         """
         lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
         tuned_cpu = tuning_enabled() and self.device.type == "cpu"
@@ -165,21 +186,32 @@ class BatchRunner:
             ForwardThreads(self.device, self.workers, math.ceil(len(items) / self.batch_size)) as threads,
         ):
             pending: deque[Future] = deque()
-            queued = 0
+            queued = taken = 0
             try:
-                for start in range(0, len(items), self.batch_size):
-                    while queued < len(items) and queued < start + lookahead:
-                        pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
-                        queued += 1
-                    count = min(self.batch_size, len(items) - start)
-                    chunk = [pending.popleft().result() for _ in range(count)]
+                while taken < len(items):
+                    chunk, indices, errors = [], [], []
+                    while len(chunk) < self.batch_size and taken < len(items):
+                        while queued < len(items) and queued < taken + lookahead:
+                            pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
+                            queued += 1
+                        try:
+                            chunk.append(pending.popleft().result())
+                            indices.append(taken)
+                        except GaussADError as error:
+                            if not skip_errors:
+                                raise
+                            errors.append(ImageError(taken, describe(items[taken], taken), str(error)))
+                        taken += 1
+                    if not chunk:
+                        yield Batch(indices, None, [], errors)
+                        break
                     main_start = time.thread_time()
                     outputs = self._run(np.stack([pixels for pixels, _, _ in chunk]))
-                    yield Batch(start, outputs, [size for _, size, _ in chunk])
+                    yield Batch(indices, outputs, [size for _, size, _ in chunk], errors)
                     threads.observe(
-                        time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), count
+                        time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
                     )
-                    bar.update(count)
+                    bar.update(len(chunk) + len(errors))
             finally:
                 for future in pending:  # a reader that stops early leaves no decoding behind
                     future.cancel()

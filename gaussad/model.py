@@ -25,7 +25,7 @@ from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, DEFAULTS, MODEL_OPTIONS, ModelConfig
 from gaussad.errors import GaussADError
-from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
+from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 from gaussad.images import ImageInput, collect_images, describe
 from gaussad.maps import resize_map
@@ -36,7 +36,8 @@ from gaussad.tuning import one_blas_thread
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
-RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress")
+RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error")
+ON_ERRORS = ("stop", "skip")
 
 
 @dataclass
@@ -52,19 +53,27 @@ class Prediction:
 class PredictionBatch:
     """Predictions for consecutive images: what `GaussAD.iter_predict` yields."""
 
-    start: int  # index of the batch's first image
+    indices: list[int]  # the images' positions among the inputs
     names: list[str]
     sizes: list[tuple[int, int]]  # each image's own (height, width), as decoded
     scores: np.ndarray  # float64
     maps: list[np.ndarray]  # float32, at the requested size or the image's own; empty without maps
+    errors: list[ImageError]  # images skipped since the previous batch (on_error="skip")
+
+    @property
+    def start(self) -> int:
+        """Position of the batch's first image among the inputs (-1 for a batch of errors only)."""
+        return self.indices[0] if self.indices else -1
 
 
 class GaussAD:
     """Anomaly detector fitted on defect-free images.
 
     Model parameters are the fields of `ModelConfig` (defaults and allowed values there), stored as given
-    (scikit-learn convention); device, batch_size, workers and progress are run-time settings. What `fit`
-    learns ends in `_`: `state_` holds all of it, and the properties below read it.
+    (scikit-learn convention); device, batch_size, workers, progress and on_error are run-time settings:
+    on_error "stop" ends a run at the first unreadable image, "skip" leaves such images out (`fit` lists
+    them in `skipped_`, `iter_predict` in each batch's `errors`). What `fit` learns ends in `_`: `state_`
+    holds all of it, and the properties below read it.
     """
 
     def __init__(
@@ -87,6 +96,7 @@ class GaussAD:
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = DEFAULT_WORKERS,
         progress: bool = False,
+        on_error: str = "stop",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -106,6 +116,7 @@ class GaussAD:
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
+        self.on_error = on_error
 
     @property
     def config(self) -> ModelConfig:
@@ -116,6 +127,7 @@ class GaussAD:
     def fit(self, images: ImageInput | Iterable[ImageInput]) -> GaussAD:
         """Learn the Gaussians from defect-free images (paths, folders, PIL images, arrays, tensors)."""
         config = self.config
+        skip_errors = self._skip_errors()
         items = collect_images(images)
         if len(items) < 2:
             raise GaussADError(f"need at least 2 training images, got {len(items)}")
@@ -136,6 +148,8 @@ class GaussAD:
         # sums take one in-place product per fold present.
         fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in levels}
+        kept: list[int] = []
+        skipped: list[ImageError] = []
         with tempfile.TemporaryDirectory(prefix="gaussad-fit-") as spill_dir:
             accumulators = {
                 level: LevelAccumulator(
@@ -150,8 +164,12 @@ class GaussAD:
                 if position_levels
                 else None
             )
-            for batch in runner.batches(items, progress="fit" if self.progress else None):
-                batch_folds = fold_of[batch.start : batch.start + len(batch.sizes)].tolist()
+            for batch in runner.batches(items, "fit" if self.progress else None, skip_errors):
+                skipped += batch.errors
+                if batch.outputs is None:
+                    continue
+                kept += batch.indices
+                batch_folds = fold_of[batch.indices].tolist()
                 by_level = dict(zip(extracted, batch.outputs, strict=True))
                 for level in levels:
                     pooled[level].append(
@@ -163,6 +181,9 @@ class GaussAD:
                     position_accumulator.add(
                         stack_levels([by_level[lv] for lv in position_levels]), batch_folds
                     )
+            if len(kept) < 2:
+                raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
+            fold_of = fold_of[kept]
             pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the fold models' image scores). Each level's map Gaussians, the full
@@ -199,7 +220,7 @@ class GaussAD:
                 map_levels=map_levels,
                 position_levels=position_levels,
                 image_size=image_size,
-                n_train=len(items),
+                n_train=len(kept),
                 image_gaussians=image_gaussians,
                 map_gaussians=[fits[0] for fits in map_fits],
                 position_gaussian=position_fits[0] if position_fits else None,
@@ -221,6 +242,7 @@ class GaussAD:
         self.backbone_ = backbone
         self.device_ = device
         self.scorer_ = _build_scorer(features, state, grids, config).to(device)
+        self.skipped_ = skipped
         self.fit_seconds_ = time.perf_counter() - started
         return self
 
@@ -276,6 +298,11 @@ class GaussAD:
         return _label_free_thresholds(self.state_, rate, self._n_folds(self.state_.n_train))
 
     # ----------------------------------------------------------------------------------------- scoring
+    def _skip_errors(self) -> bool:
+        if self.on_error not in ON_ERRORS:
+            raise GaussADError(f"--on-error {self.on_error!r}: expected one of {', '.join(ON_ERRORS)}")
+        return self.on_error == "skip"
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "state_"):
             raise GaussADError("this GaussAD model is not fitted yet: call fit() or GaussAD.load()")
@@ -291,6 +318,7 @@ class GaussAD:
         map_sizes gives each image's output map size (default: the image's own size).
         """
         self._check_fitted()
+        skip_errors = self._skip_errors()
         items = collect_images(images)
         runner = BatchRunner(
             partial(self.scorer_, with_maps=with_maps),
@@ -300,19 +328,22 @@ class GaussAD:
             self.batch_size,
             self.workers,
         )
-        for batch in runner.batches(items, progress="predict" if self.progress else None):
+        for batch in runner.batches(items, "predict" if self.progress else None, skip_errors):
+            if batch.outputs is None:
+                yield PredictionBatch([], [], [], np.empty(0), [], batch.errors)
+                continue
             batch_scores, batch_maps = batch.outputs
-            stop = batch.start + len(batch.sizes)
             maps: list[np.ndarray] = []
             if with_maps:
-                sizes = batch.sizes if map_sizes is None else map_sizes[batch.start : stop]
+                sizes = batch.sizes if map_sizes is None else [map_sizes[index] for index in batch.indices]
                 maps = [resize_map(m, size).cpu().numpy() for m, size in zip(batch_maps, sizes, strict=True)]
             yield PredictionBatch(
-                batch.start,
-                [describe(items[index], index) for index in range(batch.start, stop)],
+                batch.indices,
+                [describe(items[index], index) for index in batch.indices],
                 batch.sizes,
                 batch_scores.cpu().numpy().astype(np.float64),
                 maps,
+                batch.errors,
             )
 
     def predict(self, images: ImageInput | Iterable[ImageInput]) -> Prediction:

@@ -356,3 +356,25 @@ def test_the_library_leaves_process_wide_settings_alone(
         worker.join()
     assert "threads 1" in calls  # the tuning was at work
     assert torch.get_num_threads() == 2
+
+
+def test_unreadable_images_stop_a_run_or_are_skipped(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
+    train = training_images(category)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(GaussADError, match="broken.png"):
+        GaussAD(**SMALL, folds=0).fit([*train[:3], broken])
+    model = GaussAD(**SMALL, on_error="skip").fit([*train[:7], broken, *train[7:]])
+    assert model.n_train_ == 16 and [e.name for e in model.skipped_] == [str(broken)]
+    assert len(model.held_out_scores_) == 16
+    paths = [t.path for t in list_test_images(category)]
+    fitted.on_error = "skip"
+    batches = list(fitted.iter_predict([broken, *paths[:5], broken, *paths[5:], broken]))
+    fitted.on_error = "stop"
+    assert [e.index for b in batches for e in b.errors] == [0, 6, 10]
+    assert all("broken.png" in e.message for b in batches for e in b.errors)
+    assert [i for b in batches for i in b.indices] == [1, 2, 3, 4, 5, 7, 8, 9]
+    scores = np.concatenate([b.scores for b in batches])
+    np.testing.assert_allclose(scores, fitted.score_samples(paths), rtol=1e-6)
+    with pytest.raises(GaussADError, match="--on-error 'ignore'"):
+        GaussAD(**SMALL, on_error="ignore").fit(train)
