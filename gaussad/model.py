@@ -9,7 +9,6 @@ the default "hybrid" maps add one Gaussian per position over stacked levels. Sco
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 from gaussad.images import ImageInput, collect_images, describe
 from gaussad.maps import resize_map
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer
+from gaussad.scratch import scratch_folder
 from gaussad.state import BackboneInfo, FittedState
 from gaussad.tuning import one_blas_thread
 
@@ -38,6 +38,7 @@ from gaussad.tuning import one_blas_thread
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error")
 ON_ERRORS = ("stop", "skip")
+SPILL_PREFIX = "gaussad-fit-"
 
 
 @dataclass
@@ -150,7 +151,9 @@ class GaussAD:
         pooled: dict[int, list[np.ndarray]] = {level: [] for level in levels}
         kept: list[int] = []
         skipped: list[ImageError] = []
-        with tempfile.TemporaryDirectory(prefix="gaussad-fit-") as spill_dir:
+        # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
+        # process is killed.
+        with scratch_folder(SPILL_PREFIX) as spill_dir:
             accumulators = {
                 level: LevelAccumulator(
                     Path(spill_dir) / f"level{level}.f32",
