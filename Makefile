@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/datasets/mvtec_ad/bottle
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Debian packages the tests need, as PACKAGE:CHECK (a command on PATH or a path pattern; see
+# scripts/ensure-packages): the browser test drives Debian's chromium.
+TEST_PACKAGES := chromium:chromium
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-packages lint format clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +22,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/gaussad evaluate $(DATA)
 
-test: install
+# The system packages first: without root to install them, `make test` stops at once, saying how.
+test: test-packages install
 	$(BIN)/pytest -q
+
+test-packages:
+	sh scripts/ensure-packages $(TEST_PACKAGES)
 
 lint: install
 	$(BIN)/ruff check .

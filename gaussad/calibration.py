@@ -4,8 +4,9 @@ Label-free (default): the good training images are split into folds; each fold i
 fitted without it, which gives honest "normal" scores and maps. The image threshold is the (1 - rate)
 quantile of the held-out scores for a target false-alarm rate; the pixel threshold is the same quantile of
 each held-out image's maximum map value, so that a good part's defect mask is empty at that rate too.
-With labels (`calibrate_labeled`): the F1-optimal point, or the rate measured on labelled good images.
-A manual value overrides either. Every threshold records how, and on what, it was chosen.
+With labels (`evaluation.calibrate_on_labeled`): the F1-optimal point, or the rate measured on labelled
+good images. A manual value (`decisions.manual_threshold`) overrides either. Every threshold records how,
+and on what, it was chosen.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from gaussad.errors import GaussADError
 
@@ -54,6 +54,9 @@ def quantile_threshold(normal: np.ndarray, rate: float, method: str, source: str
 
 def f1_threshold(labels: np.ndarray, values: np.ndarray, source: str) -> Threshold:
     """The threshold with the best F1 score for 'anomalous' on labelled data."""
+    # Imported here: Threshold is used where scikit-learn is not needed (decisions, the CLI's parsing).
+    from sklearn.metrics import precision_recall_curve
+
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         raise GaussADError("F1 calibration needs both normal and anomalous examples")
@@ -63,12 +66,3 @@ def f1_threshold(labels: np.ndarray, values: np.ndarray, source: str) -> Thresho
     best = int(np.argmax(f1))
     normal_level = float(np.median(np.asarray(values)[~labels]))
     return Threshold(float(thresholds[best]), normal_level, "f1", f"{source}; F1 {f1[best]:.3f}")
-
-
-def rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(false-alarm rate on normal images, miss rate on anomalous images) when score >= threshold flags."""
-    labels = np.asarray(labels).astype(bool)
-    flagged = np.asarray(scores) >= threshold
-    false_alarms = float(flagged[~labels].mean()) if (~labels).any() else float("nan")
-    misses = float((~flagged[labels]).mean()) if labels.any() else float("nan")
-    return false_alarms, misses

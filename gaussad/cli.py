@@ -1,28 +1,31 @@
-"""Command-line tool: `gaussad fit`, `predict` and `evaluate`, thin layers over the library."""
+"""Command-line tool: `gaussad fit`, `predict`, `evaluate`, `calibrate`, `info` and `report`.
+
+It parses and prints; what the commands decide and write lives in the library (decisions, heatmaps,
+evaluation, report, results). Each command runs inside `cpu_tuning()`, the process-wide CPU settings a
+library user does not get unasked.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from gaussad import __version__, options
+from gaussad import __version__
+from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig
 from gaussad.errors import GaussADError
 
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
 if TYPE_CHECKING:
-    from gaussad.calibration import Threshold
-    from gaussad.evaluation import CategoryPredictions, CategoryResult
+    from gaussad.decisions import Decision
+    from gaussad.evaluation import CategoryEvaluation, CategoryResult
     from gaussad.model import GaussAD
     from gaussad.report import CategoryReport
-
-PREDICTIONS_FILE = "predictions.csv"
 
 
 def _levels(text: str) -> list[int]:
@@ -38,81 +41,63 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-size",
         type=int,
-        default=options.DEFAULT_BATCH_SIZE,
+        default=DEFAULT_BATCH_SIZE,
         help="images per forward pass (default: %(default)s)",
     )
     group.add_argument(
-        "--workers",
-        type=int,
-        default=options.DEFAULT_WORKERS,
-        help="threads decoding images (default: %(default)s)",
+        "--workers", type=int, default=DEFAULT_WORKERS, help="threads decoding images (default: %(default)s)"
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _option_type(name: str, spec: dict[str, Any]) -> Any:
+    """How the CLI parses a model option: levels lists, file paths, or the type of the field."""
+    if spec["kind"] == "levels":
+        return _levels
+    if spec["kind"] == "path" or spec["choices"]:
+        return str
+    hint = next(f.type for f in fields(ModelConfig) if f.name == name)  # text, e.g. "int | None"
+    for kind in (int, float, str):
+        if kind.__name__ in hint.split(" | "):
+            return kind
+    raise TypeError(f"model option {name}: no command-line type for {hint}")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of ModelConfig, with its help, default and choices stated there."""
     group = parser.add_argument_group("model options")
-    group.add_argument(
-        "--backbone", default=options.DEFAULT_BACKBONE, help="efficientnet_lite0/1/2 or any timm model"
-    )
-    group.add_argument("--weights", help="local weights file (.pth or .safetensors) for a timm backbone")
-    group.add_argument("--levels", type=_levels, help="levels for the image score (default: the backbone's)")
-    group.add_argument("--map-levels", type=_levels, help="levels for the anomaly map (default: tuned)")
-    group.add_argument(
-        "--position-levels",
-        type=_levels,
-        help="hybrid localization: levels stacked for the per-position Gaussian (default: tuned)",
-    )
-    group.add_argument("--reduction", choices=options.REDUCTIONS, default=options.DEFAULT_REDUCTION)
-    group.add_argument(
-        "--variance",
-        type=float,
-        default=options.DEFAULT_VARIANCE,
-        help="variance share kept (opca 0.05, pca 0.95)",
-    )
-    group.add_argument("--localization", choices=options.LOCALIZATIONS, default=options.DEFAULT_LOCALIZATION)
-    group.add_argument("--image-size", type=int, help="square model input side (default: tuned)")
-    group.add_argument(
-        "--blur-sigma", type=float, default=options.DEFAULT_BLUR_SIGMA, help="map blur, input px; 0 = off"
-    )
-    group.add_argument(
-        "--image-grid",
-        type=int,
-        default=options.DEFAULT_IMAGE_GRID,
-        help="image score: features averaged per cell of an N x N grid; 1 = global pooling (paper)",
-    )
-    group.add_argument("--precision", choices=options.PRECISIONS, default=options.DEFAULT_PRECISION)
-    group.add_argument(
-        "--folds", type=int, default=options.DEFAULT_FOLDS, help="folds for label-free thresholds; 0 = none"
-    )
-    group.add_argument(
-        "--max-false-alarm-rate",
-        type=float,
-        default=options.DEFAULT_FALSE_ALARM_RATE,
-        help="target share of good images flagged, for the label-free thresholds (default: 0.01)",
-    )
+    for name, spec in MODEL_OPTIONS.items():
+        default = spec["default"]
+        help_text = spec["help"] if default is None else f"{spec['help']} (default: %(default)s)"
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_option_type(name, spec),
+            default=default,
+            choices=spec["choices"] or None,
+            metavar="FILE" if spec["kind"] == "path" else None,
+            help=help_text,
+        )
 
 
 def _model_from_args(args: argparse.Namespace) -> GaussAD:
     from gaussad.model import GaussAD
 
     return GaussAD(
-        backbone=args.backbone,
-        weights=args.weights,
-        levels=args.levels,
-        map_levels=args.map_levels,
-        position_levels=args.position_levels,
-        reduction=args.reduction,
-        variance=args.variance,
-        localization=args.localization,
-        image_size=args.image_size,
-        blur_sigma=args.blur_sigma,
-        image_grid=args.image_grid,
-        precision=args.precision,
-        folds=args.folds,
-        max_false_alarm_rate=args.max_false_alarm_rate,
-        batch_size=args.batch_size,
+        **{name: getattr(args, name) for name in MODEL_OPTIONS},
         device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+
+
+def _load_model(args: argparse.Namespace) -> GaussAD:
+    from gaussad.model import GaussAD
+
+    return GaussAD.load(
+        args.model_dir,
+        device=args.device,
+        batch_size=args.batch_size,
         workers=args.workers,
         progress=not args.quiet,
     )
@@ -126,96 +111,58 @@ def run_fit(args: argparse.Namespace) -> None:
     print(f"fitted on {model.n_train_} images in {model.fit_seconds_:.1f} s; saved to {args.output}")
 
 
-def output_names(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
-    """(image, output name) pairs: a folder's images are named by their path relative to that folder, a
-    file by its name. Two inputs that would write the same name are an error, not a silent overwrite."""
-    from gaussad.images import find_images
-
-    pairs: list[tuple[Path, Path]] = []
-    for given in map(Path, inputs):
-        base = given.parent if given.is_file() else given
-        pairs += [(image, image.relative_to(base)) for image in find_images(given)]
-    seen: dict[Path, Path] = {}
-    for image, name in pairs:
-        if name in seen:
-            raise GaussADError(f"{image} and {seen[name]} would both be written as {name}")
-        seen[name] = image
-    return pairs
-
-
 def run_predict(args: argparse.Namespace) -> None:
     import numpy as np
-    from PIL import Image
 
+    from gaussad.decisions import (
+        PREDICTIONS_FILE,
+        decide_all,
+        defect_mask,
+        map_scale,
+        output_names,
+        output_path,
+        predictions_csv,
+    )
     from gaussad.fileio import replace_folder
-    from gaussad.heatmaps import colorize, overlay
-    from gaussad.images import read_image
-    from gaussad.model import GaussAD
+    from gaussad.heatmaps import write_pictures
 
-    model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
-    model.progress = not args.quiet
+    model = _load_model(args)
     image_threshold, pixel_threshold = model.image_threshold_, model.pixel_threshold_
     pairs = output_names(args.paths)
+    decisions: list[Decision] = []
 
-    def save_pictures(folder: Path, image: Path, name: Path, anomaly_map: np.ndarray, scale) -> None:
-        heatmap = folder / "maps" / name.with_suffix(".png")
-        Image.fromarray(colorize(anomaly_map, *scale)).save(heatmap)
-        mask = anomaly_map >= pixel_threshold.value if pixel_threshold else None
-        if mask is not None:
-            target = folder / "masks" / name.with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((mask * 255).astype(np.uint8)).save(target)
-        if args.overlays:
-            target = folder / "overlays" / name.with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            picture = overlay(np.asarray(read_image(image)), anomaly_map, *scale, mask=mask)
-            Image.fromarray(picture).save(target)
-
-    rows: list[tuple[Path, float, Path]] = []
+    def pictures(folder: Path, image: Path, name: Path, anomaly_map: np.ndarray, scale) -> None:
+        mask = defect_mask(anomaly_map, pixel_threshold)
+        write_pictures(folder, name, anomaly_map, scale, mask, image if args.overlays else None)
 
     def write(folder: Path) -> None:
-        # One colour scale for the whole run: the model's own (typical normal value to twice the threshold)
-        # when it is calibrated, else the range of all maps of this run, known only at the end.
+        # A calibrated model's colour scale is known now; an uncalibrated one's is the range of all the
+        # run's maps, so its pictures are drawn at the end from the saved maps.
         scale = map_scale(pixel_threshold) if pixel_threshold else None
-        low, high = np.inf, -np.inf
-        named = iter(pairs)
-        for _, scores, maps in model.iter_predict([image for image, _ in pairs]):
-            for score, anomaly_map in zip(scores, maps, strict=True):
-                image, name = next(named)
-                target = folder / "maps" / name
+        low, high, scores = np.inf, -np.inf, []
+        for batch in model.iter_predict([image for image, _ in pairs]):
+            for index, anomaly_map in enumerate(batch.maps, start=batch.start):
+                image, name = pairs[index]
+                target = output_path(folder, "maps", name, ".npy")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                np.save(target.with_suffix(".npy"), anomaly_map)
+                np.save(target, anomaly_map)
                 low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
                 if scale:
-                    save_pictures(folder, image, name, anomaly_map, scale)
-                rows.append((image, float(score), name))
+                    pictures(folder, image, name, anomaly_map, scale)
+            scores.extend(batch.scores.tolist())
         if not scale:
-            for image, _, name in rows:
-                save_pictures(
-                    folder, image, name, np.load(folder / "maps" / name.with_suffix(".npy")), (low, high)
-                )
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "score", "normalized_score", "is_anomalous"])
-        for image, score, _ in rows:
-            decision = ["", ""]
-            if image_threshold:
-                normalized = float(image_threshold.normalize(score))
-                decision = [f"{normalized:.4f}", str(int(score >= image_threshold.value))]
-            writer.writerow([str(image), f"{score:.6f}", *decision])
-        (folder / PREDICTIONS_FILE).write_text(buffer.getvalue())
+            scale = map_scale(None, (low, high))
+            for image, name in pairs:
+                pictures(folder, image, name, np.load(output_path(folder, "maps", name, ".npy")), scale)
+        decisions.extend(decide_all(scores, image_threshold))
+        (folder / PREDICTIONS_FILE).write_text(predictions_csv([image for image, _ in pairs], decisions))
 
     replace_folder(args.output, write, marker=PREDICTIONS_FILE)
     summary = f"scored {len(pairs)} images"
     if image_threshold:
-        flagged = sum(score >= image_threshold.value for _, score, _ in rows)
+        flagged = sum(decision.is_anomalous for decision in decisions)
         summary += f", {flagged} anomalous at threshold {image_threshold.value:.4g}"
     print(f"{summary}; wrote {Path(args.output) / PREDICTIONS_FILE}")
-
-
-def map_scale(threshold: Threshold) -> tuple[float, float]:
-    """Colour range for maps: the typical normal value is dark, the threshold mid-scale."""
-    return threshold.normal_level, 2.0 * threshold.value - threshold.normal_level
 
 
 def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
@@ -244,50 +191,25 @@ def _run_config(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}, default=str))
 
 
-def _evaluate(args: argparse.Namespace) -> tuple[list[CategoryResult], list[CategoryPredictions]]:
-    from gaussad.evaluation import evaluate_category, find_categories
+def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluation]:
+    """Evaluate every category asked for, printing the table; maps are kept only for reports."""
+    from gaussad.evaluation import evaluate_category, find_categories, mean_metrics
 
-    results, predictions = [], []
-    for category in find_categories(args.root, args.category):
-        result, predicted = evaluate_category(lambda: _model_from_args(args), category, args.eval_size)
-        results.append(result)
-        predictions.append(predicted)
-    return results, predictions
-
-
-def _outcomes(results: list[CategoryResult], predictions: list[CategoryPredictions]) -> list[CategoryReport]:
-    """Each category's evaluation with its model's thresholds, as reports and saved results take them."""
-    from gaussad.report import CategoryReport
-
-    outcomes = []
-    for result, predicted in zip(results, predictions, strict=True):
-        model = predicted.model
-        if model.image_threshold_ is None or model.pixel_threshold_ is None:
-            raise GaussADError("reports and saved results need thresholds: fit with --folds 2 or more")
-        outcomes.append(
-            CategoryReport(
-                result,
-                predicted,
-                image_threshold=model.image_threshold_.value,
-                pixel_threshold=model.pixel_threshold_.value,
-                threshold_source=f"{model.image_threshold_.method}: {model.image_threshold_.source}",
-            )
-        )
-    return outcomes
+    if keep_maps and args.folds == 0:  # said before the fits rather than after them
+        raise GaussADError("reports and saved results need thresholds: fit with --folds 2 or more")
+    evaluations = [
+        evaluate_category(lambda: _model_from_args(args), category, args.eval_size, keep_maps=keep_maps)
+        for category in find_categories(args.root, args.category)
+    ]
+    results = [evaluation.result for evaluation in evaluations]
+    print(format_table(results, mean_metrics(results)))
+    return evaluations
 
 
-def _model_info(model: GaussAD) -> dict:
-    return {
-        "backbone": model.backbone_.name,
-        "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
-        "input size": model.image_size_,
-        "levels (image score)": list(model.levels_),
-        "levels (map)": list(model.map_levels_),
-        "levels (position)": list(model.position_levels_),
-        "components per level": {
-            f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
-        },
-    }
+def _category_reports(evaluations: list[CategoryEvaluation]) -> list[CategoryReport]:
+    from gaussad.report import category_report
+
+    return [category_report(evaluation) for evaluation in evaluations]
 
 
 def _report(path: str, config: dict, model_info: dict, outcomes: list[CategoryReport]) -> None:
@@ -303,16 +225,19 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from gaussad.fileio import write_text_atomic
     from gaussad.results import save_results
 
-    results, predictions = _evaluate(args)
-    mean = mean_metrics(results)
-    print(format_table(results, mean))
+    evaluations = _evaluate(args, keep_maps=bool(args.report or args.save_results))
+    results = [evaluation.result for evaluation in evaluations]
     config = _run_config(args)
     if args.json:
-        document = {"config": config, "categories": [r.as_dict() for r in results], "mean": mean}
+        document = {
+            "config": config,
+            "categories": [r.as_dict() for r in results],
+            "mean": mean_metrics(results),
+        }
         write_text_atomic(args.json, json.dumps(document, indent=2) + "\n")
     if args.report or args.save_results:
-        outcomes = _outcomes(results, predictions)
-        model_info = _model_info(predictions[0].model)
+        outcomes = _category_reports(evaluations)
+        model_info = evaluations[0].model_info
         if args.save_results:
             save_results(args.save_results, config, model_info, outcomes)
             print(f"results: {args.save_results}")
@@ -321,31 +246,27 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from gaussad.evaluation import mean_metrics
     from gaussad.results import is_results_folder, load_results
 
     if is_results_folder(args.root):
         _report(args.output, *load_results(args.root))
         return
-    results, predictions = _evaluate(args)
-    print(format_table(results, mean_metrics(results)))
-    _report(
-        args.output, _run_config(args), _model_info(predictions[0].model), _outcomes(results, predictions)
-    )
+    evaluations = _evaluate(args, keep_maps=True)
+    _report(args.output, _run_config(args), evaluations[0].model_info, _category_reports(evaluations))
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
-    from gaussad.evaluation import calibrate_on_labeled, find_categories
-    from gaussad.model import GaussAD
+    from gaussad.decisions import manual_threshold
+    from gaussad.evaluation import calibrate_on_labeled, find_category
 
-    model = GaussAD.load(args.model_dir, device=args.device, batch_size=args.batch_size, workers=args.workers)
-    model.progress = not args.quiet
-    if args.val_root:
-        category = find_categories(args.val_root)[0]
+    if args.category and not args.val_root:
+        raise GaussADError("--category chooses among the categories of VAL_ROOT: give VAL_ROOT too")
+    category = find_category(args.val_root, args.category) if args.val_root else None
+    model = _load_model(args)
+    if category is not None:
         image, pixel = calibrate_on_labeled(model, category, args.max_false_alarm_rate)
     elif args.max_false_alarm_rate is not None:
-        model.max_false_alarm_rate = args.max_false_alarm_rate
-        image, pixel = model.label_free_thresholds()
+        image, pixel = model.label_free_thresholds(args.max_false_alarm_rate)
     else:
         image, pixel = model.image_threshold_, model.pixel_threshold_
     if args.image_threshold is not None:
@@ -359,17 +280,6 @@ def run_calibrate(args: argparse.Namespace) -> None:
     model.image_threshold_, model.pixel_threshold_ = image, pixel
     model.save(args.model_dir)
     print(describe_thresholds(model))
-
-
-def manual_threshold(value: float, previous: Threshold | None, kind: str) -> Threshold:
-    from gaussad.calibration import Threshold
-
-    normal_level = previous.normal_level if previous else 0.0
-    if value <= normal_level:
-        raise GaussADError(
-            f"{kind} threshold {value}: must be above the typical normal value {normal_level:.4g}"
-        )
-    return Threshold(value, normal_level, "manual", f"{kind} threshold set by hand")
 
 
 def describe_thresholds(model: GaussAD) -> str:
@@ -387,13 +297,13 @@ def run_info(args: argparse.Namespace) -> None:
     from gaussad.persistence import FORMAT_VERSION
 
     model = GaussAD.load(args.model_dir, device="cpu")
-    backbone = model.backbone_
+    backbone, config = model.backbone_, model.config
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
     print(f"input: {model.image_size_} px; trained on {model.n_train_} images")
     print(
-        f"reduction: {model.reduction} {model.variance}; localization: {model.localization}; "
-        f"blur sigma: {model.blur_sigma}; image grid: {model.image_grid} x {model.image_grid}"
+        f"reduction: {config.reduction} {config.variance}; localization: {config.localization}; "
+        f"blur sigma: {config.blur_sigma}; image grid: {config.image_grid} x {config.image_grid}"
     )
     for row in model.describe_levels():
         print(
@@ -430,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "val_root", nargs="?", help="labelled data in MVTec layout: thresholds at the F1-optimal points"
     )
+    calibrate.add_argument("--category", help="the category of VAL_ROOT to use, where it holds several")
     calibrate.add_argument(
         "--max-false-alarm-rate",
         type=float,
@@ -472,10 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> None:
+    from gaussad.tuning import cpu_tuning
+
+    with cpu_tuning():
+        args.handler(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        _run(args)
     except GaussADError as error:
         print(f"gaussad: error: {error}", file=sys.stderr)
         return 2

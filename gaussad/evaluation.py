@@ -1,7 +1,8 @@
 """Evaluation on data in MVTec AD layout: fit on train/good, score test/, compare with ground truth.
 
 Layout of a category: train/good/*, test/<type>/* (good or a defect type),
-ground_truth/<type>/<stem>_mask.png.
+ground_truth/<type>/<stem>_mask.png. Importable without torch (the model comes in as an argument), so that
+saved results and reports load fast.
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from gaussad.calibration import Threshold, f1_threshold, quantile_threshold, rates
+from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
+from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
 from gaussad.images import IMAGE_EXTENSIONS
 from gaussad.metrics import image_auroc, pixel_metrics
-from gaussad.model import GaussAD
+
+if TYPE_CHECKING:
+    from gaussad.model import GaussAD
+
+STORED_SIDE = 256  # side of the maps and masks kept for reports and saved results
 
 
 @dataclass
@@ -53,13 +60,25 @@ class CategoryResult:
 
 @dataclass
 class CategoryPredictions:
-    """What a category's evaluation saw and predicted: kept for reports."""
+    """What a category's evaluation saw and predicted, for reports: maps and ground-truth masks in the
+    order of the images, at one size per image (STORED_SIDE square as evaluations keep them), or none."""
 
     images: list[LabeledImage]
     scores: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray]
-    model: GaussAD | None = None  # the fitted model, with its thresholds
+
+
+@dataclass
+class CategoryEvaluation:
+    """A category's metrics and predictions with the thresholds of the model fitted on it: the model
+    itself is not kept, so evaluating many categories holds one model at a time."""
+
+    result: CategoryResult
+    predictions: CategoryPredictions
+    image_threshold: Threshold | None
+    pixel_threshold: Threshold | None
+    model_info: dict  # `model_info` of the fitted model
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -91,6 +110,17 @@ def find_categories(root: str | Path, names: Sequence[str] | None = None) -> lis
             )
         found = [by_name[name] for name in names]
     return found
+
+
+def find_category(root: str | Path, name: str | None = None) -> Path:
+    """The one category to use under root (calibration takes one): named, or the only one there."""
+    found = find_categories(root, [name] if name else None)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise GaussADError(
+            f"{root}: holds {len(found)} categories ({names}); choose one with --category NAME"
+        )
+    return found[0]
 
 
 def training_images(category: Path) -> list[Path]:
@@ -133,9 +163,14 @@ def read_mask(image: LabeledImage, size: tuple[int, int]) -> np.ndarray:
 
 
 def evaluate_category(
-    make_model: Callable[[], GaussAD], category: Path, eval_size: int | None = None
-) -> tuple[CategoryResult, CategoryPredictions]:
-    """Fit a fresh model on a category's train/good and measure it on its test set."""
+    make_model: Callable[[], GaussAD], category: Path, eval_size: int | None = None, keep_maps: bool = False
+) -> CategoryEvaluation:
+    """Fit a fresh model on a category's train/good and measure it on its test set.
+
+    Pixel metrics are computed at the maps' full size (each image's own, or eval_size square); those maps
+    are let go on return, as is the model. With keep_maps, the maps and ground truths are kept at
+    STORED_SIDE square for reports and saved results; without, only the scores are.
+    """
     train = training_images(category)
     tests = list_test_images(category)
     model = make_model()
@@ -143,27 +178,10 @@ def evaluate_category(
     model.fit(train)
     fit_seconds = time.perf_counter() - started
 
-    sizes = [_image_size(image.path) for image in tests]
-    map_sizes = sizes if eval_size is None else [(eval_size, eval_size)] * len(tests)
-    started = time.perf_counter()
-    scores, maps = [], []
-    for _, batch_scores, batch_maps in model.iter_predict([t.path for t in tests], map_sizes=map_sizes):
-        scores.append(batch_scores)
-        maps += batch_maps
-    test_seconds = time.perf_counter() - started
-    scores = np.concatenate(scores)
-
-    masks = [read_mask(image, size) for image, size in zip(tests, map_sizes, strict=True)]
+    scores, maps, test_seconds = _predict_tests(model, tests, eval_size)
+    masks = [read_mask(image, anomaly_map.shape) for image, anomaly_map in zip(tests, maps, strict=True)]
     labels = np.array([image.label for image in tests])
     pixel_auroc, aupro = pixel_metrics(masks, maps)
-    decision = {}
-    if model.image_threshold_ is not None:
-        false_alarms, misses = rates(labels, scores, model.image_threshold_.value)
-        decision = {
-            "image_threshold": model.image_threshold_.value,
-            "false_alarm_rate": false_alarms,
-            "miss_rate": misses,
-        }
     result = CategoryResult(
         category=category.name,
         image_auroc=image_auroc(labels, scores),
@@ -174,20 +192,69 @@ def evaluate_category(
         fit_seconds=fit_seconds,
         test_seconds=test_seconds,
         test_images_per_second=len(tests) / test_seconds,
-        **decision,
+        **_decisions(model.image_threshold_, labels, scores),
     )
-    return result, CategoryPredictions(tests, scores, maps, masks, model)
+    kept_maps = [stored_size(m) for m in maps] if keep_maps else []
+    kept_masks = [stored_size(m) for m in masks] if keep_maps else []
+    return CategoryEvaluation(
+        result,
+        CategoryPredictions(tests, scores, kept_maps, kept_masks),
+        model.image_threshold_,
+        model.pixel_threshold_,
+        model_info(model),
+    )
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) as the model sees it (after EXIF rotation), read from the header only."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except OSError as error:
-        raise GaussADError(f"{path}: cannot read image ({error})") from None
-    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+def _predict_tests(
+    model: GaussAD, tests: list[LabeledImage], eval_size: int | None
+) -> tuple[np.ndarray, list[np.ndarray], float]:
+    """Scores and maps of the test images (each map at its image's size, or eval_size square), and the
+    seconds it took."""
+    map_sizes = None if eval_size is None else [(eval_size, eval_size)] * len(tests)
+    started = time.perf_counter()
+    scores, maps = [], []
+    for batch in model.iter_predict([t.path for t in tests], map_sizes=map_sizes):
+        scores.append(batch.scores)
+        maps += batch.maps
+    return np.concatenate(scores), maps, time.perf_counter() - started
+
+
+def _decisions(image_threshold: Threshold | None, labels: np.ndarray, scores: np.ndarray) -> dict:
+    """CategoryResult's threshold, false-alarm and miss rates; nothing without a threshold."""
+    if image_threshold is None:
+        return {}
+    errors = image_errors(labels, scores, image_threshold.value)
+    return {
+        "image_threshold": image_threshold.value,
+        "false_alarm_rate": errors.false_alarm_rate,
+        "miss_rate": errors.miss_rate,
+    }
+
+
+def stored_size(values: np.ndarray, side: int = STORED_SIDE) -> np.ndarray:
+    """A map (bilinear, float32) or mask (nearest, bool) resized to side x side, as reports keep them."""
+    if values.shape == (side, side):
+        return values
+    if values.dtype == bool:
+        image = Image.fromarray(values.astype(np.uint8) * 255, "L")
+        return np.asarray(image.resize((side, side), Image.Resampling.NEAREST)) > 127
+    image = Image.fromarray(values.astype(np.float32), "F")
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR))
+
+
+def model_info(model: GaussAD) -> dict:
+    """What reports show about a fitted model: backbone, weights, input size, levels, components."""
+    return {
+        "backbone": model.backbone_.name,
+        "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
+        "input size": model.image_size_,
+        "levels (image score)": list(model.levels_),
+        "levels (map)": list(model.map_levels_),
+        "levels (position)": list(model.position_levels_),
+        "components per level": {
+            f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
+        },
+    }
 
 
 def mean_metrics(results: Sequence[CategoryResult]) -> dict[str, float]:
@@ -206,18 +273,11 @@ def calibrate_on_labeled(
     quantiles of the good images' scores and map maxima instead.
     """
     images = list_test_images(category)
-    size = (eval_size, eval_size)
-    scores, maps = [], []
-    for _, batch_scores, batch_maps in model.iter_predict(
-        [i.path for i in images], map_sizes=[size] * len(images)
-    ):
-        scores.append(batch_scores)
-        maps += batch_maps
-    scores = np.concatenate(scores)
+    scores, maps, _ = _predict_tests(model, images, eval_size)
     labels = np.array([image.label for image in images])
     where = f"{len(images)} labelled images in {category}"
     if max_false_alarm_rate is None:
-        masks = np.stack([read_mask(image, size) for image in images])
+        masks = np.stack([read_mask(image, (eval_size, eval_size)) for image in images])
         return (
             f1_threshold(labels, scores, f"F1-optimal on {where}"),
             f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}"),

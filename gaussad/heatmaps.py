@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from matplotlib import colormaps
+from PIL import Image
 from scipy import ndimage
 
+from gaussad.decisions import output_path
 from gaussad.errors import GaussADError
+from gaussad.images import read_image
 
 _LUT = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 _SQUARE = np.ones((3, 3), dtype=bool)
@@ -59,3 +64,25 @@ def overlay(
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
     result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return result if mask is None else draw_outline(result, np.asarray(mask, dtype=bool), outline_color)
+
+
+def write_pictures(
+    folder: Path,
+    name: Path,
+    anomaly_map: np.ndarray,
+    scale: tuple[float, float],
+    mask: np.ndarray | None,
+    image: Path | None = None,
+) -> None:
+    """One image's pictures under `folder`: maps/<name>.png (the heatmap on the run's colour `scale`),
+    masks/<name>.png (the defect mask, when given) and overlays/<name>.png (when the image is given:
+    the heatmap blended over it, the mask outlined). The map is at the image's size."""
+    pictures = {"maps": colorize(anomaly_map, *scale)}
+    if mask is not None:
+        pictures["masks"] = mask.astype(np.uint8) * 255
+    if image is not None:
+        pictures["overlays"] = overlay(np.asarray(read_image(image)), anomaly_map, *scale, mask=mask)
+    for kind, picture in pictures.items():
+        target = output_path(folder, kind, name, ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(target)

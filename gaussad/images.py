@@ -1,21 +1,35 @@
-"""Reading images of any common kind into 8-bit RGB, and finding image files in folders."""
+"""Reading images of any common kind into 8-bit RGB, and finding image files in folders.
+
+Importable without torch (the decisions, the report and the CLI's naming use it): a tensor is recognised
+when torch is loaded, which it always is where a tensor exists.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import imagecodecs
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from gaussad.errors import GaussADError
 
+if TYPE_CHECKING:
+    import torch
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
+
+
+def _is_tensor(item: Any) -> bool:
+    """A torch tensor, without importing torch: if torch is not loaded, nothing is a tensor."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(item, torch_module.Tensor)
 
 
 def find_images(path: str | os.PathLike) -> list[Path]:
@@ -35,7 +49,7 @@ def collect_images(inputs: ImageInput | Iterable[ImageInput]) -> list[ImageInput
     """Flatten user input into a list of single images: folders expand to their image files."""
     if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
         items: Iterable[ImageInput] = [inputs]
-    elif isinstance(inputs, torch.Tensor):
+    elif _is_tensor(inputs):
         items = list(inputs) if inputs.ndim == 4 else [inputs]
     else:
         items = inputs
@@ -153,7 +167,7 @@ def load_rgb(item: ImageInput) -> Image.Image:
         return to_rgb(item)
     if isinstance(item, np.ndarray):
         return array_to_rgb(item)
-    if isinstance(item, torch.Tensor):
+    if _is_tensor(item):
         return tensor_to_rgb(item)
     raise GaussADError(f"unsupported image input of type {type(item).__name__}")
 

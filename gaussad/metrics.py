@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from gaussad.errors import GaussADError
 
+AUPRO_FPR_LIMIT = 0.3  # the false-positive-rate limit of AUPRO, as in the MVTec AD evaluation
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -50,7 +51,7 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     return _auroc(_curve(masks, maps))
 
 
-def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit` (in [0, 1]).
 
     Unlike pixel AUROC, every defect region weighs the same however large it is, so small defects count.
@@ -65,7 +66,9 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
     return _pro_points(_curve(masks, maps))
 
 
-def pixel_metrics(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> tuple[float, float]:
+def pixel_metrics(
+    masks: ArrayLike, maps: ArrayLike, fpr_limit: float = AUPRO_FPR_LIMIT
+) -> tuple[float, float]:
     """(pixel AUROC, AUPRO) from a single sort of the scores; same values as the two separate functions."""
     _check_fpr_limit(fpr_limit)
     curve = _curve(masks, maps)

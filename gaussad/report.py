@@ -16,7 +16,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -27,12 +26,14 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from gaussad import __version__
+from gaussad.calibration import Threshold
+from gaussad.decisions import ImageErrors, defect_mask, image_errors, is_anomalous, map_scale
 from gaussad.errors import GaussADError
-from gaussad.evaluation import CategoryPredictions, CategoryResult, LabeledImage
+from gaussad.evaluation import CategoryEvaluation, CategoryPredictions, CategoryResult, LabeledImage
 from gaussad.fileio import write_text_atomic
 from gaussad.heatmaps import overlay
 from gaussad.images import read_image
-from gaussad.metrics import pro_curve
+from gaussad.metrics import AUPRO_FPR_LIMIT, pro_curve
 
 SECTIONS = (
     ("config", "Configuration"),
@@ -43,20 +44,17 @@ SECTIONS = (
     ("timing", "Timing"),
 )
 TILE_SIDE = 256  # longest side of a gallery picture, in pixels
-PRO_FPR_LIMIT = 0.3  # the false-positive-rate limit of AUPRO, marked on the PRO curve
 PREDICTED_COLOR = (0, 255, 0)
 TRUTH_COLOR = (0, 190, 255)
-_SCALE_PERCENTILE = 99.9
-_SCALE_SAMPLES = 2_000_000  # map values sampled (evenly) for the percentile: exact enough, fast
 _PLOT_POINTS = 2000  # points kept of a curve for plotting; PRO curves have millions
 _GOOD_COLOR, _DEFECT_COLOR = "#3b7dd8", "#e8702a"
 _METRICS = ("image_auroc", "pixel_auroc", "aupro")  # averaged in the mean row
 _GALLERY_INTRO = (
     '<p class="note">Per category, worst errors first: misses (defective images scored below the image '
     "threshold, lowest first), then false alarms (good images at or above it, highest first), then the "
-    "rest, closest calls first. Heatmap colours are fixed per category (scale below each heading: from "
-    "the smallest map value to the 99.9th percentile of all map values, at least twice the pixel "
-    'threshold\'s distance from the bottom). <span class="predicted">Green</span>: outline of the '
+    "rest, closest calls first. Heatmap colours are fixed per category, as in <code>gaussad predict</code> "
+    "(scale below each heading): the typical map value of good images is dark and the pixel threshold "
+    'mid-scale. <span class="predicted">Green</span>: outline of the '
     'predicted defect (map &ge; pixel threshold); <span class="truth">blue</span>: ground truth, ringed '
     "just outside.</p>"
 )
@@ -67,10 +65,26 @@ class CategoryReport:
     """One category's evaluation and the thresholds that turn its scores and maps into decisions."""
 
     result: CategoryResult
-    predictions: CategoryPredictions
-    image_threshold: float  # raw score: score >= threshold means anomalous
-    pixel_threshold: float  # raw map value: map >= threshold is the predicted defect mask
-    threshold_source: str  # how the thresholds were chosen, one line
+    predictions: CategoryPredictions  # with maps and masks (at STORED_SIDE as evaluations keep them)
+    image_threshold: Threshold  # on raw scores: score >= value means anomalous
+    pixel_threshold: Threshold  # on raw map values: map >= value is the predicted defect mask
+
+    @property
+    def threshold_source(self) -> str:
+        """How the thresholds were chosen, one line."""
+        return f"{self.image_threshold.method}: {self.image_threshold.source}"
+
+
+def category_report(evaluation: CategoryEvaluation) -> CategoryReport:
+    """A category's evaluation as the report takes it; it needs the model's thresholds."""
+    if evaluation.image_threshold is None or evaluation.pixel_threshold is None:
+        raise GaussADError(
+            f"category {evaluation.result.category}: reports and saved results need thresholds: "
+            "fit with --folds 2 or more"
+        )
+    return CategoryReport(
+        evaluation.result, evaluation.predictions, evaluation.image_threshold, evaluation.pixel_threshold
+    )
 
 
 @dataclass
@@ -83,32 +97,6 @@ class ReportData:
     categories: list[CategoryReport]
 
 
-class ImageErrors(NamedTuple):
-    """Decisions at the image threshold against the labels."""
-
-    false_alarms: int  # good images scored at or above the threshold
-    n_good: int
-    misses: int  # defective images scored below the threshold
-    n_defective: int
-
-    @property
-    def false_alarm_rate(self) -> float:
-        return self.false_alarms / self.n_good if self.n_good else float("nan")
-
-    @property
-    def miss_rate(self) -> float:
-        return self.misses / self.n_defective if self.n_defective else float("nan")
-
-
-def image_errors(labels: ArrayLike, scores: ArrayLike, threshold: float) -> ImageErrors:
-    """False alarms and misses when images scoring `threshold` or more are called anomalous."""
-    labels, flagged = np.asarray(labels), np.asarray(scores, dtype=np.float64) >= threshold
-    good, defective = labels == 0, labels == 1
-    return ImageErrors(
-        int((good & flagged).sum()), int(good.sum()), int((defective & ~flagged).sum()), int(defective.sum())
-    )
-
-
 def gallery_order(labels: ArrayLike, scores: ArrayLike, threshold: float) -> np.ndarray:
     """Image indices, worst errors first, for the gallery.
 
@@ -116,7 +104,7 @@ def gallery_order(labels: ArrayLike, scores: ArrayLike, threshold: float) -> np.
     at or above it) from the highest, then the correct decisions, the closest calls first.
     """
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    flagged = scores >= threshold
+    flagged = is_anomalous(scores, threshold)
     misses = np.flatnonzero((labels == 1) & ~flagged)
     false_alarms = np.flatnonzero((labels == 0) & flagged)
     correct = np.flatnonzero((labels == 1) == flagged)
@@ -127,24 +115,6 @@ def gallery_order(labels: ArrayLike, scores: ArrayLike, threshold: float) -> np.
             correct[np.argsort(np.abs(scores[correct] - threshold), kind="stable")],
         ]
     ).astype(np.intp)
-
-
-def color_scale(maps: Sequence[np.ndarray], pixel_threshold: float) -> tuple[float, float]:
-    """The (low, high) of a category's overlays, fixed over the category so tiles compare.
-
-    low is the smallest map value (the calmest pixel is the dark end). high is the 99.9th percentile of
-    all map values, raised if needed to low + 2 * (pixel_threshold - low): the predicted-defect threshold
-    then sits at mid-scale or below, so a predicted defect is always clearly lit, only the strongest
-    0.1% of pixels saturate, and a category where nothing reaches the threshold stays dark.
-    """
-    total = sum(anomaly_map.size for anomaly_map in maps)
-    if total == 0:
-        return 0.0, 1.0
-    step = max(1, total // _SCALE_SAMPLES)
-    sample = np.concatenate([np.ravel(anomaly_map)[::step] for anomaly_map in maps], dtype=np.float64)
-    low = float(min(np.min(anomaly_map) for anomaly_map in maps if anomaly_map.size))
-    high = float(np.percentile(sample, _SCALE_PERCENTILE))
-    return low, max(high, low + 2.0 * (pixel_threshold - low))
 
 
 def render_report(report: ReportData, gallery_size: int = 24) -> str:
@@ -209,7 +179,7 @@ def _labels(category: CategoryReport) -> np.ndarray:
 
 
 def _errors(category: CategoryReport) -> ImageErrors:
-    return image_errors(_labels(category), category.predictions.scores, category.image_threshold)
+    return image_errors(_labels(category), category.predictions.scores, category.image_threshold.value)
 
 
 # --- text and tables ---
@@ -311,8 +281,8 @@ def _metrics_section(categories: Sequence[CategoryReport]) -> str:
         [
             (
                 _text(c.result.category),
-                _general(c.image_threshold),
-                _general(c.pixel_threshold),
+                _general(c.image_threshold.value),
+                _general(c.pixel_threshold.value),
                 _text(c.threshold_source),
             )
             for c in categories
@@ -411,8 +381,8 @@ def _curves(category: CategoryReport) -> str:
         _message(pro_axes, f"no PRO curve:\n{error}")
     else:
         pro_axes.plot(fpr, pro, color=_DEFECT_COLOR, label=f"AUPRO {category.result.aupro:.3f}")
-        pro_axes.axvline(PRO_FPR_LIMIT, color="black", linestyle="--", label=f"FPR limit {PRO_FPR_LIMIT}")
-        pro_axes.axvspan(0, PRO_FPR_LIMIT, color="grey", alpha=0.12)
+        pro_axes.axvline(AUPRO_FPR_LIMIT, color="black", linestyle="--", label=f"FPR limit {AUPRO_FPR_LIMIT}")
+        pro_axes.axvspan(0, AUPRO_FPR_LIMIT, color="grey", alpha=0.12)
         pro_axes.legend(loc="lower right")
     name = category.result.category
     return f"<h3>{_text(name)}</h3>" + _img(_png(figure), f"ROC and PRO curves of {name}")
@@ -420,7 +390,7 @@ def _curves(category: CategoryReport) -> str:
 
 def _histogram(category: CategoryReport) -> str:
     """Image scores of good and defective images on shared bins, with the image threshold."""
-    labels, threshold = _labels(category), category.image_threshold
+    labels, threshold = _labels(category), category.image_threshold.value
     scores = np.asarray(category.predictions.scores, dtype=np.float64)
     figure = _figure(9.0, 3.0)
     axes = figure.subplots()
@@ -459,8 +429,9 @@ def _color_bar(low: float, high: float, threshold: float) -> str:
 
 def _gallery(category: CategoryReport, gallery_size: int) -> str:
     predictions, errors = category.predictions, _errors(category)
-    low, high = color_scale(predictions.maps, category.pixel_threshold)
-    order = gallery_order(_labels(category), predictions.scores, category.image_threshold)[:gallery_size]
+    low, high = map_scale(category.pixel_threshold)
+    order = gallery_order(_labels(category), predictions.scores, category.image_threshold.value)
+    order = order[:gallery_size]
     tiles = "".join(
         _tile(
             predictions.images[index],
@@ -474,7 +445,7 @@ def _gallery(category: CategoryReport, gallery_size: int) -> str:
     )
     name = category.result.category
     return (
-        f'<h3>{_text(name)}</h3><div class="scale">{_color_bar(low, high, category.pixel_threshold)}'
+        f'<h3>{_text(name)}</h3><div class="scale">{_color_bar(low, high, category.pixel_threshold.value)}'
         f'</div><p class="note">{len(order)} of {len(predictions.images)} test images shown; '
         f"misses: {errors.misses}, false alarms: {errors.false_alarms}.</p>"
         f'<div class="gallery">{tiles}</div>'
@@ -496,7 +467,7 @@ def _tile(
     picture = picture.resize(size, Image.Resampling.LANCZOS)
     # The map may have another size than the image (a fixed evaluation size): it covers the whole image.
     small_map = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize(size, Image.Resampling.BOX))
-    predicted = _shrink_mask(anomaly_map >= category.pixel_threshold, size)
+    predicted = _shrink_mask(defect_mask(anomaly_map, category.pixel_threshold), size)
     rgb = overlay(np.asarray(picture), small_map, *scale, mask=predicted, outline_color=PREDICTED_COLOR)
     truth = _shrink_mask(truth, size)
     # The ground truth is ringed just outside its region, so that a prediction on it stays visible.
@@ -505,7 +476,7 @@ def _tile(
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=88, subsampling=0)
     source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    flagged = score >= category.image_threshold
+    flagged = bool(is_anomalous(score, category.image_threshold.value))
     outcome = {
         (True, True): "detected",
         (True, False): "miss",

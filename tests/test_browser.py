@@ -1,7 +1,7 @@
 """The HTML report in a real headless browser: Debian's chromium, driven by playwright.
 
-Playwright never downloads a browser here: it drives the system chromium, which CI installs
-(.ci/run). Without it the test fails, saying how to install it.
+Playwright never downloads a browser here: it drives the system chromium, which `make test` installs
+(scripts/ensure-packages). Without it the test fails, saying how to install it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def visit(path: Path, tmp_path: Path) -> PageVisit:
     if executable is None:
         pytest.fail(
             "chromium is not installed: the browser test needs Debian's chromium on PATH "
-            "(apt-get update && apt-get install -y chromium); .ci/run installs it"
+            "(apt-get update && apt-get install -y chromium); `make test` installs it as root"
         )
     messages, page_errors, requests = [], [], []
     with sync_playwright() as playwright:

@@ -1,10 +1,10 @@
-"""Thresholds: quantiles for a false-alarm rate, F1-optimal points, normalization, measured rates."""
+"""Thresholds: quantiles for a false-alarm rate, F1-optimal points, normalization; counts: test_decisions."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from gaussad.calibration import Threshold, f1_threshold, quantile_threshold, rates
+from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
 from gaussad.errors import GaussADError
 
 
@@ -33,9 +33,3 @@ def test_normalize_puts_normal_at_zero_and_threshold_at_half() -> None:
     np.testing.assert_allclose(
         threshold.normalize([0.0, 10.0, 20.0, 30.0, 40.0, 60.0]), [0, 0, 0.25, 0.5, 0.75, 1]
     )
-
-
-def test_rates() -> None:
-    labels = np.array([0, 0, 0, 0, 1, 1])
-    scores = np.array([1.0, 2.0, 5.0, 3.0, 5.0, 0.5])
-    assert rates(labels, scores, 3.0) == (0.5, 0.5)  # 3.0 and 5.0 flagged among good; 0.5 missed

@@ -11,9 +11,56 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gaussad.cli import main
+from gaussad.calibration import Threshold
+from gaussad.cli import build_parser, main
+from gaussad.config import DEFAULTS, MODEL_OPTIONS
+from gaussad.decisions import map_scale
+from gaussad.heatmaps import colorize
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--device", "cpu", "--quiet", "--map-levels", "2,3"]
+
+
+def test_model_options_come_from_the_config() -> None:
+    for command in ("fit", "evaluate", "report"):
+        given = [command, "data"] + (["-o", "out"] if command != "evaluate" else [])
+        args = build_parser().parse_args(given)
+        assert {name: getattr(args, name) for name in MODEL_OPTIONS} == vars(DEFAULTS), command
+    args = build_parser().parse_args(
+        [
+            "fit",
+            "d",
+            "-o",
+            "m",
+            "--map-levels",
+            "3,5",
+            "--image-size",
+            "96",
+            "--variance",
+            "0.5",
+            "--folds",
+            "0",
+        ]
+    )
+    assert (args.map_levels, args.image_size, args.variance, args.folds) == ([3, 5], 96, 0.5, 0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "d", "-o", "m", "--reduction", "nope"])
+
+
+def test_help_and_argument_errors_do_not_import_torch() -> None:
+    code = (
+        "import sys, gaussad.cli\n"
+        "try:\n    gaussad.cli.main(['fit', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--max-false-alarm-rate" in result.stdout and "(default: efficientnet_lite0)" in result.stdout
+
+
+def test_reports_without_thresholds_are_refused_before_fitting(category: Path, tmp_path) -> None:
+    result = run_cli("evaluate", str(category), "--report", str(tmp_path / "r.html"), *FAST, "--folds", "0")
+    assert result.returncode == 2 and "need thresholds: fit with --folds 2 or more" in result.stderr
+    assert "widget" not in result.stdout  # no category was evaluated
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +106,13 @@ def test_predict_writes_scores_and_maps_named_by_relative_path(
     defect_mask = np.asarray(Image.open(out / "masks" / "scratch" / "000.png")) > 0
     truth = np.asarray(Image.open(category / "ground_truth" / "scratch" / "000_mask.png")) > 0
     assert (defect_mask & truth).sum() > 0.5 * truth.sum()  # the predicted mask covers the scratch
+    # The heatmap is drawn on the model's calibrated scale, the one the report's gallery uses too.
+    pixel = Threshold(**json.loads((model_dir / "model.json").read_text())["thresholds"]["pixel"])
+    anomaly_map = np.load(out / "maps" / "scratch" / "000.npy")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "maps" / "scratch" / "000.png")), colorize(anomaly_map, *map_scale(pixel))
+    )
+    np.testing.assert_array_equal(defect_mask, anomaly_map >= pixel.value)
 
 
 def test_predict_refuses_colliding_names_and_keeps_earlier_results(
@@ -70,6 +124,37 @@ def test_predict_refuses_colliding_names_and_keeps_earlier_results(
     good, bad = category / "test" / "good", category / "test" / "scratch"
     assert main(["predict", str(model_dir), str(good), str(bad), "-o", str(out), "--quiet"]) == 2
     assert (out / "predictions.csv").read_text() == before
+
+
+def test_predict_refuses_two_images_that_would_write_the_same_files(model_dir: Path, tmp_path) -> None:
+    """x.png and x.jpg both write maps/x.npy and maps/x.png: refused, not silently overwritten."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    picture = Image.fromarray(np.full((96, 96, 3), 128, dtype=np.uint8))
+    picture.save(folder / "x.png")
+    picture.save(folder / "x.jpg")
+    out = tmp_path / "out"
+    result = run_cli("predict", str(model_dir), str(folder), "-o", str(out), "--quiet", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "would both be written as x" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_predict_without_thresholds_scales_pictures_by_the_run(category: Path, tmp_path) -> None:
+    model = tmp_path / "model"
+    assert main(["fit", str(category / "train" / "good"), "-o", str(model), *FAST, "--folds", "0"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(category / "test"), "-o", str(out), "--quiet"]) == 0
+    with (out / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8 and all(row["normalized_score"] == row["is_anomalous"] == "" for row in rows)
+    assert not (out / "masks").exists()
+    names = [f"{kind}/{index:03d}" for kind in ("good", "scratch") for index in range(4)]
+    maps = {name: np.load(out / "maps" / f"{name}.npy") for name in names}
+    scale = map_scale(None, (min(m.min() for m in maps.values()), max(m.max() for m in maps.values())))
+    for name, anomaly_map in maps.items():
+        heatmap = np.asarray(Image.open(out / "maps" / f"{name}.png"))
+        np.testing.assert_array_equal(heatmap, colorize(anomaly_map, *scale))
 
 
 def test_evaluate_prints_the_table_and_writes_json(category: Path, tmp_path, capsys) -> None:

@@ -1,28 +1,28 @@
-"""The HTML report and the heatmap overlays it shows, on synthetic predictions (no model is fitted)."""
+"""The HTML report, its saved results and the heatmap overlays it shows, on synthetic predictions (no
+model is fitted)."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gaussad import report as report_module
+from gaussad.calibration import Threshold
+from gaussad.cli import main
+from gaussad.decisions import map_scale
 from gaussad.errors import GaussADError
 from gaussad.evaluation import CategoryPredictions, CategoryResult, list_test_images, read_mask
 from gaussad.heatmaps import colorize, overlay
 from gaussad.metrics import image_auroc, pixel_metrics
-from gaussad.report import (
-    SECTIONS,
-    CategoryReport,
-    ReportData,
-    color_scale,
-    gallery_order,
-    image_errors,
-    render_report,
-    write_report,
-)
+from gaussad.report import SECTIONS, CategoryReport, ReportData, gallery_order, render_report, write_report
+from gaussad.results import RESULTS_FILE, load_results, save_results
 
 # Test images of the synthetic category in listing order: good/000..003, then scratch/000..003.
 # At threshold 0.5: scratch/001 is missed (0.05); good/001 (0.9) and good/002 (0.6) are false alarms.
@@ -47,8 +47,10 @@ def synthetic_category(
     map_side: int | None = None,
     image_threshold: float = 0.5,
     pixel_threshold: float = 0.5,
+    pixel_normal_level: float = 0.15,
 ) -> CategoryReport:
-    """A category's report from the synthetic data set, with made-up scores and maps (1 on the defect)."""
+    """A category's report from the synthetic data set, with made-up scores and maps (1 on the defect;
+    elsewhere uniform in [0, 0.3), so the typical normal value is 0.15)."""
     images = list_test_images(category)[keep]
     scores = scores[keep]
     rng = np.random.default_rng(1)
@@ -69,12 +71,12 @@ def synthetic_category(
         test_seconds=0.5,
         test_images_per_second=len(images) / 0.5,
     )
+    source = "99th percentile of 5-fold held-out normal scores"
     return CategoryReport(
         result=result,
         predictions=CategoryPredictions(images, scores, maps, masks),
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        threshold_source="label-free: 99th percentile of 5-fold held-out normal scores",
+        image_threshold=Threshold(image_threshold, 0.1, "label-free", source),
+        pixel_threshold=Threshold(pixel_threshold, pixel_normal_level, "label-free", f"map maxima: {source}"),
     )
 
 
@@ -137,15 +139,10 @@ def test_gallery_puts_misses_then_false_alarms_first(category) -> None:
     assert [(defect, name) for defect, name, _ in limited.tiles] == EXPECTED_ORDER[:2]
 
 
-def test_gallery_order_and_error_counts() -> None:
+def test_gallery_order() -> None:
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     assert gallery_order(labels, SCORES, 0.5).tolist() == [5, 1, 2, 7, 4, 0, 3, 6]
-    errors = image_errors(labels, SCORES, 0.5)
-    assert (errors.false_alarms, errors.n_good, errors.misses, errors.n_defective) == (2, 4, 1, 4)
-    assert errors.false_alarm_rate == 0.5 and errors.miss_rate == 0.25
-    # A score equal to the threshold is anomalous: a false alarm for a good image, no miss for a bad one.
-    assert image_errors([0, 1], [0.5, 0.5], 0.5)[::2] == (1, 0)
-    assert np.isnan(image_errors([0, 0], [0.1, 0.2], 0.5).miss_rate)
+    assert gallery_order([0, 1], [0.5, 0.4], 0.5).tolist() == [1, 0]  # at the threshold: a false alarm
 
 
 def test_metrics_table_rates_and_mean_row(category) -> None:
@@ -180,7 +177,7 @@ def test_text_is_escaped(category) -> None:
         ("nothing flagged", {"image_threshold": 2.0, "pixel_threshold": 5.0}, "0.0% (0/4)", "100.0% (4/4)"),
         (
             "everything flagged",
-            {"image_threshold": 0.0, "pixel_threshold": -1.0},
+            {"image_threshold": 0.0, "pixel_threshold": -1.0, "pixel_normal_level": -2.0},
             "100.0% (4/4)",
             "0.0% (0/4)",
         ),
@@ -213,11 +210,19 @@ def test_report_rejects_mismatched_predictions(category) -> None:
         render_report(synthetic_report(category, broken))
 
 
-def test_color_scale_keeps_the_pixel_threshold_at_mid_scale_or_below() -> None:
-    maps = [np.linspace(0.0, 1.0, 10_001, dtype=np.float32).reshape(1, -1)]
-    low, high = color_scale(maps, pixel_threshold=0.2)
-    assert low == 0.0 and high == pytest.approx(0.999, abs=1e-4)
-    assert color_scale(maps, pixel_threshold=3.0) == (0.0, 6.0)  # nothing reaches it: all stays dark
+def test_gallery_colours_follow_the_calibrated_scale(category, monkeypatch) -> None:
+    """The gallery draws on `map_scale`, as predict does: the typical normal value dark, the pixel
+    threshold mid-scale, whatever the range of the maps."""
+    scales = []
+
+    def recording_overlay(image, anomaly_map, low, high, **options):
+        scales.append((low, high))
+        return overlay(image, anomaly_map, low, high, **options)
+
+    monkeypatch.setattr(report_module, "overlay", recording_overlay)
+    widget = synthetic_category(category, pixel_threshold=0.6, pixel_normal_level=0.2)
+    render_report(synthetic_report(category, widget))
+    assert scales == [map_scale(widget.pixel_threshold)] * 8 == [(0.2, 1.0)] * 8
 
 
 def _overlay_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -269,3 +274,99 @@ def test_overlay_rejects_mismatched_inputs() -> None:
         overlay(image.astype(np.float32), anomaly_map, 0.0, 1.0)
     with pytest.raises(GaussADError, match="alpha"):
         overlay(image, anomaly_map, 0.0, 1.0, alpha=1.5)
+
+
+def test_saved_results_keep_the_thresholds_whole(category, tmp_path) -> None:
+    widget = synthetic_category(category)
+    save_results(tmp_path / "results", {"backbone": "x"}, {"levels": [3]}, [widget])
+    config, model_info, (loaded,) = load_results(tmp_path / "results")
+    assert (config, model_info) == ({"backbone": "x"}, {"levels": [3]})
+    assert (
+        loaded.image_threshold == widget.image_threshold and loaded.pixel_threshold == widget.pixel_threshold
+    )
+    assert loaded.result == widget.result and [m.shape for m in loaded.predictions.maps] == [(256, 256)] * 8
+    assert render_report(synthetic_report(category, loaded)).count("<figure") == 8
+
+
+def test_results_of_format_1_take_the_normal_level_from_the_good_maps(category, tmp_path) -> None:
+    save_results(tmp_path / "results", {}, {}, [synthetic_category(category, pixel_threshold=0.7)])
+    path = tmp_path / "results" / RESULTS_FILE
+    document = json.loads(path.read_text())
+    entry = document["categories"][0]
+    document["format_version"] = 1
+    entry.update(image_threshold=0.5, pixel_threshold=0.7, threshold_source="label-free: 99th percentile")
+    path.write_text(json.dumps(document))
+    _, _, (loaded,) = load_results(tmp_path / "results")
+    good_maps = [
+        m
+        for m, image in zip(loaded.predictions.maps, loaded.predictions.images, strict=True)
+        if image.label == 0
+    ]
+    assert loaded.pixel_threshold == Threshold(
+        0.7, float(np.median(np.concatenate([m.ravel() for m in good_maps]))), "label-free", "99th percentile"
+    )
+    assert 0.1 < loaded.pixel_threshold.normal_level < 0.2  # the good maps are uniform in [0, 0.3)
+    assert loaded.image_threshold.value == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda document: [document], r"results\.json: not gaussad results \(a JSON list, not an object\)"),
+        (lambda document: "text", r"results\.json: not gaussad results \(a JSON str"),
+        (lambda document: {**document, "categories": {}}, r"results\.json: categories must be a JSON array"),
+        (
+            lambda document: _change_entry(document, lambda entry: entry["result"].update(colour="red")),
+            r"results\.json: categories\[0\]\.result: unknown keys colour",
+        ),
+        (
+            lambda document: _change_entry(document, lambda entry: entry["result"].pop("aupro")),
+            r"results\.json: categories\[0\]\.result: missing aupro",
+        ),
+        (
+            lambda document: _change_entry(
+                document, lambda entry: entry["pixel_threshold"].update(value="high")
+            ),
+            r"results\.json: categories\[0\]\.pixel_threshold\.value: 'high' is not float",
+        ),
+        (
+            lambda document: _change_entry(document, lambda entry: entry.pop("predictions")),
+            r"results\.json: categories\[0\]: missing predictions",
+        ),
+    ],
+    ids=["a list", "a string", "categories not a list", "unknown key", "missing key", "wrong kind", "no npz"],
+)
+def test_damaged_results_json_is_one_clear_error_naming_the_file(category, tmp_path, change, message) -> None:
+    save_results(tmp_path / "results", {}, {}, [synthetic_category(category)])
+    path = tmp_path / "results" / RESULTS_FILE
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(GaussADError, match=message):
+        load_results(tmp_path / "results")
+    assert main(["report", str(tmp_path / "results"), "-o", str(tmp_path / "report.html")]) == 2
+    assert not (tmp_path / "report.html").exists()
+
+
+def _change_entry(document: dict, change) -> dict:
+    change(document["categories"][0])
+    return document
+
+
+def test_damaged_results_are_one_line_from_the_command_line(category, tmp_path) -> None:
+    save_results(tmp_path / "results", {}, {}, [synthetic_category(category)])
+    (tmp_path / "results" / RESULTS_FILE).write_text("[1, 2]")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gaussad.cli",
+            "report",
+            str(tmp_path / "results"),
+            "-o",
+            str(tmp_path / "r.html"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = f"{tmp_path / 'results' / RESULTS_FILE}: not gaussad results (a JSON list, not an object)"
+    assert result.stderr.strip().splitlines() == [f"gaussad: error: {expected}"]
