@@ -8,7 +8,9 @@ This module reads and writes files only: it knows `ModelConfig` and `FittedState
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,19 @@ def save_model(directory: Path, config: ModelConfig, state: FittedState) -> Path
         (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
     return replace_folder(directory, write, marker=CONFIG_FILE)
+
+
+def model_sha256(directory: str | os.PathLike) -> str:
+    """The identity of a model folder: SHA-256 over its two files' SHA-256s (model.json, then the tensors).
+    It changes whenever either file does, thresholds included, so an answer can name the model it used."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise GaussADError(f"{path}: missing")
+        digest.update(f"{name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def read_config(directory: Path) -> dict:

@@ -378,3 +378,17 @@ def test_unreadable_images_stop_a_run_or_are_skipped(fitted: GaussAD, category: 
     np.testing.assert_allclose(scores, fitted.score_samples(paths), rtol=1e-6)
     with pytest.raises(GaussADError, match="--on-error 'ignore'"):
         GaussAD(**SMALL, on_error="ignore").fit(train)
+
+
+def test_the_model_checksum_follows_both_files(fitted: GaussAD, tmp_path: Path) -> None:
+    from gaussad.persistence import model_sha256
+
+    fitted.save(tmp_path / "a")
+    fitted.save(tmp_path / "b")
+    assert model_sha256(tmp_path / "a") == model_sha256(tmp_path / "b")  # the same model, byte for byte
+    config = json.loads((tmp_path / "b" / "model.json").read_text())
+    config["thresholds"]["image"]["value"] += 1.0
+    (tmp_path / "b" / "model.json").write_text(json.dumps(config))
+    assert model_sha256(tmp_path / "a") != model_sha256(tmp_path / "b")
+    with pytest.raises(GaussADError, match="missing"):
+        model_sha256(tmp_path)
