@@ -1,0 +1,117 @@
+"""Stress variants of data sets in MVTec AD layout: development data that breaks the assumptions of a
+default, written outside the repository.
+
+- `rotate`: every training and test image, and its mask with the same transform, rotated by a random angle
+  and shifted by up to a tenth of its size (seeded; the edge pixels continue past the borders), so that a
+  part no longer sits in the same place in every image.
+- `crop`: a random window of aspect 2:1 (wide) or 1:2 (tall), chosen per image, holding the whole defect
+  where the mask allows; the part is cut differently in every image and the input is no longer square.
+
+    python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
+        --variants rotate crop --out ~/.cache/gaussad/stress
+
+writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
+the window are dropped from the test set (their mask would be empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from gaussad.evaluation import list_test_images, training_images
+from gaussad.images import read_image
+
+VARIANTS = ("rotate", "crop")
+MAX_SHIFT = 0.1  # of the image's side
+
+
+def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """Rotate about the centre by a random angle and shift; edge pixels fill the borders; the mask follows."""
+    angle = rng.uniform(0.0, 360.0)
+    height, width = image.shape[:2]
+    shift = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (height, width)
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    matrix = np.array([[cos, -sin], [sin, cos]])
+    centre = np.array([(height - 1) / 2, (width - 1) / 2])
+    offset = centre - matrix @ (centre + shift)  # output (y, x) -> input matrix @ (y, x) + offset
+
+    def warp(values: np.ndarray, order: int) -> np.ndarray:
+        return ndimage.affine_transform(values, matrix, offset, order=order, mode="nearest")
+
+    rotated = np.stack([warp(image[..., c].astype(np.float32), 1) for c in range(3)], axis=-1)
+    rotated = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
+    return rotated, None if mask is None else warp(mask, 0)
+
+
+def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """A random 2:1 or 1:2 window as large as the image allows, placed to hold the whole defect if it can."""
+    height, width = image.shape[:2]
+    wide = rng.random() < 0.5
+    if wide:
+        window = (min(height, width // 2), width) if width // 2 <= height else (height, 2 * height)
+    else:
+        window = (height, min(width, height // 2)) if height // 2 <= width else (2 * width, width)
+    window_h, window_w = max(1, window[0]), max(1, window[1])
+    low, high = [0, 0], [height - window_h, width - window_w]
+    if mask is not None and mask.any():
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        for axis, (first, last, size) in enumerate(
+            ((rows[0], rows[-1], window_h), (columns[0], columns[-1], window_w))
+        ):
+            low[axis] = max(low[axis], min(last + 1 - size, high[axis]))
+            high[axis] = min(high[axis], max(first, low[axis]))
+    top, left = (int(rng.integers(lo, max(lo, hi) + 1)) for lo, hi in zip(low, high, strict=True))
+    box = (slice(top, top + window_h), slice(left, left + window_w))
+    return image[box], None if mask is None else mask[box]
+
+
+def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
+    """The variant of one category, in MVTec AD layout, under `out`."""
+    transform = {"rotate": rotate, "crop": crop}[variant]
+    rng = np.random.default_rng(seed)
+    target = out / f"{category.name}-{variant}"
+    for path in training_images(category):
+        pixels, _ = transform(np.asarray(read_image(path)), None, rng)
+        _save(pixels, target / "train" / "good" / f"{path.stem}.png")
+    kept = dropped = 0
+    for test in list_test_images(category):
+        mask = None
+        if test.mask_path is not None:
+            mask = (np.asarray(Image.open(test.mask_path).convert("L")) > 127).astype(np.uint8) * 255
+        pixels, moved = transform(np.asarray(read_image(test.path)), mask, rng)
+        if mask is not None and mask.any() and not moved.any():
+            dropped += 1
+            continue
+        _save(pixels, target / "test" / test.defect / f"{test.path.stem}.png")
+        if moved is not None:
+            _save(moved, target / "ground_truth" / test.defect / f"{test.path.stem}_mask.png")
+        kept += 1
+    print(f"{target}: {kept} test images ({dropped} defective dropped: defect outside the window)")
+    return target
+
+
+def _save(pixels: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("categories", nargs="+", type=Path, help="category folders in MVTec AD layout")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "gaussad" / "stress")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for category in args.categories:
+        for index, variant in enumerate(args.variants):
+            write_variant(category, variant, args.out, args.seed + index)
+
+
+if __name__ == "__main__":
+    main()
