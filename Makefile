@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # scripts/ensure-packages): the browser test drives Debian's chromium.
 TEST_PACKAGES := chromium:chromium
 
-.PHONY: install demo test test-packages lint format clean
+.PHONY: install demo test test-packages fuzz lint format clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: test-packages install
 
 test-packages:
 	sh scripts/ensure-packages $(TEST_PACKAGES)
+
+# Property-based fuzzing of image reading and model loading for FUZZ_SECONDS in all (`make test` runs a
+# few fixed cases of the same properties); prints how many cases each property tried.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest -q -s tests/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,14 +3,20 @@
 It parses and prints; what the commands decide and write lives in the library (decisions, heatmaps,
 evaluation, report, results). Each command runs inside `cpu_tuning()`, the process-wide CPU settings a
 library user does not get unasked.
+
+Exit status: 0 done; 2 a user error, or a file the system refused (one line on stderr); 3 done, but images
+that could not be read were skipped (`--on-error skip`), each named on stderr; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +28,16 @@ from gaussad.errors import GaussADError
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
 if TYPE_CHECKING:
-    from gaussad.decisions import Decision
+    from gaussad.decisions import Decision, Defect
     from gaussad.evaluation import CategoryEvaluation, CategoryResult
+    from gaussad.features import ImageError
     from gaussad.model import GaussAD
     from gaussad.report import CategoryReport
+
+EXIT_USER_ERROR = 2
+EXIT_SKIPPED = 3  # the run finished, but left out images it could not read
+# As gaussad.images.DEFAULT_MAX_PIXELS, without importing Pillow and numpy for `--help`.
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 def _levels(text: str) -> list[int]:
@@ -35,7 +47,21 @@ def _levels(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected level numbers such as 3,4,5") from None
 
 
-def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, at least 1")
+    return value
+
+
+def _add_runtime_options(
+    parser: argparse.ArgumentParser, on_error: str | None = None, tmp_dir: bool = False
+) -> None:
+    """The run-time options; `--on-error` (with that default) where a run may skip images, `--tmp-dir`
+    where it fits."""
     group = parser.add_argument_group("run-time options")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     group.add_argument(
@@ -48,6 +74,29 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=DEFAULT_WORKERS, help="threads decoding images (default: %(default)s)"
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse images that declare more pixels, before decoding them (default: %(default)s)",
+    )
+    if on_error is None:
+        parser.set_defaults(on_error="stop")
+    else:
+        group.add_argument(
+            "--on-error",
+            choices=("skip", "stop"),
+            default=on_error,
+            help="an unreadable or too large image: skip it, name it and exit with status 3, or stop "
+            "the run with status 2 (default: %(default)s)",
+        )
+    if tmp_dir:
+        group.add_argument(
+            "--tmp-dir",
+            metavar="DIR",
+            help="where the fit spills features (default: TMPDIR, else the system's temporary folder)",
+        )
 
 
 def _option_type(name: str, spec: dict[str, Any]) -> Any:
@@ -79,90 +128,128 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-time settings of a command, as `GaussAD` takes them."""
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "progress": not args.quiet,
+        "on_error": args.on_error,
+        "max_pixels": args.max_pixels,
+    }
+
+
 def _model_from_args(args: argparse.Namespace) -> GaussAD:
     from gaussad.model import GaussAD
 
-    return GaussAD(
-        **{name: getattr(args, name) for name in MODEL_OPTIONS},
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    return GaussAD(**{name: getattr(args, name) for name in MODEL_OPTIONS}, **_runtime(args))
 
 
 def _load_model(args: argparse.Namespace) -> GaussAD:
     from gaussad.model import GaussAD
 
-    return GaussAD.load(
-        args.model_dir,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    return GaussAD.load(args.model_dir, **_runtime(args))
 
 
-def run_fit(args: argparse.Namespace) -> None:
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _skipped(errors: Sequence[ImageError]) -> int:
+    """Name each image a run skipped on stderr; the exit status that says whether it skipped any."""
+    for error in errors:
+        print(f"gaussad: skipped {error.message}", file=sys.stderr)
+    return EXIT_SKIPPED if errors else 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from gaussad.fileio import check_destination
     from gaussad.images import find_images
+    from gaussad.persistence import CONFIG_FILE
 
+    check_destination(args.output, CONFIG_FILE)
     model = _model_from_args(args).fit(find_images(args.train_dir))
     model.save(args.output)
-    print(f"fitted on {model.n_train_} images in {model.fit_seconds_:.1f} s; saved to {args.output}")
+    status = _skipped(model.skipped_)
+    skipped = f", skipped {len(model.skipped_)}" if model.skipped_ else ""
+    print(
+        f"fitted on {_count(model.n_train_, 'image')}{skipped} in {model.fit_seconds_:.1f} s; "
+        f"saved to {args.output}"
+    )
+    return status
 
 
-def run_predict(args: argparse.Namespace) -> None:
+def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from gaussad.decisions import (
         PREDICTIONS_FILE,
+        PredictionRow,
         decide_all,
         defect_mask,
+        describe_defect,
         map_scale,
         output_names,
         output_path,
         predictions_csv,
     )
-    from gaussad.fileio import replace_folder
+    from gaussad.fileio import check_destination, output_folders, replace_folder
     from gaussad.heatmaps import write_pictures
 
+    check_destination(args.output, PREDICTIONS_FILE)
     model = _load_model(args)
+    pairs = output_names(args.paths, exclude=output_folders(args.output))
     image_threshold, pixel_threshold = model.image_threshold_, model.pixel_threshold_
-    pairs = output_names(args.paths)
-    decisions: list[Decision] = []
+    rows: dict[int, PredictionRow] = {}
+    errors: list[ImageError] = []
 
-    def pictures(folder: Path, image: Path, name: Path, anomaly_map: np.ndarray, scale) -> None:
-        mask = defect_mask(anomaly_map, pixel_threshold)
-        write_pictures(folder, name, anomaly_map, scale, mask, image if args.overlays else None)
+    def pictures(
+        folder: Path, index: int, anomaly_map: np.ndarray, scale: tuple[float, float], decision: Decision
+    ) -> Defect | None:
+        """Draw one image's pictures; where its defect mask lies (None without a pixel threshold)."""
+        image, name = pairs[index]
+        mask = defect_mask(anomaly_map, pixel_threshold, decision.is_anomalous)
+        overlay_image = image if args.overlays else None
+        write_pictures(folder, name, anomaly_map, scale, mask, overlay_image, args.max_pixels)
+        return None if mask is None else describe_defect(mask)
 
     def write(folder: Path) -> None:
         # A calibrated model's colour scale is known now; an uncalibrated one's is the range of all the
         # run's maps, so its pictures are drawn at the end from the saved maps.
         scale = map_scale(pixel_threshold) if pixel_threshold else None
-        low, high, scores = np.inf, -np.inf, []
-        for batch in model.iter_predict([image for image, _ in pairs]):
-            for index, anomaly_map in enumerate(batch.maps, start=batch.start):
-                image, name = pairs[index]
-                target = output_path(folder, "maps", name, ".npy")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                np.save(target, anomaly_map)
-                low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
-                if scale:
-                    pictures(folder, image, name, anomaly_map, scale)
-            scores.extend(batch.scores.tolist())
-        if not scale:
+        low, high = np.inf, -np.inf
+        # Closed on any error: the generator's progress bar ends its line before the error is printed.
+        with closing(model.iter_predict([image for image, _ in pairs])) as batches:
+            for batch in batches:
+                errors.extend(batch.errors)
+                decisions = decide_all(batch.scores, image_threshold)
+                for index, anomaly_map, decision in zip(batch.indices, batch.maps, decisions, strict=True):
+                    target = output_path(folder, "maps", pairs[index][1], ".npy")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(target, anomaly_map)
+                    low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
+                    defect = pictures(folder, index, anomaly_map, scale, decision) if scale else None
+                    rows[index] = PredictionRow(str(pairs[index][0]), decision, defect)
+        if not scale and rows:  # without a pixel threshold: heatmaps only, no mask and no defect
             scale = map_scale(None, (low, high))
-            for image, name in pairs:
-                pictures(folder, image, name, np.load(output_path(folder, "maps", name, ".npy")), scale)
-        decisions.extend(decide_all(scores, image_threshold))
-        (folder / PREDICTIONS_FILE).write_text(predictions_csv([image for image, _ in pairs], decisions))
+            for index, row in rows.items():
+                anomaly_map = np.load(output_path(folder, "maps", pairs[index][1], ".npy"))
+                pictures(folder, index, anomaly_map, scale, row.decision)
+        for error in errors:
+            rows[error.index] = PredictionRow(str(pairs[error.index][0]), error=error.message)
+        (folder / PREDICTIONS_FILE).write_text(predictions_csv([rows[index] for index in sorted(rows)]))
 
     replace_folder(args.output, write, marker=PREDICTIONS_FILE)
-    summary = f"scored {len(pairs)} images"
+    status = _skipped(errors)
+    summary = f"scored {_count(len(pairs) - len(errors), 'image')}"
     if image_threshold:
-        flagged = sum(decision.is_anomalous for decision in decisions)
+        flagged = sum(bool(row.decision and row.decision.is_anomalous) for row in rows.values())
         summary += f", {flagged} anomalous at threshold {image_threshold.value:.4g}"
+    if errors:
+        summary += f", skipped {len(errors)}"
     print(f"{summary}; wrote {Path(args.output) / PREDICTIONS_FILE}")
+    return status
 
 
 def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
@@ -187,7 +274,7 @@ def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
 
 
 def _run_config(args: argparse.Namespace) -> dict:
-    skip = ("handler", "json", "quiet", "report", "output", "save_results")
+    skip = ("handler", "json", "quiet", "report", "output", "save_results", "tmp_dir")
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}, default=str))
 
 
@@ -220,11 +307,16 @@ def _report(path: str, config: dict, model_info: dict, outcomes: list[CategoryRe
     print(f"report: {path}")
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
+def run_evaluate(args: argparse.Namespace) -> int:
     from gaussad.evaluation import mean_metrics
-    from gaussad.fileio import write_text_atomic
-    from gaussad.results import save_results
+    from gaussad.fileio import check_destination, check_file_destination, write_text_atomic
+    from gaussad.results import RESULTS_FILE, save_results
 
+    for path in (args.json, args.report):  # checked before the fits, not after them
+        if path:
+            check_file_destination(path)
+    if args.save_results:
+        check_destination(args.save_results, RESULTS_FILE)
     evaluations = _evaluate(args, keep_maps=bool(args.report or args.save_results))
     results = [evaluation.result for evaluation in evaluations]
     config = _run_config(args)
@@ -243,16 +335,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
             print(f"results: {args.save_results}")
         if args.report:
             _report(args.report, config, model_info, outcomes)
+    return _skipped([error for evaluation in evaluations for error in evaluation.skipped])
 
 
-def run_report(args: argparse.Namespace) -> None:
+def run_report(args: argparse.Namespace) -> int:
+    from gaussad.fileio import check_file_destination
     from gaussad.results import is_results_folder, load_results
 
+    check_file_destination(args.output)
     if is_results_folder(args.root):
         _report(args.output, *load_results(args.root))
-        return
+        return 0
     evaluations = _evaluate(args, keep_maps=True)
     _report(args.output, _run_config(args), evaluations[0].model_info, _category_reports(evaluations))
+    return _skipped([error for evaluation in evaluations for error in evaluation.skipped])
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
@@ -322,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("train_dir", help="folder of good images (searched recursively)")
     fit.add_argument("-o", "--output", required=True, help="model folder to write")
     _add_model_options(fit)
-    _add_runtime_options(fit)
+    _add_runtime_options(fit, on_error="stop", tmp_dir=True)
     fit.set_defaults(handler=run_fit)
 
     predict = commands.add_parser("predict", help="score images and write anomaly maps")
@@ -332,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overlays", action="store_true", help="also write overlays/: heatmap blended over each image"
     )
-    _add_runtime_options(predict)
+    _add_runtime_options(predict, on_error="skip")
     predict.set_defaults(handler=run_predict)
 
     calibrate = commands.add_parser("calibrate", help="set a model's decision thresholds")
@@ -365,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-results", help="also save results to this folder, for `gaussad report FOLDER` later"
     )
     _add_model_options(evaluate)
-    _add_runtime_options(evaluate)
+    _add_runtime_options(evaluate, on_error="stop", tmp_dir=True)
     evaluate.set_defaults(handler=run_evaluate)
 
     report = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
@@ -378,29 +474,55 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--category", nargs="+", help="only these categories")
     report.add_argument("--eval-size", type=int, help="evaluate maps at N x N (default: ground-truth size)")
     _add_model_options(report)
-    _add_runtime_options(report)
+    _add_runtime_options(report, on_error="stop", tmp_dir=True)
     report.set_defaults(handler=run_report)
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _use_tmp_dir(folder: str) -> None:
+    """--tmp-dir: where this process's temporary files go (the fit's spill), as TMPDIR would say."""
+    path = Path(folder).absolute()
+    if not path.is_dir():
+        raise GaussADError(f"--tmp-dir {folder}: no such folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise GaussADError(f"--tmp-dir {folder}: no permission to write in it")
+    tempfile.tempdir = str(path)
+
+
+def _run(args: argparse.Namespace) -> int:
     from gaussad.tuning import cpu_tuning
 
+    if getattr(args, "tmp_dir", None):
+        _use_tmp_dir(args.tmp_dir)
     with cpu_tuning():
-        args.handler(args)
+        return args.handler(args) or 0
+
+
+def _end_progress_lines() -> None:
+    """Close the progress bars an error left open (in a generator not yet closed), so that they clear
+    their line and the error does not follow a bar's text on it."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _run(args)
+        return _run(args)
     except GaussADError as error:
+        _end_progress_lines()
         print(f"gaussad: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except OSError as error:  # the system refused a file: no space, no permission, a read-only disk
+        _end_progress_lines()
+        print(f"gaussad: error: {error.filename or 'a file'}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        _end_progress_lines()
         print("gaussad: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
 LOCALIZATIONS: tuple[str, ...] = ("hybrid", "shared", "per-position")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 4096  # far beyond what a 2-core CPU scores in reasonable time; guards saved models
 
 DEFAULT_BATCH_SIZE = 16  # as fast as 32 on CPU with the allocator kept warm, 150 MiB less
 DEFAULT_WORKERS = 2  # threads decoding images
@@ -70,6 +71,8 @@ class ModelConfig:
         for name in ("levels", "map_levels", "position_levels"):
             object.__setattr__(self, name, _levels(name, getattr(self, name)))
         if self.weights is not None:
+            if not isinstance(self.weights, (str, os.PathLike)):
+                raise GaussADError(f"--weights {self.weights!r}: expected a file path")
             object.__setattr__(self, "weights", str(Path(os.fspath(self.weights)).absolute()))
         for name in ("reduction", "localization", "precision"):
             allowed = _metadata(name)["choices"]
@@ -94,7 +97,7 @@ class ModelConfig:
         if self.folds == 1:
             raise GaussADError("--folds 1: expected 0 (no calibration) or at least 2")
         if self.image_size is not None:
-            _check_whole("image_size", self.image_size, low=MIN_IMAGE_SIZE)
+            _check_whole("image_size", self.image_size, low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
         if self.position_levels and self.localization != "hybrid":
             raise GaussADError(
                 f"--position-levels apply to the hybrid localization only, not to {self.localization!r}"
@@ -177,9 +180,10 @@ def _check_number(
         raise GaussADError(f"{_flag(name)} {value!r}: expected a number in {bounds}")
 
 
-def _check_whole(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise GaussADError(f"{_flag(name)} {value!r}: expected a whole number, {low} or more")
+def _check_whole(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+        limits = f"{low} or more" if high is None else f"from {low} to {high}"
+        raise GaussADError(f"{_flag(name)} {value!r}: expected a whole number {limits}")
 
 
 DEFAULTS = ModelConfig()

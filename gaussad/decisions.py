@@ -1,9 +1,10 @@
 """Decisions from scores and maps, stated once for the CLI, the report and services built on gaussad.
 
 A score at or above the image threshold is anomalous; the normalized score puts the threshold's typical
-normal value at 0 and the threshold at 0.5; the defect mask is where the map reaches the pixel threshold;
-pictures of maps share one colour scale per run. Also the names predictions are written under and
-thresholds set by hand. Importable without torch: numpy and Pillow only.
+normal value at 0 and the threshold at 0.5; the defect mask is where the map reaches the pixel threshold,
+and is never empty for an image called anomalous; pictures of maps share one colour scale per run. Also
+where a defect lies (area, regions, box), the names predictions are written under, predictions.csv and
+thresholds set by hand. Importable without torch: numpy, scipy and Pillow only.
 """
 
 from __future__ import annotations
@@ -18,13 +19,26 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import ndimage
 
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
+from gaussad.images import PREDICTIONS_FILE as PREDICTIONS_FILE  # also the marker of predict's output
 from gaussad.images import find_images
 
-PREDICTIONS_FILE = "predictions.csv"
-PREDICTIONS_HEADER = ("path", "score", "normalized_score", "is_anomalous")
+PREDICTIONS_HEADER = (
+    "path",
+    "score",
+    "normalized_score",
+    "is_anomalous",
+    "defect_area",
+    "defect_regions",
+    "defect_box",
+    "error",
+)
+# An anomalous image whose map stays below the pixel threshold shows the region where its map is within
+# this share of the peak's height above the typical normal value: half height, the peak's own extent.
+HOT_REGION_SHARE = 0.5
 
 
 # --- image decisions ---
@@ -104,9 +118,50 @@ def manual_threshold(value: float, previous: Threshold | None, kind: str) -> Thr
 # --- maps ---
 
 
-def defect_mask(anomaly_map: np.ndarray, pixel_threshold: Threshold | None) -> np.ndarray | None:
-    """The predicted defect: where the map reaches the pixel threshold (None without a threshold)."""
-    return None if pixel_threshold is None else is_anomalous(anomaly_map, pixel_threshold.value)
+def defect_mask(
+    anomaly_map: np.ndarray, pixel_threshold: Threshold | None, anomalous: bool | None = None
+) -> np.ndarray | None:
+    """The predicted defect (bool, the map's shape; None without a pixel threshold): where the map reaches
+    the pixel threshold.
+
+    For an image decided anomalous (`anomalous`) whose map stays below the pixel threshold everywhere, its
+    hottest region instead: where the map reaches half the peak's height above the threshold's typical
+    normal value. The two thresholds are each set for the same false-alarm rate on different quantities
+    (an image's pooled features, a map's maximum), so such images occur; their mask is never empty.
+    """
+    if pixel_threshold is None:
+        return None
+    mask = is_anomalous(anomaly_map, pixel_threshold.value)
+    if anomalous and not mask.any():
+        peak = float(np.max(anomaly_map))
+        level = peak - HOT_REGION_SHARE * (peak - pixel_threshold.normal_level)
+        mask = anomaly_map >= min(level, peak)
+    return mask
+
+
+@dataclass(frozen=True)
+class Defect:
+    """Where a defect mask lies, for a line to act on: its size, its pieces and the largest one's box."""
+
+    area: int  # pixels in the mask
+    regions: int  # 8-connected regions (as AUPRO counts ground-truth regions)
+    box: tuple[int, int, int, int] | None  # the largest region's (x0, y0, x1, y1), x1 and y1 exclusive
+
+    def box_text(self) -> str:
+        """The box as predictions.csv writes it, "x0 y0 x1 y1" (PIL's crop box); empty without one."""
+        return "" if self.box is None else " ".join(map(str, self.box))
+
+
+def describe_defect(mask: np.ndarray) -> Defect:
+    """The area, number of 8-connected regions and largest region's bounding box of a bool mask."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return Defect(0, 0, None)
+    largest = int(np.argmax(np.bincount(labels.ravel())[1:]))
+    rows, columns = ndimage.find_objects(labels)[largest]
+    return Defect(
+        int(np.count_nonzero(mask)), int(count), (columns.start, rows.start, columns.stop, rows.stop)
+    )
 
 
 def map_scale(
@@ -128,17 +183,20 @@ def map_scale(
 # --- outputs of predict ---
 
 
-def output_names(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+def output_names(
+    inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
+) -> list[tuple[Path, Path]]:
     """(image, output name) pairs for predict's outputs.
 
     A folder's images are named by their path relative to that folder, a file by its name, each without
     its suffix: every output adds its own (`output_path`). Two inputs that would write the same files
     (`a/x.png` and `a/x.jpg`, or the same file name from two folders) are an error, not an overwrite.
+    Folders in `exclude` (the run's own output) and earlier outputs of predict are not searched.
     """
     pairs: list[tuple[Path, Path]] = []
     for given in map(Path, inputs):
         base = given.parent if given.is_file() else given
-        pairs += [(image, image.relative_to(base).with_suffix("")) for image in find_images(given)]
+        pairs += [(image, image.relative_to(base).with_suffix("")) for image in find_images(given, exclude)]
     seen: dict[Path, Path] = {}
     for image, name in pairs:
         if name in seen:
@@ -154,13 +212,33 @@ def output_path(folder: Path, kind: str, name: Path, suffix: str) -> Path:
     return folder / kind / name.parent / (name.name + suffix)
 
 
-def predictions_csv(paths: Sequence[str | os.PathLike], decisions: Sequence[Decision]) -> str:
-    """predictions.csv: path, raw score, and without an image threshold empty decision columns."""
+@dataclass(frozen=True)
+class PredictionRow:
+    """One line of predictions.csv: an image's decision and defect, or the error that skipped it."""
+
+    path: str
+    decision: Decision | None = None  # None for an image skipped
+    defect: Defect | None = None  # None without a pixel threshold, or skipped
+    error: str = ""  # why the image was skipped
+
+
+def predictions_csv(rows: Sequence[PredictionRow]) -> str:
+    """predictions.csv (PREDICTIONS_HEADER): per image its raw score, the decision at the image threshold,
+    where the defect mask lies, or the error that skipped it. Columns a model or an image cannot fill are
+    empty (no image threshold: no decision; no pixel threshold: no defect; skipped: only the error)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(PREDICTIONS_HEADER)
-    for path, decision in zip(paths, decisions, strict=True):
-        normalized = "" if decision.normalized_score is None else f"{decision.normalized_score:.4f}"
-        flagged = "" if decision.is_anomalous is None else str(int(decision.is_anomalous))
-        writer.writerow([str(path), f"{decision.score:.6f}", normalized, flagged])
+    for row in rows:
+        decision, defect = row.decision, row.defect
+        columns = [""] * 6
+        if decision is not None:
+            columns[0] = f"{decision.score:.6f}"
+            if decision.normalized_score is not None:
+                columns[1] = f"{decision.normalized_score:.4f}"
+            if decision.is_anomalous is not None:
+                columns[2] = str(int(decision.is_anomalous))
+        if defect is not None:
+            columns[3:] = [str(defect.area), str(defect.regions), defect.box_text()]
+        writer.writerow([row.path, *columns, row.error])
     return buffer.getvalue()

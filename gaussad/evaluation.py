@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +20,11 @@ from PIL import Image
 from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
 from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
-from gaussad.images import IMAGE_EXTENSIONS
+from gaussad.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image
 from gaussad.metrics import image_auroc, pixel_metrics
 
 if TYPE_CHECKING:
+    from gaussad.features import ImageError
     from gaussad.model import GaussAD
 
 STORED_SIDE = 256  # side of the maps and masks kept for reports and saved results
@@ -79,6 +81,8 @@ class CategoryEvaluation:
     image_threshold: Threshold | None
     pixel_threshold: Threshold | None
     model_info: dict  # `model_info` of the fitted model
+    # Unreadable training and test images left out (the model's on_error="skip"), in that order.
+    skipped: list[ImageError] = field(default_factory=list)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -148,18 +152,15 @@ def list_test_images(category: Path) -> list[LabeledImage]:
     return found
 
 
-def read_mask(image: LabeledImage, size: tuple[int, int]) -> np.ndarray:
-    """The boolean ground truth (height, width) of a test image; all False for a good one."""
+def read_mask(image: LabeledImage, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The boolean ground truth (height, width) of a test image; all False for a good one. A mask file
+    is read within the same pixel limit as images."""
     if image.mask_path is None:
         return np.zeros(size, dtype=bool)
-    try:
-        with Image.open(image.mask_path) as mask:
-            mask = mask.convert("L")
-            if mask.size != (size[1], size[0]):
-                mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
-            return np.asarray(mask) > 127
-    except OSError as error:
-        raise GaussADError(f"{image.mask_path}: cannot read mask ({error})") from None
+    mask = open_image(image.mask_path, max_pixels).convert("L")
+    if mask.size != (size[1], size[0]):
+        mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
 
 
 def evaluate_category(
@@ -178,8 +179,17 @@ def evaluate_category(
     model.fit(train)
     fit_seconds = time.perf_counter() - started
 
-    scores, maps, test_seconds = _predict_tests(model, tests, eval_size)
-    masks = [read_mask(image, anomaly_map.shape) for image, anomaly_map in zip(tests, maps, strict=True)]
+    kept, scores, maps, test_errors, test_seconds = _predict_tests(model, tests, eval_size)
+    if test_errors:
+        tests = [tests[index] for index in kept]
+        if len({image.label for image in tests}) < 2:
+            raise GaussADError(
+                f"{category / 'test'}: too few readable test images to evaluate (needs good and defective)"
+            )
+    masks = [
+        read_mask(image, anomaly_map.shape, model.max_pixels)
+        for image, anomaly_map in zip(tests, maps, strict=True)
+    ]
     labels = np.array([image.label for image in tests])
     pixel_auroc, aupro = pixel_metrics(masks, maps)
     result = CategoryResult(
@@ -187,7 +197,7 @@ def evaluate_category(
         image_auroc=image_auroc(labels, scores),
         pixel_auroc=pixel_auroc,
         aupro=aupro,
-        n_train=len(train),
+        n_train=model.n_train_,
         n_test=len(tests),
         fit_seconds=fit_seconds,
         test_seconds=test_seconds,
@@ -202,21 +212,26 @@ def evaluate_category(
         model.image_threshold_,
         model.pixel_threshold_,
         model_info(model),
+        [*model.skipped_, *test_errors],
     )
 
 
 def _predict_tests(
     model: GaussAD, tests: list[LabeledImage], eval_size: int | None
-) -> tuple[np.ndarray, list[np.ndarray], float]:
-    """Scores and maps of the test images (each map at its image's size, or eval_size square), and the
-    seconds it took."""
+) -> tuple[list[int], np.ndarray, list[np.ndarray], list[ImageError], float]:
+    """The positions among `tests` of the images scored, their scores and maps (each at its image's size,
+    or eval_size square), the images skipped (the model's on_error="skip"), and the seconds it took."""
     map_sizes = None if eval_size is None else [(eval_size, eval_size)] * len(tests)
     started = time.perf_counter()
-    scores, maps = [], []
-    for batch in model.iter_predict([t.path for t in tests], map_sizes=map_sizes):
-        scores.append(batch.scores)
-        maps += batch.maps
-    return np.concatenate(scores), maps, time.perf_counter() - started
+    kept, scores, maps, errors = [], [np.empty(0)], [], []
+    # Closed on any error: the generator's progress bar ends its line before the error is printed.
+    with closing(model.iter_predict([t.path for t in tests], map_sizes=map_sizes)) as batches:
+        for batch in batches:
+            kept += batch.indices
+            scores.append(batch.scores)
+            maps += batch.maps
+            errors += batch.errors
+    return kept, np.concatenate(scores), maps, errors, time.perf_counter() - started
 
 
 def _decisions(image_threshold: Threshold | None, labels: np.ndarray, scores: np.ndarray) -> dict:
@@ -273,11 +288,12 @@ def calibrate_on_labeled(
     quantiles of the good images' scores and map maxima instead.
     """
     images = list_test_images(category)
-    scores, maps, _ = _predict_tests(model, images, eval_size)
+    kept, scores, maps, _, _ = _predict_tests(model, images, eval_size)
+    images = [images[index] for index in kept]
     labels = np.array([image.label for image in images])
     where = f"{len(images)} labelled images in {category}"
     if max_false_alarm_rate is None:
-        masks = np.stack([read_mask(image, (eval_size, eval_size)) for image in images])
+        masks = np.stack([read_mask(image, (eval_size, eval_size), model.max_pixels) for image in images])
         return (
             f1_threshold(labels, scores, f"F1-optimal on {where}"),
             f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}"),

@@ -20,7 +20,7 @@ from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import Preprocessing
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from gaussad.errors import GaussADError
-from gaussad.images import ImageInput, describe, load_pixels
+from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, describe, load_pixels
 from gaussad.tuning import ForwardThreads, tuning_enabled
 
 Precision = Literal["fp32", "bf16"]
@@ -66,13 +66,16 @@ class Batch(Generic[Output]):
         return self.indices[0] if self.indices else -1
 
 
-def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def prepare(
+    item: ImageInput, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one image and squash it to the square model input: (S, S, 3) uint8 and the original size.
 
+    An image declaring more than `max_pixels` is refused before it is decoded (`ImageTooLargeError`).
     Resized by PyTorch's bilinear filter with antialiasing on the 8-bit pixels as they lie (HWC): Pillow's
     BILINEAR filter within 1 of 255, several times faster.
     """
-    pixels = load_pixels(item)
+    pixels = load_pixels(item, max_pixels)
     if not pixels.flags.writeable:  # as PIL's arrays are: torch warns of them, though nothing writes here
         pixels = pixels.copy()
     channels_last = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), no copy
@@ -82,10 +85,12 @@ def prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, i
     return resized[0].permute(1, 2, 0).numpy(), pixels.shape[:2]
 
 
-def _timed_prepare(item: ImageInput, image_size: int) -> tuple[np.ndarray, tuple[int, int], float]:
+def _timed_prepare(
+    item: ImageInput, image_size: int, max_pixels: int
+) -> tuple[np.ndarray, tuple[int, int], float]:
     """`prepare`, with the CPU seconds its thread spent on it."""
     start = time.thread_time()
-    pixels, size = prepare(item, image_size)
+    pixels, size = prepare(item, image_size, max_pixels)
     return pixels, size, time.thread_time() - start
 
 
@@ -145,9 +150,11 @@ class BatchRunner:
         device: torch.device,
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = DEFAULT_WORKERS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if batch_size < 1:
             raise GaussADError(f"batch size {batch_size}: expected at least 1")
+        self.max_pixels = check_max_pixels(max_pixels)
         self.model = model
         self.image_size = image_size
         self.device = device
@@ -192,7 +199,9 @@ class BatchRunner:
                     chunk, indices, errors = [], [], []
                     while len(chunk) < self.batch_size and taken < len(items):
                         while queued < len(items) and queued < taken + lookahead:
-                            pending.append(pool.submit(_timed_prepare, items[queued], self.image_size))
+                            pending.append(
+                                pool.submit(_timed_prepare, items[queued], self.image_size, self.max_pixels)
+                            )
                             queued += 1
                         try:
                             chunk.append(pending.popleft().result())

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from gaussad.decisions import output_path
 from gaussad.errors import GaussADError
-from gaussad.images import read_image
+from gaussad.images import DEFAULT_MAX_PIXELS, read_image
 
 _LUT = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 _SQUARE = np.ones((3, 3), dtype=bool)
@@ -73,15 +73,18 @@ def write_pictures(
     scale: tuple[float, float],
     mask: np.ndarray | None,
     image: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
     """One image's pictures under `folder`: maps/<name>.png (the heatmap on the run's colour `scale`),
-    masks/<name>.png (the defect mask, when given) and overlays/<name>.png (when the image is given:
-    the heatmap blended over it, the mask outlined). The map is at the image's size."""
+    masks/<name>.png (the defect mask, when given) and overlays/<name>.png (when the image is given, read
+    within `max_pixels`: the heatmap blended over it, the mask outlined). The map is at the image's size."""
     pictures = {"maps": colorize(anomaly_map, *scale)}
     if mask is not None:
         pictures["masks"] = mask.astype(np.uint8) * 255
     if image is not None:
-        pictures["overlays"] = overlay(np.asarray(read_image(image)), anomaly_map, *scale, mask=mask)
+        pictures["overlays"] = overlay(
+            np.asarray(read_image(image, max_pixels)), anomaly_map, *scale, mask=mask
+        )
     for kind, picture in pictures.items():
         target = output_path(folder, kind, name, ".png")
         target.parent.mkdir(parents=True, exist_ok=True)

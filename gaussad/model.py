@@ -26,7 +26,7 @@ from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, DEFAULTS, MODEL_
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
-from gaussad.images import ImageInput, collect_images, describe
+from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer
 from gaussad.scratch import scratch_folder
@@ -36,7 +36,7 @@ from gaussad.tuning import one_blas_thread
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
-RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error")
+RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ON_ERRORS = ("stop", "skip")
 SPILL_PREFIX = "gaussad-fit-"
 
@@ -98,6 +98,7 @@ class GaussAD:
         workers: int = DEFAULT_WORKERS,
         progress: bool = False,
         on_error: str = "stop",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -118,6 +119,7 @@ class GaussAD:
         self.workers = workers
         self.progress = progress
         self.on_error = on_error
+        self.max_pixels = max_pixels
 
     @property
     def config(self) -> ModelConfig:
@@ -142,7 +144,13 @@ class GaussAD:
             backbone.to(device, memory_format=torch.channels_last), extracted, config.precision
         )
         runner = BatchRunner(
-            features, backbone.preprocessing, image_size, device, self.batch_size, self.workers
+            features,
+            backbone.preprocessing,
+            image_size,
+            device,
+            self.batch_size,
+            self.workers,
+            self.max_pixels,
         )
         n_folds = self._n_folds(len(items))
         # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
@@ -330,6 +338,7 @@ class GaussAD:
             self.device_,
             self.batch_size,
             self.workers,
+            self.max_pixels,
         )
         for batch in runner.batches(items, "predict" if self.progress else None, skip_errors):
             if batch.outputs is None:

@@ -79,7 +79,7 @@ def read_config(directory: Path) -> dict:
     if document.get("format_version") not in READABLE_VERSIONS:
         readable = " and ".join(map(str, READABLE_VERSIONS))
         raise GaussADError(
-            f"{path}: model format version {document.get('format_version')} is not supported "
+            f"{path}: model format version {document.get('format_version')!r} is not supported "
             f"(this gaussad reads versions {readable}); refit the model"
         )
     return document
@@ -115,4 +115,9 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
         else None,
     }
     config = ModelConfig.from_dict({**resolved, **params}, where=str(path))
+    used = (state.levels, state.map_levels, state.position_levels or None, state.image_size)
+    if (config.levels, config.map_levels, config.position_levels, config.image_size) != used:
+        raise GaussADError(
+            f"{path}: its parameters and its fitted description disagree on levels or input size"
+        )
     return config, state

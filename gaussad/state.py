@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gaussad.calibration import Threshold
+from gaussad.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
 
@@ -126,32 +127,72 @@ class FittedState:
         try:
             levels = _levels(metadata["levels"])
             map_levels = _levels(metadata["map_levels"])
-            position_levels = _levels(metadata.get("position_levels", []))
+            position_levels = _levels(metadata.get("position_levels", []), allow_empty=True)
             thresholds = metadata.get("thresholds") or {}
+            if not isinstance(thresholds, dict):
+                raise ValueError(f"thresholds {thresholds!r} are not an object")
             return cls(
-                backbone=BackboneInfo(**metadata["backbone"]),
+                backbone=_backbone(metadata["backbone"]),
                 levels=levels,
                 map_levels=map_levels,
                 position_levels=position_levels,
-                image_size=int(metadata["image_size"]),
-                n_train=int(metadata["n_train"]),
+                image_size=_whole(metadata["image_size"], "image size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+                n_train=_whole(metadata["n_train"], "training images", 2),
                 image_gaussians=[gaussian(f"image.{level}") for level in levels],
                 map_gaussians=[gaussian(f"map.{level}") for level in map_levels],
                 position_gaussian=gaussian(POSITION_KEY) if position_levels else None,
                 **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
-                image_threshold=Threshold(**thresholds["image"]) if thresholds.get("image") else None,
-                pixel_threshold=Threshold(**thresholds["pixel"]) if thresholds.get("pixel") else None,
+                image_threshold=_threshold(thresholds.get("image")),
+                pixel_threshold=_threshold(thresholds.get("pixel")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GaussADError(
-                f"{where}: malformed model description ({type(error).__name__}: {error})"
+                f"{where}: malformed model description ({type(error).__name__}: {str(error)!r})"
             ) from None
 
 
-def _levels(values: Any) -> tuple[int, ...]:
-    if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+def _levels(values: Any, allow_empty: bool = False) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(_is_whole(v) and v >= 0 for v in values):
         raise ValueError(f"levels {values!r} are not a list of whole numbers")
+    if not values and not allow_empty:
+        raise ValueError("no levels")
     return tuple(values)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _whole(value: Any, what: str, low: int, high: int | None = None) -> int:
+    if not _is_whole(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{what} {value!r} out of range")
+    return value
+
+
+def _backbone(values: Any) -> BackboneInfo:
+    if not isinstance(values, dict):
+        raise ValueError(f"backbone {values!r} is not an object")
+    info = BackboneInfo(**values)
+    if not isinstance(info.name, str) or not isinstance(info.weights_source, str):
+        raise ValueError("backbone name and weights source must be text")
+    for optional in (info.weights_path, info.weights_sha256):
+        if optional is not None and not isinstance(optional, str):
+            raise ValueError("backbone weights path and checksum must be text")
+    return info
+
+
+def _threshold(values: Any) -> Threshold | None:
+    if not values:
+        return None
+    if not isinstance(values, dict):
+        raise ValueError(f"threshold {values!r} is not an object")
+    threshold = Threshold(**values)
+    numbers = (threshold.value, threshold.normal_level)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+        raise ValueError(f"threshold values {numbers!r} are not finite numbers")
+    if not isinstance(threshold.method, str) or not isinstance(threshold.source, str):
+        raise ValueError("threshold method and source must be text")
+    return threshold
 
 
 def _level_row(role: str, level: int | str, gaussian: Gaussian) -> dict[str, Any]:

@@ -3,18 +3,23 @@
 import csv
 import json
 import os
+import struct
 import subprocess
 import sys
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_category
 from PIL import Image
 
 from gaussad.calibration import Threshold
 from gaussad.cli import build_parser, main
 from gaussad.config import DEFAULTS, MODEL_OPTIONS
-from gaussad.decisions import map_scale
+from gaussad.decisions import PREDICTIONS_HEADER, map_scale
+from gaussad.errors import GaussADError
 from gaussad.heatmaps import colorize
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--device", "cpu", "--quiet", "--map-levels", "2,3"]
@@ -85,12 +90,20 @@ def test_predict_writes_scores_and_maps_named_by_relative_path(
     )
     with (out / "predictions.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 8 and set(rows[0]) == {"path", "score", "normalized_score", "is_anomalous"}
+    assert len(rows) == 8 and list(rows[0]) == list(PREDICTIONS_HEADER)
     for row in rows:
         assert 0.0 <= float(row["normalized_score"]) <= 1.0
         assert (row["is_anomalous"] == "1") == (float(row["normalized_score"]) >= 0.5)
         if "scratch" in row["path"]:
             assert row["is_anomalous"] == "1"
+        # The CSV says where the mask lies: its area, regions and the largest region's box.
+        name = Path(row["path"]).relative_to(category / "test").with_suffix("")
+        written = np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0
+        assert int(row["defect_area"]) == written.sum() and row["error"] == ""
+        if row["is_anomalous"] == "1":
+            assert written.any() and int(row["defect_regions"]) >= 1
+            x0, y0, x1, y1 = map(int, row["defect_box"].split())
+            assert written[y0:y1, x0:x1].any() and 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
     scores = {
         Path(row["path"]).relative_to(category / "test").as_posix(): float(row["score"]) for row in rows
     }
@@ -218,12 +231,128 @@ def test_user_errors_are_one_line_without_traceback(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unreadable_image_is_named(model_dir: Path, tmp_path) -> None:
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "fake.png").write_bytes(b"\x89PNG but not really")
-    result = run_cli("predict", str(model_dir), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet")
-    assert result.returncode == 2 and "fake.png: cannot read image" in result.stderr
-    assert not (tmp_path / "out").exists()
+def tiny_png(width: int, height: int) -> bytes:
+    """A 69-byte PNG: its header declares width x height grey pixels, and no pixel data follows."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return b"\x89PNG\r\n\x1a\n" + chunk + b"\0\0\0\0IEND\xaeB`\x82" + b"\0" * 24
+
+
+def line_folder(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """Images of three sizes and, among them, a broken one (b.png) and a header-only bomb (d.png), so a
+    name shifted onto another image's map shows in the map's shape."""
+    folder = tmp_path / "line"
+    folder.mkdir()
+    sizes = {"a": (40, 56), "c": (72, 48), "e": (64, 64)}  # (height, width)
+    rng = np.random.default_rng(0)
+    for name, (height, width) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "b.png").write_bytes(b"\x89PNG but not really")
+    (folder / "d.png").write_bytes(tiny_png(30000, 30000))
+    return folder, sizes
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit status, stdout, stderr)."""
+    status = main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_unreadable_images_stop_predict_when_asked(model_dir: Path, tmp_path, capsys) -> None:
+    folder, _ = line_folder(tmp_path)
+    out = tmp_path / "out"
+    status, _, err = cli(capsys, "predict", str(model_dir), str(folder), "-o", str(out), "--on-error", "stop")
+    assert status == 2 and err.strip().splitlines()[-1].startswith(
+        f"gaussad: error: {folder}/b.png: cannot read"
+    )
+    assert not out.exists()
+
+
+def test_a_decompression_bomb_is_one_line_and_exit_2(model_dir: Path, tmp_path, capsys) -> None:
+    """A 69-byte PNG declaring 30000 x 30000 pixels ended in PIL's DecompressionBombError traceback."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(tiny_png(30000, 30000))
+    assert len(tiny_png(30000, 30000)) == 69
+    out = tmp_path / "out"
+    status, _, err = cli(
+        capsys, "predict", str(model_dir), str(bomb), "-o", str(out), "--on-error", "stop", "--quiet"
+    )
+    assert status == 2 and err.splitlines() == [
+        f"gaussad: error: {bomb}: declares 30000 x 30000 = 900,000,000 pixels, over the limit of 100,000,000 "
+        "pixels"
+    ]
+
+
+def test_the_pixel_limit_is_an_option(model_dir: Path, tmp_path, capsys) -> None:
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
+    arguments = [
+        "predict",
+        str(model_dir),
+        str(tmp_path / "small.png"),
+        "-o",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
+    status, _, err = cli(capsys, *arguments, "--on-error", "stop", "--max-pixels", "1000")
+    assert status == 2 and "small.png: declares 40 x 30 = 1,200 pixels, over the limit of 1,000 pixels" in err
+    assert cli(capsys, *arguments, "--max-pixels", "1200")[0] == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*arguments, "--max-pixels", "0"])
+
+
+def test_predict_skips_bad_images_keeps_the_others_and_exits_3(model_dir: Path, tmp_path, capsys) -> None:
+    """One unreadable image among those to predict aborted the run, and nothing was written."""
+    folder, sizes = line_folder(tmp_path)
+    out = tmp_path / "out"
+    status, stdout, err = cli(
+        capsys, "predict", str(model_dir), str(folder), "-o", str(out), "--quiet", "--batch-size", "2"
+    )
+    assert status == 3
+    assert err.splitlines() == [
+        f"gaussad: skipped {folder}/b.png: cannot read image (not a PNG, JPEG, BMP, TIFF, WebP or GIF image)",
+        f"gaussad: skipped {folder}/d.png: declares 30000 x 30000 = 900,000,000 pixels, over the limit of "
+        "100,000,000 pixels",
+    ]
+    assert "scored 3 images" in stdout and "skipped 2" in stdout
+    with (out / "predictions.csv").open() as file:
+        rows = {Path(row["path"]).stem: row for row in csv.DictReader(file)}
+    assert sorted(rows) == ["a", "b", "c", "d", "e"]
+    assert rows["b"]["score"] == "" and "cannot read image" in rows["b"]["error"]
+    assert rows["d"]["score"] == "" and "declares 30000 x 30000" in rows["d"]["error"]
+    for name, size in sizes.items():  # each map is its own image's: no name shifted past a skipped image
+        assert rows[name]["error"] == "" and float(rows[name]["score"]) > 0
+        assert np.load(out / "maps" / f"{name}.npy").shape == size
+        assert Image.open(out / "masks" / f"{name}.png").size == size[::-1]
+    assert not (out / "maps" / "b.npy").exists()
+
+
+def test_fit_skips_bad_training_images_when_asked(category: Path, tmp_path, capsys) -> None:
+    """One unreadable image among the training images aborted the fit after all its work."""
+    train = tmp_path / "train"
+    subprocess.run(["cp", "-r", str(category / "train" / "good"), str(train)], check=True)
+    (train / "zz_broken.png").write_bytes(b"\x89PNG but not really")
+    model = tmp_path / "model"
+    status, _, err = cli(capsys, "fit", str(train), "-o", str(model), *FAST, "--folds", "0")
+    assert status == 2 and "zz_broken.png: cannot read image" in err and not model.exists()
+    status, stdout, err = cli(capsys, "fit", str(train), "-o", str(model), *FAST, "--on-error", "skip")
+    assert status == 3
+    assert err.splitlines() == [
+        f"gaussad: skipped {train}/zz_broken.png: cannot read image (not a PNG, JPEG, BMP, TIFF, WebP or GIF "
+        "image)"
+    ]
+    assert "fitted on 16 images, skipped 1" in stdout
+    assert json.loads((model / "model.json").read_text())["n_train"] == 16
+
+
+def test_evaluate_skips_bad_images_when_asked(tmp_path, capsys) -> None:
+    root = make_category(tmp_path / "widget", n_train=4, n_good=2, n_bad=2)
+    (root / "test" / "good" / "zz_broken.png").write_bytes(b"broken")
+    report = tmp_path / "results.json"
+    arguments = ["evaluate", str(root), *FAST, "--folds", "2", "--json", str(report)]
+    status, _, err = cli(capsys, *arguments, "--on-error", "skip")
+    assert status == 3 and err.startswith(f"gaussad: skipped {root}/test/good/zz_broken.png: cannot read")
+    assert json.loads(report.read_text())["categories"][0]["n_test"] == 4
 
 
 def test_calibrate_and_info(model_dir: Path, category: Path, tmp_path, capsys) -> None:
@@ -262,3 +391,149 @@ def test_saved_results_make_a_report_later(category: Path, tmp_path) -> None:
     (results / "widget.npz").write_bytes(b"damaged")
     result = run_cli("report", str(results), "-o", str(tmp_path / "again.html"))
     assert result.returncode == 2 and "widget.npz: cannot read predictions" in result.stderr
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["fit", "{train}", "-o", "{foreign}"],
+        ["evaluate", "{root}", "--json", "{folder}"],
+        ["evaluate", "{root}", "--report", "{folder}"],
+        ["evaluate", "{root}", "--save-results", "{foreign}"],
+        ["report", "{root}", "-o", "{folder}"],
+    ],
+)
+def test_destinations_are_checked_before_any_work(
+    arguments: list[str], category: Path, tmp_path, capsys, monkeypatch
+) -> None:
+    """`fit DIR -o FOLDER` into a folder gaussad did not write fitted for the whole run, then refused."""
+    from gaussad.model import GaussAD
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking the destination")
+
+    monkeypatch.setattr(GaussAD, "fit", no_fit)
+    foreign, folder = tmp_path / "mine", tmp_path / "folder"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    folder.mkdir()
+    places = {"train": category / "train" / "good", "root": category, "foreign": foreign, "folder": folder}
+    status, _, err = cli(capsys, *(argument.format(**places) for argument in arguments), *FAST)
+    assert status == 2 and len(err.splitlines()) == 1
+    assert (
+        "was not written by gaussad; refusing to replace it" in err or "is a folder; give a file name" in err
+    )
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_predict_into_its_own_input_folder_never_scores_its_outputs(
+    model_dir: Path, category: Path, tmp_path, capsys
+) -> None:
+    """`predict MODEL nest -o nest/out` run twice scored its own pictures the second time."""
+    nest = tmp_path / "nest"
+    subprocess.run(["cp", "-r", str(category / "test" / "good"), str(nest)], check=True)
+    stale = nest / f".out.{dead_pid()}-x1"  # the staging folder of a killed run
+    (stale / "maps").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(stale / "maps" / "000.png")
+    for out in ("out", "out", "again"):  # the second run finds out/ under nest; the third finds it by marker
+        assert main(["predict", str(model_dir), str(nest), "-o", str(nest / out), "--quiet"]) == 0
+        with (nest / out / "predictions.csv").open() as file:
+            paths = [Path(row["path"]).relative_to(nest).as_posix() for row in csv.DictReader(file)]
+        assert paths == ["000.png", "001.png", "002.png", "003.png"]
+    assert not stale.exists()  # removed as stale, not only left out
+    assert sorted(p.name for p in nest.iterdir() if p.is_dir()) == ["again", "out"]
+
+
+@pytest.fixture
+def umask_027():
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_outputs_respect_the_umask(model_dir: Path, category: Path, tmp_path, umask_027, capsys) -> None:
+    """Outputs had the private modes of temporary files (0700, 0600): no other account could read them."""
+    out = tmp_path / "out"
+    assert main(["predict", str(model_dir), str(category / "test" / "good"), "-o", str(out), "--quiet"]) == 0
+    modes = {path.relative_to(tmp_path).as_posix(): path.stat().st_mode & 0o777 for path in out.rglob("*")}
+    modes["out"] = out.stat().st_mode & 0o777
+    assert modes["out"] == modes["out/maps"] == 0o750 and modes["out/predictions.csv"] == 0o640
+    assert {mode for name, mode in modes.items() if "." in Path(name).name} == {0o640}
+    assert {mode for name, mode in modes.items() if "." not in Path(name).name} == {0o750}
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(
+    model_dir: Path, category: Path, tmp_path, capsys, monkeypatch
+) -> None:
+    """An error after a progress bar was printed on the bar's line; "scored 1 images"."""
+    import gaussad.heatmaps
+
+    image = category / "test" / "good" / "000.png"
+    assert main(["predict", str(model_dir), str(image), "-o", str(tmp_path / "one"), "--quiet"]) == 0
+    assert "scored 1 image, " in capsys.readouterr().out
+
+    def failing(*args, **kwargs):
+        raise GaussADError("maps/000.png: cannot write")
+
+    monkeypatch.setattr(gaussad.heatmaps, "write_pictures", failing)
+    assert main(["predict", str(model_dir), str(image), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "predict" in err  # a bar was drawn
+    before, error = err.rsplit("gaussad: error: ", 1)
+    assert error == "maps/000.png: cannot write\n"
+    shown = ""  # what a terminal shows on the error's line before it: carriage returns overwrite
+    for part in before.rsplit("\n", 1)[-1].split("\r"):
+        shown = part + shown[len(part) :]
+    assert shown.strip() == ""
+
+
+def test_a_file_the_system_refuses_is_one_line(
+    model_dir: Path, category: Path, tmp_path, monkeypatch, capsys
+):
+    import gaussad.heatmaps
+
+    def full_disk(folder: Path, name: Path, *args, **kwargs) -> None:
+        raise OSError(28, "No space left on device", str(folder / "maps" / f"{name}.png"))
+
+    monkeypatch.setattr(gaussad.heatmaps, "write_pictures", full_disk)
+    image = category / "test" / "good" / "000.png"
+    status, _, err = cli(
+        capsys, "predict", str(model_dir), str(image), "-o", str(tmp_path / "out"), "--quiet"
+    )
+    assert status == 2 and err.startswith("gaussad: error: ") and len(err.splitlines()) == 1
+    assert err.endswith("/maps/000.png: No space left on device\n") and not (tmp_path / "out").exists()
+
+
+def test_tmp_dir_sets_where_the_fit_spills(category: Path, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # the CLI sets it for its process
+    spill = tmp_path / "spill"
+    (spill / f"gaussad-fit-{dead_pid()}-x").mkdir(parents=True)  # left by a killed fit
+    train = sorted((category / "train" / "good").iterdir())[:4]
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for image in train:
+        (folder / image.name).write_bytes(image.read_bytes())
+    arguments = ["fit", str(folder), "-o", str(tmp_path / "model"), *FAST, "--folds", "0"]
+    assert cli(capsys, *arguments, "--tmp-dir", str(spill))[0] == 0
+    # The fit spilled there: it removed the leftover, then its own spill.
+    assert [path for path in spill.iterdir() if path.name.startswith("gaussad-fit-")] == []
+    status, _, err = cli(capsys, *arguments, "--tmp-dir", str(tmp_path / "nowhere"))
+    assert status == 2 and err == f"gaussad: error: --tmp-dir {tmp_path / 'nowhere'}: no such folder\n"
+
+
+def test_the_cli_limit_is_the_library_default() -> None:
+    import gaussad.cli
+    import gaussad.images
+
+    assert gaussad.cli.DEFAULT_MAX_PIXELS == gaussad.images.DEFAULT_MAX_PIXELS
+    arguments = build_parser().parse_args(["predict", "model", "x.png", "-o", "out"])
+    assert (arguments.max_pixels, arguments.on_error) == (gaussad.images.DEFAULT_MAX_PIXELS, "skip")
+    for command in (["fit", "d", "-o", "m"], ["evaluate", "d"]):
+        assert build_parser().parse_args(command).on_error == "stop"

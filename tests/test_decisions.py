@@ -14,9 +14,12 @@ from gaussad.calibration import Threshold
 from gaussad.decisions import (
     PREDICTIONS_HEADER,
     Decision,
+    Defect,
+    PredictionRow,
     decide,
     decide_all,
     defect_mask,
+    describe_defect,
     image_errors,
     is_anomalous,
     manual_threshold,
@@ -58,7 +61,37 @@ def test_defect_mask_is_the_map_at_or_above_the_pixel_threshold() -> None:
     anomaly_map = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
     pixel = Threshold(2.0, 0.5, "label-free", "test")
     np.testing.assert_array_equal(defect_mask(anomaly_map, pixel), [[False, False], [True, True]])
-    assert defect_mask(anomaly_map, None) is None
+    np.testing.assert_array_equal(defect_mask(anomaly_map, pixel, True), [[False, False], [True, True]])
+    assert defect_mask(anomaly_map, None) is None and defect_mask(anomaly_map, None, True) is None
+
+
+def test_an_anomalous_image_never_has_an_empty_mask() -> None:
+    """Flagged images whose map stayed below the pixel threshold had an empty mask (215 of 361 tiles):
+    their mask is the hottest region, at half the peak's height above the typical normal value."""
+    pixel = Threshold(10.0, 1.0, "label-free", "test")
+    anomaly_map = np.array([[1.0, 2.0, 1.0], [3.0, 7.0, 5.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+    assert not defect_mask(anomaly_map, pixel, False).any()  # a good image: at the threshold, empty
+    assert not defect_mask(anomaly_map, pixel).any()  # no decision given: at the threshold
+    hot = defect_mask(anomaly_map, pixel, True)  # peak 7, normal 1: half height is 4
+    np.testing.assert_array_equal(hot, anomaly_map >= 4.0)
+    # A peak at or below the typical normal value still marks the peak itself.
+    flat = np.full((2, 2), 0.5, dtype=np.float32)
+    assert defect_mask(flat, pixel, True).all()
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        noisy = rng.normal(0.0, 1.0, (8, 9)).astype(np.float32)
+        assert defect_mask(noisy, pixel, True).any()
+
+
+def test_describe_defect_counts_regions_and_boxes_the_largest() -> None:
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:3, 1:4] = True  # 6 pixels: the largest region, columns 1-3 and rows 1-2
+    mask[4, 6] = mask[5, 7] = True  # diagonal neighbours: one 8-connected region of 2
+    defect = describe_defect(mask)
+    assert defect == Defect(area=8, regions=2, box=(1, 1, 4, 3))
+    assert defect.box_text() == "1 1 4 3"
+    assert describe_defect(np.zeros((3, 3), dtype=bool)) == Defect(0, 0, None)
+    assert Defect(0, 0, None).box_text() == ""
 
 
 def test_map_scale_puts_the_normal_level_dark_and_the_threshold_mid_scale() -> None:
@@ -106,13 +139,22 @@ def test_output_names_keep_folders_and_dots(tmp_path) -> None:
     assert output_path(tmp_path, "masks", Path("part.v2"), ".png") == tmp_path / "masks" / "part.v2.png"
 
 
-def test_predictions_csv_has_empty_decisions_without_a_threshold() -> None:
-    text = predictions_csv(["a.png", "b.png"], [decide(40.0, THRESHOLD), decide(1.5, None)])
+def test_predictions_csv_has_defects_errors_and_empty_columns_where_unknown() -> None:
+    text = predictions_csv(
+        [
+            PredictionRow("a.png", decide(40.0, THRESHOLD), Defect(12, 2, (3, 4, 9, 8))),
+            PredictionRow("b.png", decide(1.5, None)),
+            PredictionRow("c.png", error="c.png: cannot read image (truncated)"),
+            PredictionRow("d.png", decide(20.0, THRESHOLD), Defect(0, 0, None)),
+        ]
+    )
     rows = list(csv.reader(io.StringIO(text)))
     assert rows == [
         list(PREDICTIONS_HEADER),
-        ["a.png", "40.000000", "0.7500", "1"],
-        ["b.png", "1.500000", "", ""],
+        ["a.png", "40.000000", "0.7500", "1", "12", "2", "3 4 9 8", ""],
+        ["b.png", "1.500000", "", "", "", "", "", ""],
+        ["c.png", "", "", "", "", "", "", "c.png: cannot read image (truncated)"],
+        ["d.png", "20.000000", "0.2500", "0", "0", "0", "", ""],
     ]
 
 

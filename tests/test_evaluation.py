@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_category
-from PIL import Image
 
+import gaussad.images
 from gaussad import GaussAD
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
@@ -32,16 +32,18 @@ def small_model() -> GaussAD:
 
 def test_without_maps_kept_only_scores_and_thresholds_remain(category: Path, monkeypatch) -> None:
     opened: list[Path] = []
-    original_open = Image.open
+    original_read = gaussad.images._read_source
 
-    def counting_open(path, *args, **kwargs):
-        opened.append(Path(path))
-        return original_open(path, *args, **kwargs)
+    def counting_read(source):
+        opened.append(Path(source))
+        return original_read(source)
 
-    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(gaussad.images, "_read_source", counting_read)
     evaluation = evaluate_category(small_model, category)
-    # The test images' sizes come from the model's batches: only the masks are opened here.
-    assert not [path for path in opened if "ground_truth" not in path.parts]
+    # The test images are read once, by the model's batches; besides them only the masks are.
+    read = sorted(path for path in opened if "ground_truth" not in path.parts)
+    tests = [image.path for image in list_test_images(category)]
+    assert read == sorted([*tests, *(category / "train" / "good").iterdir()])
     assert evaluation.predictions.maps == [] and evaluation.predictions.masks == []
     assert len(evaluation.predictions.scores) == len(evaluation.predictions.images) == 8
     assert isinstance(evaluation.image_threshold, Threshold) and isinstance(
