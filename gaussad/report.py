@@ -467,7 +467,8 @@ def _tile(
     picture = picture.resize(size, Image.Resampling.LANCZOS)
     # The map may have another size than the image (a fixed evaluation size): it covers the whole image.
     small_map = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize(size, Image.Resampling.BOX))
-    predicted = _shrink_mask(defect_mask(anomaly_map, category.pixel_threshold), size)
+    anomalous = bool(is_anomalous(score, category.image_threshold.value))
+    predicted = _shrink_mask(defect_mask(anomaly_map, category.pixel_threshold, anomalous), size)
     rgb = overlay(np.asarray(picture), small_map, *scale, mask=predicted, outline_color=PREDICTED_COLOR)
     truth = _shrink_mask(truth, size)
     # The ground truth is ringed just outside its region, so that a prediction on it stays visible.
