@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/datasets/mvtec_ad/bottle
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Debian packages the tests need, as PACKAGE:CHECK (a command on PATH or a path pattern; see
-# scripts/ensure-packages): the browser test drives Debian's chromium.
-TEST_PACKAGES := chromium:chromium
+# scripts/ensure-packages): the browser tests drive Debian's chromium; the audit tests start a throwaway
+# PostgreSQL.
+TEST_PACKAGES := chromium:chromium postgresql:/usr/lib/postgresql/*/bin/initdb
 
 .PHONY: install demo test test-packages fuzz lint format clean
 

@@ -1,4 +1,5 @@
-"""Command-line tool: `gaussad fit`, `predict`, `evaluate`, `calibrate`, `info` and `report`.
+"""Command-line tool: `gaussad fit`, `predict`, `evaluate`, `calibrate`, `info`, `report`, `serve` and
+`history`.
 
 It parses and prints; what the commands decide and write lives in the library (decisions, heatmaps,
 evaluation, report, results). Each command runs inside `cpu_tuning()`, the process-wide CPU settings a
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from gaussad import __version__
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig
 from gaussad.errors import GaussADError
+from gaussad.serve.commands import add_commands as add_serve_commands
 
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
@@ -476,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(report)
     _add_runtime_options(report, on_error="stop", tmp_dir=True)
     report.set_defaults(handler=run_report)
+    add_serve_commands(commands)
     return parser
 
 
