@@ -1,5 +1,5 @@
-"""Command-line tool: `gaussad fit`, `predict`, `evaluate`, `calibrate`, `info`, `report`, `serve` and
-`history`.
+"""Command-line tool: `gaussad fit`, `predict`, `evaluate`, `calibrate`, `info`, `report`, `export`,
+`serve` and `history`.
 
 It parses and prints; what the commands decide and write lives in the library (decisions, heatmaps,
 evaluation, report, results). Each command runs inside `cpu_tuning()`, the process-wide CPU settings a
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from gaussad.features import ImageError
     from gaussad.model import GaussAD
     from gaussad.report import CategoryReport
+    from gaussad.runtime import OnnxModel
 
 EXIT_USER_ERROR = 2
 EXIT_SKIPPED = 3  # the run finished, but left out images it could not read
@@ -148,10 +149,32 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
     return GaussAD(**{name: getattr(args, name) for name in MODEL_OPTIONS}, **_runtime(args))
 
 
-def _load_model(args: argparse.Namespace) -> GaussAD:
+def _load_model(args: argparse.Namespace) -> GaussAD | OnnxModel:
+    """The model folder, or an exported `.onnx` file (scored without PyTorch by gaussad.runtime)."""
+    if Path(args.model_dir).suffix.lower() == ".onnx":
+        from gaussad.runtime import OnnxModel
+
+        runtime = {key: value for key, value in _runtime(args).items() if key != "progress"}
+        return OnnxModel.load(args.model_dir, **runtime)
     from gaussad.model import GaussAD
 
     return GaussAD.load(args.model_dir, **_runtime(args))
+
+
+def _batch(text: str) -> int | str:
+    if text == "dynamic":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'dynamic' or a number of images") from None
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from gaussad.export import export_onnx
+
+    path = export_onnx(args.model_dir, args.output, opset=args.opset, batch=args.batch)
+    print(f"exported {args.model_dir} to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _count(number: int, noun: str) -> str:
@@ -424,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(handler=run_fit)
 
     predict = commands.add_parser("predict", help="score images and write anomaly maps")
-    predict.add_argument("model_dir", help="folder written by `gaussad fit`")
+    predict.add_argument("model_dir", help="folder written by `gaussad fit`, or a file by `gaussad export`")
     predict.add_argument("paths", nargs="+", help="images or folders (searched recursively)")
     predict.add_argument("-o", "--output", required=True, help="folder for predictions.csv and maps/")
     predict.add_argument(
@@ -478,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(report)
     _add_runtime_options(report, on_error="stop", tmp_dir=True)
     report.set_defaults(handler=run_report)
+    export = commands.add_parser("export", help="export a model to one ONNX file, scored without PyTorch")
+    export.add_argument("model_dir", help="folder written by `gaussad fit`")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    export.add_argument(
+        "--batch", type=_batch, default="dynamic", help="'dynamic' or a fixed number of images per run"
+    )
+    export.set_defaults(handler=run_export)
+
     add_serve_commands(commands)
     return parser
 

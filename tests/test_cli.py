@@ -537,3 +537,25 @@ def test_the_cli_limit_is_the_library_default() -> None:
     assert (arguments.max_pixels, arguments.on_error) == (gaussad.images.DEFAULT_MAX_PIXELS, "skip")
     for command in (["fit", "d", "-o", "m"], ["evaluate", "d"]):
         assert build_parser().parse_args(command).on_error == "stop"
+
+
+def test_export_then_predict_with_the_file_writes_what_the_folder_writes(
+    model_dir: Path, category: Path, tmp_path, capsys
+) -> None:
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(model_dir), "-o", str(tmp_path / "model.onnx")]) == 0
+    images = category / "test"
+    assert main(["predict", str(model_dir), str(images), "-o", str(tmp_path / "torch"), "--quiet"]) == 0
+    assert main(["predict", str(tmp_path / "model.onnx"), str(images), "-o", str(tmp_path / "onnx")]) == 0
+    rows = [list(csv.DictReader((tmp_path / run / "predictions.csv").open())) for run in ("torch", "onnx")]
+    assert [r["path"] for r in rows[0]] == [r["path"] for r in rows[1]] and len(rows[0]) == 8
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in rows[1]], [float(r["score"]) for r in rows[0]], rtol=1e-4
+    )
+    assert [r["is_anomalous"] for r in rows[1]] == [r["is_anomalous"] for r in rows[0]]
+    for name in ("good/000", "scratch/001"):
+        expected = np.load(tmp_path / "torch" / "maps" / f"{name}.npy")
+        got = np.load(tmp_path / "onnx" / "maps" / f"{name}.npy")
+        np.testing.assert_allclose(got, expected, atol=1e-3 * float(np.ptp(expected)))
+    with pytest.raises(SystemExit):  # argparse: not 'dynamic' nor a number
+        main(["export", str(model_dir), "-o", str(tmp_path / "b.onnx"), "--batch", "none"])
