@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Generic, Literal, TypeVar
 
 import numpy as np
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import Preprocessing
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from gaussad.decoding import ImageError, decoded_batches
 from gaussad.errors import GaussADError
-from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, describe, load_pixels
+from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, load_pixels
 from gaussad.tuning import ForwardThreads, tuning_enabled
 
 Precision = Literal["fp32", "bf16"]
@@ -38,15 +38,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise GaussADError("--device cuda: no CUDA GPU is available to PyTorch here")
     return resolved
-
-
-@dataclass(frozen=True)
-class ImageError:
-    """An input image that could not be read, skipped where a run is told to go on."""
-
-    index: int  # its position among the inputs
-    name: str  # its path, or "<image N>"
-    message: str  # the one-line reason, naming the file
 
 
 @dataclass
@@ -184,46 +175,25 @@ class BatchRunner:
         allocator policy and runs on one thread or all, whichever the measured costs of the first batches
         favour (`ForwardThreads`).
         """
-        lookahead = 2 * self.batch_size  # bounded: decoded images never pile up in memory
         tuned_cpu = tuning_enabled() and self.device.type == "cpu"
+        decode = partial(_timed_prepare, image_size=self.image_size, max_pixels=self.max_pixels)
         with (
             _progress_bar(len(items), progress) as bar,
             keep_freed_memory() if tuned_cpu else nullcontext(),
             ThreadPoolExecutor(max_workers=self.workers) as pool,
             ForwardThreads(self.device, self.workers, math.ceil(len(items) / self.batch_size)) as threads,
         ):
-            pending: deque[Future] = deque()
-            queued = taken = 0
-            try:
-                while taken < len(items):
-                    chunk, indices, errors = [], [], []
-                    while len(chunk) < self.batch_size and taken < len(items):
-                        while queued < len(items) and queued < taken + lookahead:
-                            pending.append(
-                                pool.submit(_timed_prepare, items[queued], self.image_size, self.max_pixels)
-                            )
-                            queued += 1
-                        try:
-                            chunk.append(pending.popleft().result())
-                            indices.append(taken)
-                        except GaussADError as error:
-                            if not skip_errors:
-                                raise
-                            errors.append(ImageError(taken, describe(items[taken], taken), str(error)))
-                        taken += 1
-                    if not chunk:
-                        yield Batch(indices, None, [], errors)
-                        break
-                    main_start = time.thread_time()
-                    outputs = self._run(np.stack([pixels for pixels, _, _ in chunk]))
-                    yield Batch(indices, outputs, [size for _, size, _ in chunk], errors)
-                    threads.observe(
-                        time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
-                    )
-                    bar.update(len(chunk) + len(errors))
-            finally:
-                for future in pending:  # a reader that stops early leaves no decoding behind
-                    future.cancel()
+            for indices, chunk, errors in decoded_batches(items, decode, self.batch_size, pool, skip_errors):
+                if not chunk:
+                    yield Batch(indices, None, [], errors)
+                    break
+                main_start = time.thread_time()
+                outputs = self._run(np.stack([pixels for pixels, _, _ in chunk]))
+                yield Batch(indices, outputs, [size for _, size, _ in chunk], errors)
+                threads.observe(
+                    time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
+                )
+                bar.update(len(chunk) + len(errors))
 
 
 def _progress_bar(total: int, description: str | None):

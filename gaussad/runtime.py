@@ -21,17 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 from gaussad.calibration import Threshold
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from gaussad.decoding import ImageError, decoded_batches
 from gaussad.errors import GaussADError
 from gaussad.images import (
     DEFAULT_MAX_PIXELS,
@@ -180,15 +180,6 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class ImageError:
-    """An input image that could not be read, left out where a run is told to go on (on_error="skip")."""
-
-    index: int  # its position among the inputs
-    name: str  # its path, or "<image N>"
-    message: str  # the one-line reason, naming the file
-
-
 @dataclass
 class PredictionBatch:
     """Predictions for consecutive images, as `GaussAD.iter_predict` yields them, with the graph's image
@@ -382,31 +373,9 @@ class OnnxModel:
     def _decoded(self, items: Sequence[ImageInput]) -> Iterator[tuple[list[int], list, list[ImageError]]]:
         """Decoded, resized images in chunks of batch_size, decoded in threads ahead of the graph; an
         unreadable image stops the run or, with on_error="skip", is reported in the next chunk."""
-        lookahead = 2 * self.batch_size
-        pending: deque[Future] = deque()
-        queued = taken = 0
+        decode = partial(_prepare, size=self.image_size_, max_pixels=self.max_pixels)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            try:
-                while taken < len(items):
-                    chunk, indices, errors = [], [], []
-                    while len(chunk) < self.batch_size and taken < len(items):
-                        while queued < len(items) and queued < taken + lookahead:
-                            pending.append(
-                                pool.submit(_prepare, items[queued], self.image_size_, self.max_pixels)
-                            )
-                            queued += 1
-                        try:
-                            chunk.append(pending.popleft().result())
-                            indices.append(taken)
-                        except GaussADError as error:
-                            if self.on_error == "stop":
-                                raise
-                            errors.append(ImageError(taken, describe(items[taken], taken), str(error)))
-                        taken += 1
-                    yield indices, chunk, errors
-            finally:
-                for future in pending:  # a reader that stops early leaves no decoding behind
-                    future.cancel()
+            yield from decoded_batches(items, decode, self.batch_size, pool, self.on_error == "skip")
 
     def iter_predict(
         self, images: ImageInput | Iterable[ImageInput], map_sizes: Sequence[tuple[int, int]] | None = None

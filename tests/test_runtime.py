@@ -166,6 +166,7 @@ print(json.dumps({{"scores": prediction.scores.tolist(), "modules": modules}}))
         "gaussad",
         "gaussad.calibration",
         "gaussad.config",
+        "gaussad.decoding",
         "gaussad.errors",
         "gaussad.images",
         "gaussad.runtime",

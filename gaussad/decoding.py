@@ -1,0 +1,60 @@
+"""Images decoded ahead of a model, in threads, a batch at a time; an unreadable image stops the run or is
+skipped and reported. Shared by the PyTorch path (`gaussad.features`) and the torch-free runtime
+(`gaussad.runtime`): no torch here."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gaussad.errors import GaussADError
+from gaussad.images import ImageInput, describe
+
+Decoded = TypeVar("Decoded")
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """An input image that could not be read, skipped where a run is told to go on."""
+
+    index: int  # its position among the inputs
+    name: str  # its path, or "<image N>"
+    message: str  # the one-line reason, naming the file
+
+
+def decoded_batches(
+    items: Sequence[ImageInput],
+    decode: Callable[[ImageInput], Decoded],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    skip_errors: bool,
+) -> Iterator[tuple[list[int], list[Decoded], list[ImageError]]]:
+    """(positions, decoded images, images skipped since the previous batch) in input order, up to
+    `batch_size` images a batch; `decode` runs in `pool` at most two batches ahead, so decoded images never
+    pile up in memory. A last batch may hold only errors. Without `skip_errors` an unreadable image's
+    `GaussADError` ends the run."""
+    lookahead = 2 * batch_size
+    pending: deque[Future] = deque()
+    queued = taken = 0
+    try:
+        while taken < len(items):
+            chunk, indices, errors = [], [], []
+            while len(chunk) < batch_size and taken < len(items):
+                while queued < len(items) and queued < taken + lookahead:
+                    pending.append(pool.submit(decode, items[queued]))
+                    queued += 1
+                try:
+                    chunk.append(pending.popleft().result())
+                    indices.append(taken)
+                except GaussADError as error:
+                    if not skip_errors:
+                        raise
+                    errors.append(ImageError(taken, describe(items[taken], taken), str(error)))
+                taken += 1
+            yield indices, chunk, errors
+    finally:
+        for future in pending:  # a reader that stops early leaves no decoding behind
+            future.cancel()
