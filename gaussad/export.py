@@ -33,6 +33,7 @@ from gaussad import __version__
 from gaussad.backbones import Preprocessing
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
+from gaussad.fileio import write_bytes_atomic
 from gaussad.model import GaussAD
 from gaussad.persistence import model_sha256
 from gaussad.runtime import (
@@ -210,19 +211,6 @@ def _self_check(graph: ExportGraph, data: bytes, example: torch.Tensor) -> None:
         )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary sibling and an atomic rename: a failed export leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def export_onnx(
     model: str | os.PathLike | GaussAD,
     path: str | os.PathLike,
@@ -281,5 +269,5 @@ def export_onnx(
     data = proto.SerializeToString()
     _self_check(graph, data, example)
     path = Path(path)
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return path

@@ -88,19 +88,25 @@ def output_folders(destination: str | os.PathLike) -> list[Path]:
     return [destination, *(folder for folder in staged if folder.is_dir())]
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary sibling and an atomic rename."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, prefix: str | None = None) -> None:
+    """Write a file through a temporary sibling (named `prefix`..., default `.NAME.`...) and an atomic
+    rename, with the modes the umask allows: a failed write leaves no partial file and the earlier one."""
     path = check_file_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=prefix or f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         _as_created(Path(temporary), 0o666)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) atomically, as `write_bytes_atomic`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def replace_folder(destination: str | os.PathLike, write: Callable[[Path], None], marker: str) -> Path:

@@ -5,13 +5,12 @@ renamed, so a crash leaves no half image under a real name (leftovers are remove
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from gaussad.fileio import write_bytes_atomic
 from gaussad.serve.decode import decode
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -37,14 +36,7 @@ class KeptImages:
         target = self._path(sha256)
         if target is None or target.exists():
             return
-        handle, temporary = tempfile.mkstemp(prefix=INCOMING, dir=self.folder)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(target, data, prefix=INCOMING)
 
     def thumbnail(self, sha256: str) -> bytes | None:
         """A PNG at most THUMBNAIL_SIDE pixels across of a kept image; None when it is not kept."""
