@@ -525,10 +525,17 @@ def _use_tmp_dir(folder: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gaussad.tuning import cpu_tuning
-
     if getattr(args, "tmp_dir", None):
         _use_tmp_dir(args.tmp_dir)
+    if args.command == "predict" and Path(args.model_dir).suffix.lower() == ".onnx":
+        # The torch-free runtime: PyTorch's settings do not apply, and importing them would need PyTorch;
+        # the allocator policy (torch-free) still speeds up decoding and resizing large images.
+        from gaussad.allocator import keep_freed_memory
+
+        with keep_freed_memory():
+            return args.handler(args) or 0
+    from gaussad.tuning import cpu_tuning
+
     with cpu_tuning():
         return args.handler(args) or 0
 

@@ -559,3 +559,19 @@ def test_export_then_predict_with_the_file_writes_what_the_folder_writes(
         np.testing.assert_allclose(got, expected, atol=1e-3 * float(np.ptp(expected)))
     with pytest.raises(SystemExit):  # argparse: not 'dynamic' nor a number
         main(["export", str(model_dir), "-o", str(tmp_path / "b.onnx"), "--batch", "none"])
+
+
+def test_predict_with_an_exported_file_needs_no_torch(model_dir: Path, category: Path, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(model_dir), "-o", str(tmp_path / "model.onnx")]) == 0
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'torchvision', 'timm'):\n"
+        "    sys.modules[name] = None\n"
+        "from gaussad.cli import main\n"
+        f"sys.exit(main(['predict', {str(tmp_path / 'model.onnx')!r}, {str(category / 'test')!r},"
+        f" '-o', {str(tmp_path / 'out')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert len(list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))) == 8
