@@ -52,6 +52,16 @@ def category(tmp_path_factory) -> Path:
     return make_category(tmp_path_factory.mktemp("data") / "widget")
 
 
+@pytest.fixture(scope="session")
+def tiny(category: Path):
+    """A default model at 64 px fitted on 8 synthetic images, shared by the export and runtime tests (which
+    only read it)."""
+    from gaussad import GaussAD
+    from gaussad.evaluation import training_images
+
+    return GaussAD(image_size=64, batch_size=4, device="cpu").fit(training_images(category)[:8])
+
+
 def needs(path: Path):
     """Skip a test, with the reason, where the real data set is not next to the repository."""
     return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path}")

@@ -15,7 +15,7 @@ from gaussad.backbones import Preprocessing
 from gaussad.calibration import Threshold
 from gaussad.decisions import decide_all
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.evaluation import list_test_images
 from gaussad.export import ExportGraph, export_onnx, float32_at_or_above
 from gaussad.features import BatchRunner, prepare
 from gaussad.persistence import model_sha256
@@ -23,13 +23,6 @@ from gaussad.runtime import METADATA_KEYS, OnnxModel
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
-
-SMALL = {"image_size": 64, "batch_size": 4, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def tiny(category: Path) -> GaussAD:
-    return GaussAD(**SMALL).fit(training_images(category)[:8])
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,6 @@ from gaussad.runtime import OnnxModel, resize_map, resize_pixels
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-SMALL = {"image_size": 64, "batch_size": 4, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def tiny(category: Path) -> GaussAD:
-    return GaussAD(**SMALL).fit(training_images(category)[:8])
-
 
 @pytest.fixture(scope="module")
 def exported(tiny: GaussAD, tmp_path_factory: pytest.TempPathFactory) -> Path:
