@@ -277,8 +277,13 @@ def run_predict(args: argparse.Namespace) -> int:
     return status
 
 
-def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
-    """The results table; false-alarm and miss rates are at the model's label-free image threshold."""
+def format_table(results: list[CategoryResult], mean: dict[str, float | None]) -> str:
+    """The results table; false-alarm and miss rates are at the model's label-free image threshold. Pixel
+    metrics read n/a for a category without ground-truth masks; their mean is over those that have them."""
+
+    def metric(value: float | None, width: int) -> str:
+        return f"{'n/a' if value is None else f'{value:.4f}':>{width}}"
+
     header = f"{'category':<16}{'image AUROC':>12}{'pixel AUROC':>12}{'AUPRO':>8}{'FAR':>7}{'miss':>7}"
     header += f"{'train':>7}{'test':>6}{'fit s':>8}{'test s':>8}{'img/s':>8}"
     lines = [header, "-" * len(header)]
@@ -287,14 +292,19 @@ def format_table(results: list[CategoryResult], mean: dict[str, float]) -> str:
             f"{'-' if rate is None else f'{rate:.3f}':>7}" for rate in (r.false_alarm_rate, r.miss_rate)
         )
         lines.append(
-            f"{r.category:<16}{r.image_auroc:>12.4f}{r.pixel_auroc:>12.4f}{r.aupro:>8.4f}{rates}{r.n_train:>7}"
-            f"{r.n_test:>6}{r.fit_seconds:>8.1f}{r.test_seconds:>8.1f}{r.test_images_per_second:>8.1f}"
+            f"{r.category:<16}{r.image_auroc:>12.4f}{metric(r.pixel_auroc, 12)}{metric(r.aupro, 8)}{rates}"
+            f"{r.n_train:>7}{r.n_test:>6}{r.fit_seconds:>8.1f}{r.test_seconds:>8.1f}"
+            f"{r.test_images_per_second:>8.1f}"
         )
     if len(results) > 1:
         lines.append("-" * len(header))
         lines.append(
-            f"{'mean':<16}{mean['image_auroc']:>12.4f}{mean['pixel_auroc']:>12.4f}{mean['aupro']:>8.4f}"
+            f"{'mean':<16}{mean['image_auroc']:>12.4f}{metric(mean['pixel_auroc'], 12)}"
+            f"{metric(mean['aupro'], 8)}"
         )
+        masked = sum(r.pixel_auroc is not None for r in results)
+        if 0 < masked < len(results):
+            lines.append(f"pixel metrics: mean of the {masked} of {len(results)} categories with masks")
     return "\n".join(lines)
 
 

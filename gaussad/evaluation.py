@@ -1,8 +1,10 @@
 """Evaluation on data in MVTec AD layout: fit on train/good, score test/, compare with ground truth.
 
 Layout of a category: train/good/*, test/<type>/* (good or a defect type),
-ground_truth/<type>/<stem>_mask.png. Importable without torch (the model comes in as an argument), so that
-saved results and reports load fast.
+ground_truth/<type>/<stem>_mask.png. Without ground truth (no mask for any defective image) a category is
+evaluated on image metrics only, its pixel metrics None; a ground truth that covers only some defective
+images is an error, as it most likely is a broken data set. Importable without torch (the model comes in
+as an argument), so that saved results and reports load fast.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class LabeledImage:
 class CategoryResult:
     category: str
     image_auroc: float
-    pixel_auroc: float
-    aupro: float
+    pixel_auroc: float | None  # None without ground-truth masks (image metrics only)
+    aupro: float | None
     n_train: int
     n_test: int
     fit_seconds: float
@@ -63,7 +65,8 @@ class CategoryResult:
 @dataclass
 class CategoryPredictions:
     """What a category's evaluation saw and predicted, for reports: maps and ground-truth masks in the
-    order of the images, at one size per image (STORED_SIDE square as evaluations keep them), or none."""
+    order of the images, at one size per image (STORED_SIDE square as evaluations keep them), or none;
+    no masks either for a category without ground truth."""
 
     images: list[LabeledImage]
     scores: np.ndarray
@@ -135,27 +138,54 @@ def training_images(category: Path) -> list[Path]:
 
 
 def list_test_images(category: Path) -> list[LabeledImage]:
-    """Every test image with its defect type and mask; a defective image without a mask is an error."""
-    found: list[LabeledImage] = []
-    for defect_dir in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
-        for path in _images_in(defect_dir):
-            mask_path = None
-            if defect_dir.name != "good":
-                mask_path = category / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
-                if not mask_path.is_file():
-                    raise GaussADError(f"{path}: defective test image without its mask {mask_path}")
-            found.append(LabeledImage(path, defect_dir.name, mask_path))
+    """Every test image with its defect type and mask: the masks of all defective images, or of none
+    (image metrics only); a ground truth with only some of them is an error naming the first missing."""
+    found = [
+        LabeledImage(path, defect_dir.name, _mask_path(category, defect_dir.name, path))
+        for defect_dir in sorted(p for p in (category / "test").iterdir() if p.is_dir())
+        for path in _images_in(defect_dir)
+    ]
     if not found:
         raise GaussADError(f"{category / 'test'}: no test images")
     if len({image.label for image in found}) < 2:
         raise GaussADError(f"{category / 'test'}: needs both good and defective images to evaluate")
-    return found
+    return _ground_truth(found)
+
+
+def _mask_path(category: Path, defect: str, image: Path) -> Path | None:
+    """Where a defective image's mask is in MVTec layout; None for a good image."""
+    return None if defect == "good" else category / "ground_truth" / defect / f"{image.stem}_mask.png"
+
+
+def _ground_truth(images: list[LabeledImage]) -> list[LabeledImage]:
+    """The images as listed where every mask file exists, without masks where none does. A partial ground
+    truth is an error rather than image-only: a lost mask should not silently drop the pixel metrics."""
+    defective = [image for image in images if image.mask_path is not None]
+    missing = [image for image in defective if not image.mask_path.is_file()]
+    if not missing:
+        return images
+    if len(missing) == len(defective):
+        return [LabeledImage(image.path, image.defect, None) for image in images]
+    first = missing[0]
+    raise GaussADError(
+        f"{first.path}: defective test image without its mask {first.mask_path} "
+        f"({len(defective) - len(missing)} of {len(defective)} have theirs: give every mask, or none "
+        "for image metrics only)"
+    )
+
+
+def has_masks(images: Sequence[LabeledImage]) -> bool:
+    """Whether pixel metrics can be measured: every defective image has its ground-truth mask."""
+    return all(image.mask_path is not None for image in images if image.label == 1)
 
 
 def read_mask(image: LabeledImage, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The boolean ground truth (height, width) of a test image; all False for a good one. A mask file
-    is read within the same pixel limit as images."""
+    is read within the same pixel limit as images. A defective image without a mask is an error: all
+    False would be wrong ground truth."""
     if image.mask_path is None:
+        if image.label:
+            raise GaussADError(f"{image.path}: defective test image without a ground-truth mask")
         return np.zeros(size, dtype=bool)
     mask = open_image(image.mask_path, max_pixels).convert("L")
     if mask.size != (size[1], size[0]):
@@ -169,8 +199,9 @@ def evaluate_category(
     """Fit a fresh model on a category's train/good and measure it on its test set.
 
     Pixel metrics are computed at the maps' full size (each image's own, or eval_size square); those maps
-    are let go on return, as is the model. With keep_maps, the maps and ground truths are kept at
-    STORED_SIDE square for reports and saved results; without, only the scores are.
+    are let go on return, as is the model. Without ground-truth masks they are None (image metrics only).
+    With keep_maps, the maps and ground truths are kept at STORED_SIDE square for reports and saved
+    results; without, only the scores are.
     """
     train = training_images(category)
     tests = list_test_images(category)
@@ -186,12 +217,9 @@ def evaluate_category(
             raise GaussADError(
                 f"{category / 'test'}: too few readable test images to evaluate (needs good and defective)"
             )
-    masks = [
-        read_mask(image, anomaly_map.shape, model.max_pixels)
-        for image, anomaly_map in zip(tests, maps, strict=True)
-    ]
+    masks = _read_masks(tests, maps, model.max_pixels) if has_masks(tests) else []
     labels = np.array([image.label for image in tests])
-    pixel_auroc, aupro = pixel_metrics(masks, maps)
+    pixel_auroc, aupro = pixel_metrics(masks, maps) if masks else (None, None)
     result = CategoryResult(
         category=category.name,
         image_auroc=image_auroc(labels, scores),
@@ -214,6 +242,11 @@ def evaluate_category(
         model_info(model),
         [*model.skipped_, *test_errors],
     )
+
+
+def _read_masks(tests: list[LabeledImage], maps: list[np.ndarray], max_pixels: int) -> list[np.ndarray]:
+    """The ground truth of each test image at the size of its map."""
+    return [read_mask(image, each.shape, max_pixels) for image, each in zip(tests, maps, strict=True)]
 
 
 def _predict_tests(
@@ -272,20 +305,24 @@ def model_info(model: GaussAD) -> dict:
     }
 
 
-def mean_metrics(results: Sequence[CategoryResult]) -> dict[str, float]:
-    return {
-        key: float(np.mean([getattr(result, key) for result in results]))
-        for key in ("image_auroc", "pixel_auroc", "aupro")
-    }
+def mean_metrics(results: Sequence[CategoryResult]) -> dict[str, float | None]:
+    """Each metric's mean over the categories that have it (pixel metrics need ground truth); None where
+    none has."""
+    means: dict[str, float | None] = {}
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        values = [value for result in results if (value := getattr(result, key)) is not None]
+        means[key] = float(np.mean(values)) if values else None
+    return means
 
 
 def calibrate_on_labeled(
     model: GaussAD, category: Path, max_false_alarm_rate: float | None = None, eval_size: int = 256
-) -> tuple[Threshold, Threshold]:
+) -> tuple[Threshold, Threshold | None]:
     """Image and pixel thresholds from labelled data in MVTec layout (its test/ and ground_truth/).
 
     F1-optimal by default (pixel F1 over all pixels at eval_size x eval_size); with a false-alarm rate, the
-    quantiles of the good images' scores and map maxima instead.
+    quantiles of the good images' scores and map maxima instead. Pixel F1 needs ground-truth masks: without
+    them the pixel threshold returned is the model's own, unchanged (the false-alarm rate needs none).
     """
     images = list_test_images(category)
     kept, scores, maps, _, _ = _predict_tests(model, images, eval_size)
@@ -293,11 +330,12 @@ def calibrate_on_labeled(
     labels = np.array([image.label for image in images])
     where = f"{len(images)} labelled images in {category}"
     if max_false_alarm_rate is None:
-        masks = np.stack([read_mask(image, (eval_size, eval_size), model.max_pixels) for image in images])
-        return (
-            f1_threshold(labels, scores, f"F1-optimal on {where}"),
-            f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}"),
-        )
+        image = f1_threshold(labels, scores, f"F1-optimal on {where}")
+        if not has_masks(images):
+            return image, model.pixel_threshold_
+        size = (eval_size, eval_size)
+        masks = np.stack([read_mask(labeled, size, model.max_pixels) for labeled in images])
+        return image, f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}")
     good = labels == 0
     source = f"{1 - max_false_alarm_rate:.4g} quantile of the good images among {where}"
     image = quantile_threshold(scores[good], max_false_alarm_rate, "false-alarm-rate", f"scores: {source}")

@@ -3,7 +3,8 @@ worst errors with heatmap overlays, and timings.
 
 Everything is embedded (plots and pictures as data URIs, inline CSS, a Content-Security-Policy that
 forbids anything else), so the file can be archived, mailed or opened offline and always shows the same.
-Plots use `matplotlib.figure.Figure` directly: no pyplot, no global backend switch.
+Plots use `matplotlib.figure.Figure` directly: no pyplot, no global backend switch. A category evaluated
+without ground-truth masks shows n/a for its pixel metrics, and no PRO curve nor ground-truth outlines.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ _GALLERY_INTRO = (
     "(scale below each heading): the typical map value of good images is dark and the pixel threshold "
     'mid-scale. <span class="predicted">Green</span>: outline of the '
     'predicted defect (map &ge; pixel threshold); <span class="truth">blue</span>: ground truth, ringed '
-    "just outside.</p>"
+    "just outside, where the category has masks.</p>"
 )
+_NO_MASKS = '<p class="note">No ground-truth masks: pixel metrics and the PRO curve are not available.</p>'
 
 
 @dataclass
@@ -68,6 +70,11 @@ class CategoryReport:
     predictions: CategoryPredictions  # with maps and masks (at STORED_SIDE as evaluations keep them)
     image_threshold: Threshold  # on raw scores: score >= value means anomalous
     pixel_threshold: Threshold  # on raw map values: map >= value is the predicted defect mask
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the category has ground truth: pixel metrics, a PRO curve, outlines of the truth."""
+        return bool(self.predictions.masks)
 
     @property
     def threshold_source(self) -> str:
@@ -159,19 +166,22 @@ def write_report(path: str | os.PathLike, report: ReportData, gallery_size: int 
 
 def _check(category: CategoryReport) -> None:
     """Fail early, naming the category, if its predictions do not line up."""
-    predictions = category.predictions
-    counts = {len(predictions.images), len(predictions.scores), len(predictions.maps), len(predictions.masks)}
-    if len(counts) != 1:
+    predictions, name = category.predictions, category.result.category
+    counts = {len(predictions.images), len(predictions.scores), len(predictions.maps)}
+    if len(counts | ({len(predictions.masks)} if category.has_masks else set())) != 1:
         raise GaussADError(
-            f"category {category.result.category}: {len(predictions.images)} images, "
+            f"category {name}: {len(predictions.images)} images, "
             f"{len(predictions.scores)} scores, {len(predictions.maps)} maps and "
             f"{len(predictions.masks)} masks; they must match"
         )
-    for image, anomaly_map, mask in zip(predictions.images, predictions.maps, predictions.masks, strict=True):
-        if anomaly_map.ndim != 2 or anomaly_map.shape != mask.shape:
-            raise GaussADError(
-                f"{image.path}: anomaly map {anomaly_map.shape} and mask {mask.shape} must be 2-D and match"
-            )
+    pixel_metrics = {category.result.pixel_auroc is not None, category.result.aupro is not None}
+    if pixel_metrics != {category.has_masks}:
+        raise GaussADError(f"category {name}: pixel metrics and ground-truth masks must come together")
+    masks = predictions.masks if category.has_masks else [None] * len(predictions.maps)
+    for image, anomaly_map, mask in zip(predictions.images, predictions.maps, masks, strict=True):
+        if anomaly_map.ndim != 2 or (mask is not None and anomaly_map.shape != mask.shape):
+            shapes = f"anomaly map {anomaly_map.shape}" + ("" if mask is None else f" and mask {mask.shape}")
+            raise GaussADError(f"{image.path}: {shapes} must be 2-D and match")
 
 
 def _labels(category: CategoryReport) -> np.ndarray:
@@ -189,7 +199,10 @@ def _text(value: object) -> str:
     return html.escape(str(value))
 
 
-def _fixed(value: float, digits: int = 3) -> str:
+def _fixed(value: float | None, digits: int = 3) -> str:
+    """A metric: n/a where not available (None), a dash where undefined (not finite)."""
+    if value is None:
+        return "n/a"
     return "&ndash;" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -289,15 +302,25 @@ def _metrics_section(categories: Sequence[CategoryReport]) -> str:
         ],
         ("name", "num", "num", ""),
     )
+    no_masks = (
+        " Pixel metrics n/a: no ground-truth masks; the mean row averages the categories that have them."
+        if not all(c.has_masks for c in categories)
+        else ""
+    )
     return (
         _table(header, rows, classes)
         + '<p class="note">An image is called anomalous when its score is at or above the image '
-        "threshold; the mean row averages the per-category rates.</p><h3>Thresholds</h3>" + thresholds
+        f"threshold; the mean row averages the per-category rates.{no_masks}</p><h3>Thresholds</h3>"
+        + thresholds
     )
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [value for value in values if np.isfinite(value)]
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the finite values; None (n/a) where every value is None, NaN where none is finite."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return None
+    finite = [value for value in present if np.isfinite(value)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
@@ -356,36 +379,49 @@ def _message(axes: Axes, text: str) -> None:
 
 
 def _curves(category: CategoryReport) -> str:
-    """The image ROC curve with the operating point, and the PRO curve with the AUPRO limit."""
+    """The image ROC curve with the operating point, and the PRO curve with the AUPRO limit where the
+    category has ground-truth masks."""
+    figure = _figure(9.0 if category.has_masks else 4.5, 3.6)
+    axes = figure.subplots(1, 2 if category.has_masks else 1, squeeze=False)[0]
+    for each in axes:
+        each.set(xlim=(0, 1), ylim=(0, 1.02), aspect="equal")
+        each.grid(alpha=0.3)
+    _roc_plot(axes[0], category)
+    name = category.result.category
+    if not category.has_masks:
+        return f"<h3>{_text(name)}</h3>{_NO_MASKS}" + _img(_png(figure), f"ROC curve of {name}")
+    _pro_plot(axes[1], category)
+    return f"<h3>{_text(name)}</h3>" + _img(_png(figure), f"ROC and PRO curves of {name}")
+
+
+def _roc_plot(axes: Axes, category: CategoryReport) -> None:
+    """The image ROC curve with the operating point at the image threshold."""
     labels, scores, errors = _labels(category), category.predictions.scores, _errors(category)
-    figure = _figure(9.0, 3.6)
-    roc_axes, pro_axes = figure.subplots(1, 2)
-    for axes in (roc_axes, pro_axes):
-        axes.set(xlim=(0, 1), ylim=(0, 1.02), aspect="equal")
-        axes.grid(alpha=0.3)
-    roc_axes.set(title="Image ROC", xlabel="false positive rate", ylabel="true positive rate")
+    axes.set(title="Image ROC", xlabel="false positive rate", ylabel="true positive rate")
     if errors.n_good and errors.n_defective:
         fpr, tpr, _ = roc_curve(labels, scores)
-        roc_axes.plot([0, 1], [0, 1], ":", color="grey")
-        roc_axes.plot(fpr, tpr, color=_GOOD_COLOR, label=f"AUROC {category.result.image_auroc:.3f}")
-        roc_axes.plot(
+        axes.plot([0, 1], [0, 1], ":", color="grey")
+        axes.plot(fpr, tpr, color=_GOOD_COLOR, label=f"AUROC {category.result.image_auroc:.3f}")
+        axes.plot(
             errors.false_alarm_rate, 1.0 - errors.miss_rate, "o", color="black", label="at the threshold"
         )
-        roc_axes.legend(loc="lower right")
+        axes.legend(loc="lower right")
     else:
-        _message(roc_axes, "needs both good and\ndefective test images")
-    pro_axes.set(title="Per-region overlap", xlabel="false positive rate (pixels)", ylabel="PRO")
+        _message(axes, "needs both good and\ndefective test images")
+
+
+def _pro_plot(axes: Axes, category: CategoryReport) -> None:
+    """The PRO curve of the stored maps and masks, with the AUPRO limit."""
+    axes.set(title="Per-region overlap", xlabel="false positive rate (pixels)", ylabel="PRO")
     try:
         fpr, pro = _thin(*pro_curve(category.predictions.masks, category.predictions.maps))
     except GaussADError as error:
-        _message(pro_axes, f"no PRO curve:\n{error}")
+        _message(axes, f"no PRO curve:\n{error}")
     else:
-        pro_axes.plot(fpr, pro, color=_DEFECT_COLOR, label=f"AUPRO {category.result.aupro:.3f}")
-        pro_axes.axvline(AUPRO_FPR_LIMIT, color="black", linestyle="--", label=f"FPR limit {AUPRO_FPR_LIMIT}")
-        pro_axes.axvspan(0, AUPRO_FPR_LIMIT, color="grey", alpha=0.12)
-        pro_axes.legend(loc="lower right")
-    name = category.result.category
-    return f"<h3>{_text(name)}</h3>" + _img(_png(figure), f"ROC and PRO curves of {name}")
+        axes.plot(fpr, pro, color=_DEFECT_COLOR, label=f"AUPRO {category.result.aupro:.3f}")
+        axes.axvline(AUPRO_FPR_LIMIT, color="black", linestyle="--", label=f"FPR limit {AUPRO_FPR_LIMIT}")
+        axes.axvspan(0, AUPRO_FPR_LIMIT, color="grey", alpha=0.12)
+        axes.legend(loc="lower right")
 
 
 def _histogram(category: CategoryReport) -> str:
@@ -437,17 +473,18 @@ def _gallery(category: CategoryReport, gallery_size: int) -> str:
             predictions.images[index],
             float(predictions.scores[index]),
             predictions.maps[index],
-            predictions.masks[index],
+            predictions.masks[index] if category.has_masks else None,
             category,
             (low, high),
         )
         for index in order
     )
     name = category.result.category
+    truth = "" if category.has_masks else " No ground-truth masks to outline."
     return (
         f'<h3>{_text(name)}</h3><div class="scale">{_color_bar(low, high, category.pixel_threshold.value)}'
         f'</div><p class="note">{len(order)} of {len(predictions.images)} test images shown; '
-        f"misses: {errors.misses}, false alarms: {errors.false_alarms}.</p>"
+        f"misses: {errors.misses}, false alarms: {errors.false_alarms}.{truth}</p>"
         f'<div class="gallery">{tiles}</div>'
     )
 
@@ -456,11 +493,12 @@ def _tile(
     image: LabeledImage,
     score: float,
     anomaly_map: np.ndarray,
-    truth: np.ndarray,
+    truth: np.ndarray | None,
     category: CategoryReport,
     scale: tuple[float, float],
 ) -> str:
-    """One gallery picture, downscaled, with its heatmap and outlines, and its caption."""
+    """One gallery picture, downscaled, with its heatmap and outlines (the ground truth's where there is
+    one), and its caption."""
     picture = read_image(image.path)
     shrink = min(1.0, TILE_SIDE / max(picture.size))
     size = (max(1, round(picture.width * shrink)), max(1, round(picture.height * shrink)))
@@ -470,9 +508,8 @@ def _tile(
     anomalous = bool(is_anomalous(score, category.image_threshold.value))
     predicted = _shrink_mask(defect_mask(anomaly_map, category.pixel_threshold, anomalous), size)
     rgb = overlay(np.asarray(picture), small_map, *scale, mask=predicted, outline_color=PREDICTED_COLOR)
-    truth = _shrink_mask(truth, size)
-    # The ground truth is ringed just outside its region, so that a prediction on it stays visible.
-    rgb[ndimage.binary_dilation(truth, structure=np.ones((3, 3), dtype=bool)) & ~truth] = TRUTH_COLOR
+    if truth is not None:
+        _ring(rgb, _shrink_mask(truth, size))
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=88, subsampling=0)
     source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -494,6 +531,11 @@ def _tile(
         f"{_text(image.defect)} &middot; score {_general(score)} &middot; <b>{decision}</b>{wrong}"
         "</figcaption></figure>"
     )
+
+
+def _ring(rgb: np.ndarray, truth: np.ndarray) -> None:
+    """Ring the ground truth just outside its region, in place, so that a prediction on it stays visible."""
+    rgb[ndimage.binary_dilation(truth, structure=np.ones((3, 3), dtype=bool)) & ~truth] = TRUTH_COLOR
 
 
 def _shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

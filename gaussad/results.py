@@ -3,7 +3,8 @@
 A results folder holds `results.json` (format, configuration, model info, per-category metrics and
 thresholds) and one `<category>.npz` per category with each test image's path, defect type, score, and its
 anomaly map and ground truth at `evaluation.STORED_SIDE` square (float16 maps, boolean masks): a few MB
-per category instead of the full-resolution maps.
+per category instead of the full-resolution maps. A category evaluated without ground truth has no masks
+in its `.npz` and null pixel metrics in `results.json`.
 
 Format version 2 keeps each threshold whole (value, typical normal value, method, source); version 1
 kept the values and one source line, and is still read: its typical normal values are taken from the
@@ -48,15 +49,7 @@ def save_results(
         for outcome in outcomes:
             predictions = outcome.predictions
             name = outcome.result.category
-            np.savez_compressed(
-                folder / f"{name}.npz",
-                paths=np.array([str(image.path) for image in predictions.images]),
-                defects=np.array([image.defect for image in predictions.images]),
-                mask_paths=np.array([str(image.mask_path or "") for image in predictions.images]),
-                scores=predictions.scores,
-                maps=np.stack([stored_size(m) for m in predictions.maps]).astype(np.float16),
-                masks=np.stack([stored_size(m) for m in predictions.masks]),
-            )
+            np.savez_compressed(folder / f"{name}.npz", **_prediction_arrays(predictions))
             document["categories"].append(
                 {
                     "result": outcome.result.as_dict(),
@@ -68,6 +61,20 @@ def save_results(
         (folder / RESULTS_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
     return replace_folder(directory, write, marker=RESULTS_FILE)
+
+
+def _prediction_arrays(predictions: CategoryPredictions) -> dict[str, np.ndarray]:
+    """A category's predictions as the arrays of its `.npz`; masks only where it has ground truth."""
+    arrays = {
+        "paths": np.array([str(image.path) for image in predictions.images]),
+        "defects": np.array([image.defect for image in predictions.images]),
+        "mask_paths": np.array([str(image.mask_path or "") for image in predictions.images]),
+        "scores": predictions.scores,
+        "maps": np.stack([stored_size(m) for m in predictions.maps]).astype(np.float16),
+    }
+    if predictions.masks:
+        arrays["masks"] = np.stack([stored_size(m) for m in predictions.masks])
+    return arrays
 
 
 def is_results_folder(path: str | os.PathLike) -> bool:
@@ -155,9 +162,9 @@ def _read_predictions(path: Path) -> CategoryPredictions:
                 LabeledImage(Path(p), str(d), Path(m) if m else None)
                 for p, d, m in zip(stored["paths"], stored["defects"], stored["mask_paths"], strict=True)
             ]
-            return CategoryPredictions(
-                images, stored["scores"], list(stored["maps"].astype(np.float32)), list(stored["masks"])
-            )
+            maps = list(stored["maps"].astype(np.float32))
+            masks = list(stored["masks"]) if "masks" in stored.files else []
+            return CategoryPredictions(images, stored["scores"], maps, masks)
     except (OSError, KeyError, ValueError) as error:
         raise GaussADError(f"{path}: cannot read predictions ({error})") from None
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,10 +17,11 @@ from conftest import make_category
 from PIL import Image
 
 from gaussad.calibration import Threshold
-from gaussad.cli import build_parser, main
+from gaussad.cli import build_parser, format_table, main
 from gaussad.config import DEFAULTS, MODEL_OPTIONS
 from gaussad.decisions import PREDICTIONS_HEADER, map_scale
 from gaussad.errors import GaussADError
+from gaussad.evaluation import CategoryResult, mean_metrics
 from gaussad.heatmaps import colorize
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--device", "cpu", "--quiet", "--map-levels", "2,3"]
@@ -575,3 +577,61 @@ def test_predict_with_an_exported_file_needs_no_torch(model_dir: Path, category:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert len(list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))) == 8
+
+
+def image_only_copy(category: Path, target: Path) -> Path:
+    """A copy of a category without its ground_truth folder."""
+    return Path(shutil.copytree(category, target, ignore=shutil.ignore_patterns("ground_truth")))
+
+
+def test_evaluate_without_ground_truth_reports_image_metrics_only(category: Path, tmp_path, capsys) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(category, root / "widget")
+    image_only_copy(category, root / "plain")
+    report, results, html = tmp_path / "results.json", tmp_path / "saved", tmp_path / "report.html"
+    arguments = ["evaluate", str(root), "--json", str(report), "--save-results", str(results), *FAST]
+    status, table, _ = cli(capsys, *arguments, "--report", str(html))
+    assert status == 0
+    document = json.loads(report.read_text())
+    plain, widget = document["categories"]
+    assert plain["pixel_auroc"] is None and plain["aupro"] is None and widget["aupro"] is not None
+    # The same images: the same image AUROC, threshold and rates as with the masks.
+    for key in ("image_auroc", "image_threshold", "false_alarm_rate", "miss_rate"):
+        assert plain[key] == pytest.approx(widget[key]), key
+    assert (document["mean"]["pixel_auroc"], document["mean"]["aupro"]) == (
+        widget["pixel_auroc"],
+        widget["aupro"],
+    )
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split()}
+    assert rows["plain"][2:4] == ["n/a", "n/a"] and rows["widget"][2] == f"{widget['pixel_auroc']:.4f}"
+    assert rows["mean"][2:4] == [f"{widget['pixel_auroc']:.4f}", f"{widget['aupro']:.4f}"]
+    assert "pixel metrics: mean of the 1 of 2 categories with masks" in table
+    assert 'alt="ROC curve of plain"' in html.read_text()
+    saved = json.loads((results / "results.json").read_text())["categories"][0]["result"]
+    assert saved["category"] == "plain" and saved["pixel_auroc"] is None
+    later = tmp_path / "later.html"
+    assert main(["report", str(results), "-o", str(later)]) == 0
+    text = later.read_text()
+    assert 'alt="ROC curve of plain"' in text and "PRO curves of plain" not in text
+
+
+def test_the_table_says_n_a_where_no_category_has_pixel_metrics() -> None:
+    results = [CategoryResult(name, 0.75, None, None, 16, 8, 1.0, 0.5, 16.0) for name in ("a", "b")]
+    lines = format_table(results, mean_metrics(results)).splitlines()
+    assert [line.split()[:4] for line in lines[2:]] == [
+        ["a", "0.7500", "n/a", "n/a"],
+        ["b", "0.7500", "n/a", "n/a"],
+        ["-" * len(lines[0])],
+        ["mean", "0.7500", "n/a", "n/a"],
+    ]
+
+
+def test_calibrate_without_ground_truth_keeps_the_pixel_threshold(
+    model_dir: Path, category: Path, tmp_path
+) -> None:
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    plain = image_only_copy(category, tmp_path / "plain")
+    before = json.loads((model / "model.json").read_text())["thresholds"]["pixel"]
+    assert main(["calibrate", str(model), str(plain), "--quiet", "--device", "cpu"]) == 0
+    thresholds = json.loads((model / "model.json").read_text())["thresholds"]
+    assert thresholds["image"]["method"] == "f1" and thresholds["pixel"] == before

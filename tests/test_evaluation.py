@@ -15,9 +15,12 @@ from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
 from gaussad.evaluation import (
     STORED_SIDE,
+    calibrate_on_labeled,
     evaluate_category,
     find_category,
+    has_masks,
     list_test_images,
+    mean_metrics,
     read_mask,
     stored_size,
 )
@@ -127,3 +130,72 @@ def test_calibrate_refuses_a_root_of_several_categories(category: Path, tmp_path
     arguments = ["calibrate", str(model), str(root), "--category", "widget", "--quiet", "--device", "cpu"]
     subprocess.run([sys.executable, "-m", "gaussad.cli", *arguments], check=True, capture_output=True)
     assert f"labelled images in {root / 'widget'}" in (model / "model.json").read_text()
+
+
+def image_only(category: Path, target: Path) -> Path:
+    """A copy of a category without its ground_truth folder."""
+    return Path(shutil.copytree(category, target, ignore=shutil.ignore_patterns("ground_truth")))
+
+
+def test_a_category_without_ground_truth_has_image_metrics_only(category: Path, tmp_path) -> None:
+    plain = image_only(category, tmp_path / "plain")
+    images = list_test_images(plain)
+    assert [image.mask_path for image in images] == [None] * 8 and not has_masks(images)
+    with_masks = evaluate_category(small_model, category, keep_maps=True)
+    without = evaluate_category(small_model, plain, keep_maps=True)
+    result, expected = without.result, with_masks.result
+    assert result.pixel_auroc is None and result.aupro is None and expected.aupro is not None
+    # The same training and test images: the same scores, image AUROC, thresholds and decisions.
+    np.testing.assert_allclose(without.predictions.scores, with_masks.predictions.scores, rtol=1e-6)
+    assert result.image_auroc == pytest.approx(expected.image_auroc, abs=1e-9)
+    assert result.image_threshold == pytest.approx(expected.image_threshold)
+    assert (result.false_alarm_rate, result.miss_rate) == (expected.false_alarm_rate, expected.miss_rate)
+    assert without.pixel_threshold is not None  # label-free: it needs no ground truth
+    assert len(without.predictions.maps) == 8 and without.predictions.masks == []
+    means = mean_metrics([expected, result])
+    assert means["pixel_auroc"] == expected.pixel_auroc and means["aupro"] == expected.aupro
+    assert means["image_auroc"] == pytest.approx((expected.image_auroc + result.image_auroc) / 2)
+    assert mean_metrics([result, result])["aupro"] is None
+
+
+def test_an_empty_ground_truth_folder_means_image_only(category: Path, tmp_path) -> None:
+    plain = image_only(category, tmp_path / "plain")
+    (plain / "ground_truth" / "scratch").mkdir(parents=True)
+    assert not has_masks(list_test_images(plain))
+
+
+def test_a_partial_ground_truth_names_the_first_missing_mask(category: Path, tmp_path) -> None:
+    partial = Path(shutil.copytree(category, tmp_path / "partial"))
+    for stem in ("002", "001"):
+        (partial / "ground_truth" / "scratch" / f"{stem}_mask.png").unlink()
+    missing = partial / "ground_truth" / "scratch" / "001_mask.png"
+    message = (
+        f"{partial / 'test' / 'scratch' / '001.png'}: defective test image without its mask {missing} "
+        "(2 of 4 have theirs: give every mask, or none for image metrics only)"
+    )
+    with pytest.raises(GaussADError) as error:
+        list_test_images(partial)
+    assert str(error.value) == message
+
+
+def test_a_defective_image_without_a_mask_has_no_all_false_ground_truth(category: Path, tmp_path) -> None:
+    plain = image_only(category, tmp_path / "plain")
+    good, *_, defective = list_test_images(plain)
+    assert not read_mask(good, (4, 4)).any()
+    with pytest.raises(GaussADError, match=r"scratch/003\.png: defective test image without a ground-truth"):
+        read_mask(defective, (4, 4))
+
+
+def test_calibrating_without_ground_truth_keeps_the_models_pixel_threshold(category: Path, tmp_path) -> None:
+    plain = image_only(category, tmp_path / "plain")
+    model = small_model().fit(category / "train" / "good")
+    image, pixel = calibrate_on_labeled(model, plain)
+    expected_image, expected_pixel = calibrate_on_labeled(model, category)
+    assert image.method == "f1" and image.value == pytest.approx(expected_image.value)
+    assert pixel is model.pixel_threshold_ and pixel != expected_pixel
+    # A false-alarm rate needs only the good images: the same thresholds with or without masks.
+    by_rate = calibrate_on_labeled(model, plain, max_false_alarm_rate=0.25)
+    expected = calibrate_on_labeled(model, category, max_false_alarm_rate=0.25)
+    assert [(t.method, t.value, t.normal_level) for t in by_rate] == [
+        (t.method, pytest.approx(t.value), pytest.approx(t.normal_level)) for t in expected
+    ]

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from gaussad.calibration import Threshold
 from gaussad.cli import main
 from gaussad.decisions import map_scale
 from gaussad.errors import GaussADError
-from gaussad.evaluation import CategoryPredictions, CategoryResult, list_test_images, read_mask
+from gaussad.evaluation import (
+    CategoryPredictions,
+    CategoryResult,
+    LabeledImage,
+    list_test_images,
+    read_mask,
+)
 from gaussad.heatmaps import colorize, overlay
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.report import SECTIONS, CategoryReport, ReportData, gallery_order, render_report, write_report
@@ -370,3 +377,72 @@ def test_damaged_results_are_one_line_from_the_command_line(category, tmp_path) 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     expected = f"{tmp_path / 'results' / RESULTS_FILE}: not gaussad results (a JSON list, not an object)"
     assert result.stderr.strip().splitlines() == [f"gaussad: error: {expected}"]
+
+
+def without_masks(category: CategoryReport, name: str = "plain") -> CategoryReport:
+    """A category as evaluated without ground truth: no mask files, no masks, pixel metrics None."""
+    predictions = category.predictions
+    return CategoryReport(
+        replace(category.result, category=name, pixel_auroc=None, aupro=None),
+        CategoryPredictions(
+            [LabeledImage(image.path, image.defect, None) for image in predictions.images],
+            predictions.scores,
+            predictions.maps,
+            [],
+        ),
+        category.image_threshold,
+        category.pixel_threshold,
+    )
+
+
+def _metric_cells(text: str, name: str) -> list[str]:
+    """The image AUROC, pixel AUROC and AUPRO cells of a category's row (or the mean's) in the report."""
+    row = re.search(rf'<td class="name">{name}</td>((?:<td class="num">[^<]*</td>){{3}})', text)
+    assert row, name
+    return re.findall(r'<td class="num">([^<]*)</td>', row.group(1))
+
+
+def test_a_category_without_masks_shows_n_a_and_no_pixel_plots(category, monkeypatch) -> None:
+    rings = []
+    monkeypatch.setattr(report_module, "_ring", lambda rgb, truth: rings.append(truth.shape))
+    widget = synthetic_category(category)
+    text = render_report(synthetic_report(category, widget, without_masks(widget)))
+    expected = [
+        f"{widget.result.image_auroc:.3f}",
+        f"{widget.result.pixel_auroc:.3f}",
+        f"{widget.result.aupro:.3f}",
+    ]
+    assert _metric_cells(text, "widget") == expected
+    assert _metric_cells(text, "plain") == [expected[0], "n/a", "n/a"]
+    assert _metric_cells(text, "<b>mean</b>") == expected  # pixel metrics: the mean of widget's alone
+    assert 'alt="ROC and PRO curves of widget"' in text and 'alt="ROC curve of plain"' in text
+    assert "PRO curves of plain" not in text and "No ground-truth masks to outline." in text
+    assert len(rings) == 8  # the ground truth ringed on widget's tiles only
+    parts = parse(text)
+    assert len(parts.images) == 22 and len(parts.tiles) == 16  # each: 2 plots, a colour bar, 8 tiles
+    only_plain = render_report(synthetic_report(category, without_masks(widget), without_masks(widget, "x")))
+    assert _metric_cells(only_plain, "<b>mean</b>") == [expected[0], "n/a", "n/a"]
+
+
+def test_pixel_metrics_without_masks_are_refused(category) -> None:
+    plain = without_masks(synthetic_category(category))
+    plain.result.aupro = 0.5
+    with pytest.raises(GaussADError, match="category plain: pixel metrics and ground-truth masks must come"):
+        render_report(synthetic_report(category, plain))
+
+
+def test_saved_results_keep_missing_pixel_metrics_as_null(category, tmp_path) -> None:
+    plain = without_masks(synthetic_category(category))
+    save_results(tmp_path / "results", {}, {}, [synthetic_category(category), plain])
+    document = json.loads((tmp_path / "results" / RESULTS_FILE).read_text())
+    widget_result, plain_result = (entry["result"] for entry in document["categories"])
+    assert plain_result["pixel_auroc"] is None and plain_result["aupro"] is None
+    assert widget_result["aupro"] is not None
+    with np.load(tmp_path / "results" / "plain.npz") as stored:
+        assert "masks" not in stored.files and set(stored["mask_paths"]) == {""}
+    _, _, (widget, loaded) = load_results(tmp_path / "results")
+    assert loaded.result == plain.result and loaded.predictions.masks == [] and not loaded.has_masks
+    assert [image.mask_path for image in loaded.predictions.images] == [None] * 8
+    assert len(widget.predictions.masks) == 8 and widget.has_masks
+    text = render_report(synthetic_report(category, widget, loaded))
+    assert _metric_cells(text, "plain")[1:] == ["n/a", "n/a"]
