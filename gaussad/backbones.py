@@ -26,6 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 from timm.layers import Conv2dSame
 
 from gaussad.errors import GaussADError
+from gaussad.fileio import file_sha256
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,6 @@ _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"
 def available_backbones() -> list[str]:
     """Names that load without a weights file or internet (weights shipped in installed packages)."""
     return list(_EMBEDDED)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks so large weight files do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -151,11 +151,14 @@ def _model_from_args(args: argparse.Namespace) -> GaussAD:
 
 def _load_model(args: argparse.Namespace) -> GaussAD | OnnxModel:
     """The model folder, or an exported `.onnx` file (scored without PyTorch by gaussad.runtime)."""
-    if Path(args.model_dir).suffix.lower() == ".onnx":
+    exported = Path(args.model_dir).suffix.lower() == ".onnx"
+    if getattr(args, "runtime", "onnxruntime") != "onnxruntime" and not exported:
+        raise GaussADError(f"--runtime {args.runtime}: runs exported .onnx files, not a model folder")
+    if exported:
         from gaussad.runtime import OnnxModel
 
         runtime = {key: value for key, value in _runtime(args).items() if key != "progress"}
-        return OnnxModel.load(args.model_dir, **runtime)
+        return OnnxModel.load(args.model_dir, engine=getattr(args, "runtime", "onnxruntime"), **runtime)
     from gaussad.model import GaussAD
 
     return GaussAD.load(args.model_dir, **_runtime(args))
@@ -463,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overlays", action="store_true", help="also write overlays/: heatmap blended over each image"
     )
+    predict.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "openvino"),
+        default="onnxruntime",
+        help="what runs an exported .onnx file: onnxruntime, or OpenVINO's CPU runtime in float32 where "
+        "it is installed (measured 1.1-1.4x faster on one thread) (default: %(default)s)",
+    )
     _add_runtime_options(predict, on_error="skip")
     predict.set_defaults(handler=run_predict)
 
@@ -534,10 +544,21 @@ def _use_tmp_dir(folder: str) -> None:
     tempfile.tempdir = str(path)
 
 
+def _exported_only(args: argparse.Namespace) -> bool:
+    """Whether a command runs exported `.onnx` files only (predict or serve), so needs no PyTorch."""
+    if args.command == "predict":
+        models = [args.model_dir]
+    elif args.command == "serve":
+        models = args.model_dirs
+    else:
+        return False
+    return all(Path(model).suffix.lower() == ".onnx" for model in models)
+
+
 def _run(args: argparse.Namespace) -> int:
     if getattr(args, "tmp_dir", None):
         _use_tmp_dir(args.tmp_dir)
-    if args.command == "predict" and Path(args.model_dir).suffix.lower() == ".onnx":
+    if _exported_only(args):
         # The torch-free runtime: PyTorch's settings do not apply, and importing them would need PyTorch;
         # the allocator policy (torch-free) still speeds up decoding and resizing large images.
         from gaussad.allocator import keep_freed_memory

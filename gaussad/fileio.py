@@ -10,6 +10,7 @@ killed one left.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -133,3 +134,12 @@ def replace_folder(destination: str | os.PathLike, write: Callable[[Path], None]
         if staging.exists():
             shutil.rmtree(staging)
     return destination
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks so that large weight or model files do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -18,10 +18,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gaussad import __version__
-from gaussad.backbones import file_sha256
 from gaussad.config import ModelConfig
 from gaussad.errors import GaussADError
-from gaussad.fileio import replace_folder
+from gaussad.fileio import file_sha256, replace_folder
 from gaussad.state import FittedState
 
 FORMAT = "gaussad-model"

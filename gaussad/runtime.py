@@ -354,9 +354,10 @@ class OnnxModel:
             raise GaussADError(f"{path}: no such file")
         return cls(ENGINES[engine](path, device, threads), path, batch_size, workers, on_error, max_pixels)
 
-    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs for (B, S, S, 3) uint8 pixels; a fixed-batch graph runs in slices, the last
-        one padded."""
+    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs by name for (B, S, S, 3) uint8 pixels already resized (`resize_pixels`), for
+        callers that decode and batch images themselves; a fixed-batch graph runs in slices, the last one
+        padded."""
         step = self.graph_batch_ or len(pixels)
         parts = []
         for start in range(0, len(pixels), step):
@@ -387,7 +388,7 @@ class OnnxModel:
             if not chunk:
                 yield PredictionBatch([], [], [], np.empty(0), [], errors)
                 continue
-            outputs = self._run(np.stack([pixels for pixels, _ in chunk]))
+            outputs = self.run(np.stack([pixels for pixels, _ in chunk]))
             sizes = [size for _, size in chunk]
             targets = sizes if map_sizes is None else [tuple(map_sizes[index]) for index in indices]
             yield PredictionBatch(

@@ -1,5 +1,6 @@
 """The torch-free runtime: an exported file scores, maps and decides as GaussAD.predict does."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -184,3 +185,19 @@ def test_real_test_sets_score_as_gaussad(category_path: Path, tmp_path: Path) ->
     assert_same_predictions(predicted, model.predict(paths))
     decisions = decide_all(predicted.scores, model.image_threshold_)
     np.testing.assert_array_equal(predicted.is_anomalous, [d.is_anomalous for d in decisions])
+
+
+def test_the_runtime_option_runs_exported_files_only(
+    exported: Path, tiny: GaussAD, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from gaussad.cli import main
+
+    image = str(list_test_images(category)[0].path)
+    folder = str(tiny.save(tmp_path / "model"))
+    assert main(["predict", folder, image, "-o", str(tmp_path / "a"), "--runtime", "openvino"]) == 2
+    assert "--runtime openvino: runs exported .onnx files" in capsys.readouterr().err
+    status = main(["predict", str(exported), image, "-o", str(tmp_path / "b"), "--runtime", "openvino"])
+    if importlib.util.find_spec("openvino") is None:
+        assert status == 2 and "pip install openvino" in capsys.readouterr().err
+    else:
+        assert status == 0 and (tmp_path / "b" / "predictions.csv").is_file()

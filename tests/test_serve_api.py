@@ -84,7 +84,8 @@ def test_inspect_equals_predict_one_image_at_a_time(client, predicted, served_mo
         heat, mask = decode_png(answer["anomaly_map"]), decode_png(answer["defect_mask"]) > 0
         expected_heat = colorize(anomaly_map, *map_scale(model.pixel_threshold_))
         assert heat.shape == (96, 96, 3) and np.mean(np.abs(heat.astype(int) - expected_heat) > 1) < 0.01
-        np.testing.assert_array_equal(mask, defect_mask(anomaly_map, model.pixel_threshold_))
+        expected_mask = defect_mask(anomaly_map, model.pixel_threshold_, decision.is_anomalous)
+        np.testing.assert_array_equal(mask, expected_mask)
     assert [inspect(client, p.read_bytes()).json()["is_anomalous"] for p in paths] == [False] * 4 + [True] * 4
 
 
@@ -436,7 +437,7 @@ def test_start_up_refuses_models_it_cannot_trust(served_model: Path, tmp_path: P
     (uncalibrated / "model.json").write_text(json.dumps(document))
     with pytest.raises(GaussADError, match="no image threshold"):
         create_app(ServeSettings((uncalibrated,), audit=str(tmp_path / "a.sqlite3"), device="cpu"))
-    with pytest.raises(GaussADError, match="two model folders named widget"):
+    with pytest.raises(GaussADError, match="two models named widget"):
         ServeSettings((served_model, tmp_path / "other" / "widget"))
 
 

@@ -32,7 +32,6 @@ from gaussad.serve.service import InspectionService
 from gaussad.serve.settings import ServeSettings
 
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe in headers, logs and the audit trail
-PLATFORM = "gaussad_pytorch"
 INFER_OUTPUTS = [
     {"name": "score", "datatype": "FP64", "shape": [-1]},
     {"name": "normalized_score", "datatype": "FP64", "shape": [-1]},
@@ -82,7 +81,8 @@ def _client(request: Request) -> str | None:
 
 def create_app(settings: ServeSettings) -> FastAPI:
     """The service's app; loads the models and opens the audit store now, so that a model folder that
-    fails its checksums or an unreachable store stops start-up with a `GaussADError`."""
+    fails its checksums, a file that is no gaussad export or an unreachable store stops start-up with a
+    `GaussADError`."""
     service = InspectionService(settings)
     page, policy = _page()
 
@@ -228,7 +228,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             {
                 "name": name,
                 "versions": [model.sha256],
-                "platform": PLATFORM,
+                "platform": model.platform,
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": INFER_OUTPUTS,
                 "model_sha256": model.sha256,

@@ -1,8 +1,9 @@
 """`gaussad serve` and `gaussad history`: their options and handlers, registered by the CLI's parser.
 
 Imports nothing heavy at module level (the CLI's help answers without torch); the handlers import the
-service when they run. Mistakes (a model folder that fails its checksums, a port in use, an unreachable
-audit store) raise `GaussADError`, which the CLI prints as one line.
+service when they run (which imports torch only for model folders, not for exported .onnx files).
+Mistakes (a model folder that fails its checksums, a port in use, an unreachable audit store) raise
+`GaussADError`, which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve models over HTTP: inspection, audit trail, metrics and a review page"
     )
-    serve.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model folders, served by name")
+    serve.add_argument(
+        "model_dirs",
+        nargs="+",
+        metavar="MODEL",
+        help="model folders (by `gaussad fit`) or .onnx files (by `gaussad export`), served by name: a "
+        "folder's name, a file's name without .onnx",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument(
         "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
@@ -110,7 +117,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from gaussad.serve.settings import ServeSettings, read_api_keys
 
     settings = ServeSettings(
-        model_dirs=tuple(Path(folder) for folder in args.model_dirs),
+        model_dirs=tuple(Path(path) for path in args.model_dirs),
         audit=args.audit,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,

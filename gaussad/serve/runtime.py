@@ -1,37 +1,57 @@
 """The model behind a served name, behind one small interface so that another runtime can plug in.
 
 `ServedModel` is what the service asks of a model: squash decoded pixels to its input, score a batch of
-inputs, resize a map to an image's size, and describe itself. `TorchModel` does it with the library: a
-`GaussAD` loaded from its folder, `gaussad.features.prepare` and `BatchRunner.normalize` as prediction
-uses them, and `Scorer`, so answers equal `gaussad predict`'s. A served model is immutable: a reload
-builds a new one and the service swaps it in between batches.
+inputs, resize a map to an image's size, and describe itself. `load_served_model` picks the runtime by the
+path it is given:
+
+- a model folder written by `gaussad fit`: `gaussad.serve.torch_model.TorchModel`, scored by the library
+  in PyTorch, so answers equal `gaussad predict MODEL_DIR`'s;
+- a `.onnx` file written by `gaussad export`: `ExportedModel`, scored by `gaussad.runtime.OnnxModel` in
+  onnxruntime, so answers equal `gaussad predict model.onnx`'s.
+
+This module imports no PyTorch, and PyTorch is imported only when a folder is loaded: a service of exported
+files runs where it is not installed. A served model is immutable: a reload builds a new one and the
+service swaps it in between batches.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
-import torch
 
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
-from gaussad.features import BatchRunner, prepare
-from gaussad.maps import resize_map
-from gaussad.model import GaussAD
-from gaussad.persistence import model_sha256
+from gaussad.fileio import file_sha256
+from gaussad.runtime import (
+    META_BACKBONE,
+    META_BACKBONE_SHA256,
+    META_MODEL_SHA256,
+    META_NORMALIZATION,
+    META_PARAMS,
+    META_VERSION,
+    OnnxModel,
+    resize_map,
+    resize_pixels,
+)
+from gaussad.serve.settings import is_exported
+
+Loaded = TypeVar("Loaded")
 
 
 class ServedModel(Protocol):
     """What the service needs of a model, whatever runs it."""
 
     name: str
-    folder: Path
-    sha256: str  # `gaussad.persistence.model_sha256` of the folder the model was read from
+    path: Path  # what it was read from, and what a reload reads again: a model folder or an exported file
+    sha256: str  # its identity in answers and the audit trail: the SHA-256 of the folder's or file's bytes
+    platform: str  # what runs it, as the Open Inference Protocol's model metadata names it
     image_threshold: Threshold
     pixel_threshold: Threshold | None
-    held_out_scores: np.ndarray  # normal scores kept at fit time: drift's reference
+    held_out_scores: np.ndarray  # normal scores kept at fit time: drift's reference (empty where unknown)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 pixels -> the model input (S, S, 3) uint8."""
@@ -43,71 +63,116 @@ class ServedModel(Protocol):
         """A map (S, S) at an image's (height, width), as prediction resizes it."""
 
     def describe(self) -> dict[str, Any]:
-        """Metadata for clients: input size, preprocessing, thresholds, training set, backbone."""
+        """Metadata for clients: input size, preprocessing, thresholds, training set, backbone, config."""
 
 
-class TorchModel:
-    """A model folder written by `gaussad fit`, scored by the library's `Scorer` in PyTorch."""
+class ExportedModel:
+    """A file written by `gaussad export`, scored by `gaussad.runtime.OnnxModel` without PyTorch: its input
+    resize, graph and map resize, as `gaussad predict model.onnx` runs them. Its identity is the SHA-256 of
+    the file; the SHA-256 of the folder it was exported from is in `describe()`. The file keeps no held-out
+    normal scores, so drift has no reference: only the flagged share is reported."""
 
-    def __init__(self, name: str, folder: Path, device: str) -> None:
-        self.name, self.folder = name, folder
-        self.sha256, self.model = _load_consistent(folder, device)
+    platform = "gaussad_onnxruntime"
+
+    def __init__(self, name: str, path: Path, device: str) -> None:
+        self.name, self.path = name, path
+        self.sha256, self.model = read_consistent(
+            path, readable_sha256, lambda: OnnxModel.load(path, device=device)
+        )
         if self.model.image_threshold_ is None:
             raise GaussADError(
-                f"{folder}: the model has no image threshold; set one with `gaussad calibrate`"
+                f"{path}: the model has no image threshold; set one with `gaussad calibrate` and export again"
             )
         self.image_threshold: Threshold = self.model.image_threshold_
         self.pixel_threshold = self.model.pixel_threshold_
-        self.held_out_scores = np.asarray(self.model.held_out_scores_, dtype=np.float64)
-        self._input = BatchRunner(
-            self.model.scorer_, self.model.backbone_.preprocessing, self.model.image_size_, self.model.device_
-        )
+        self.held_out_scores = np.empty(0)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return prepare(pixels, self.model.image_size_)[0]
+        return resize_pixels(pixels, self.model.image_size_)
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        with torch.inference_mode():
-            scores, maps = self.model.scorer_(self._input.normalize(inputs), with_maps=with_maps)
-        return scores.cpu().numpy().astype(np.float64), maps.cpu().numpy() if with_maps else None
+        outputs = self.model.run(inputs)
+        return outputs["scores"].astype(np.float64), outputs["maps"] if with_maps else None
 
     def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        return resize_map(torch.from_numpy(anomaly_map), size).numpy()
+        return resize_map(anomaly_map, size)
 
     def describe(self) -> dict[str, Any]:
-        model, state = self.model, self.model.state_
-        preprocessing = model.backbone_.preprocessing
-        return {
-            "input_size": [model.image_size_, model.image_size_],
-            "preprocessing": {
-                "color": "8-bit RGB; grayscale, 16-bit, palette, alpha, CMYK and EXIF orientation handled",
-                "resize": "squashed to the square input, bilinear with antialiasing",
-                "mean": list(preprocessing.mean),
-                "std": list(preprocessing.std),
+        metadata = self.model.metadata
+        normalization = json.loads(metadata[META_NORMALIZATION])
+        return describe_input(
+            self.model.image_size_,
+            normalization["mean"],
+            normalization["std"],
+            self.image_threshold,
+            self.pixel_threshold,
+        ) | {
+            "n_train": None,  # not in the file
+            "backbone": {
+                "name": metadata[META_BACKBONE],
+                "weights_sha256": metadata[META_BACKBONE_SHA256] or None,
             },
-            "thresholds": {
-                "image": self.image_threshold.as_dict(),
-                "pixel": self.pixel_threshold.as_dict() if self.pixel_threshold else None,
+            "config": json.loads(metadata[META_PARAMS]),
+            "exported_from": {
+                "model_sha256": metadata[META_MODEL_SHA256],
+                "gaussad_version": metadata[META_VERSION],
             },
-            "n_train": model.n_train_,
-            "backbone": {"name": state.backbone.name, "weights_sha256": state.backbone.weights_sha256},
-            "config": model.config.as_dict(),
         }
 
 
-def _load_consistent(folder: Path, device: str, attempts: int = 3) -> tuple[str, GaussAD]:
-    """The model and the SHA-256 of the very files it was read from: a `gaussad calibrate` that swaps the
-    folder between the two reads makes them differ, and the load is tried again."""
+def describe_input(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_threshold: Threshold,
+    pixel_threshold: Threshold | None,
+) -> dict[str, Any]:
+    """What every runtime's `describe()` starts with: the input, its preprocessing and the thresholds."""
+    return {
+        "input_size": [size, size],
+        "preprocessing": {
+            "color": "8-bit RGB; grayscale, 16-bit, palette, alpha, CMYK and EXIF orientation handled",
+            "resize": "squashed to the square input, bilinear with antialiasing",
+            "mean": list(mean),
+            "std": list(std),
+        },
+        "thresholds": {
+            "image": image_threshold.as_dict(),
+            "pixel": pixel_threshold.as_dict() if pixel_threshold else None,
+        },
+    }
+
+
+def readable_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes; a file that cannot be read is a `GaussADError` naming it."""
+    try:
+        return file_sha256(path)
+    except OSError as error:
+        raise GaussADError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+
+def read_consistent(
+    path: Path, digest: Callable[[Path], str], load: Callable[[], Loaded], attempts: int = 3
+) -> tuple[str, Loaded]:
+    """What `load` reads from `path`, with the digest of the very bytes it read: a `gaussad calibrate` or
+    `gaussad export` that replaces them between the two digests makes them differ, and the load is tried
+    again."""
     for _ in range(attempts):
-        before = model_sha256(folder)
-        model = GaussAD.load(folder, device=device)
-        if model_sha256(folder) == before:
-            return before, model
-    raise GaussADError(f"{folder}: the model folder kept changing while it was read; try again")
+        before = digest(path)
+        loaded = load()
+        if digest(path) == before:
+            return before, loaded
+    raise GaussADError(f"{path}: the model kept changing while it was read; try again")
 
 
-def load_served_model(name: str, folder: Path, device: str) -> ServedModel:
-    """The runtime for a model folder: today every folder is a `gaussad fit` model run by PyTorch."""
-    if not folder.is_dir():
-        raise GaussADError(f"{folder}: no such model folder")
-    return TorchModel(name, folder, device)
+def load_served_model(name: str, path: Path, device: str) -> ServedModel:
+    """The runtime for a path: an exported `.onnx` file in onnxruntime, a model folder in PyTorch."""
+    if is_exported(path):
+        if not path.is_file():
+            raise GaussADError(f"{path}: no such exported model file")
+        return ExportedModel(name, path, device)
+    if not path.is_dir():
+        raise GaussADError(f"{path}: no such model folder")
+    from gaussad.serve.torch_model import TorchModel
+
+    return TorchModel(name, path, device)

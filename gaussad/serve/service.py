@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,6 @@ from gaussad.serve.kept import KeptImages
 from gaussad.serve.metrics import ServiceMetrics
 from gaussad.serve.runtime import ServedModel, load_served_model
 from gaussad.serve.settings import ServeSettings
-from gaussad.tuning import tuning_enabled
 
 Result = TypeVar("Result")
 RETRY_AFTER_SECONDS = 1
@@ -54,7 +54,7 @@ class Inspection:
     record: AuditRecord
     model: ServedModel  # the model that scored it
     anomaly_map: np.ndarray | None  # at the image's size, when asked for
-    defect_mask: np.ndarray | None  # where the map reaches the pixel threshold (None without one)
+    defect_mask: np.ndarray | None  # predict's (`decisions.defect_mask`); None without a pixel threshold
 
 
 class InspectionService:
@@ -62,9 +62,9 @@ class InspectionService:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.folders = dict(zip(settings.names, settings.model_dirs, strict=True))
+        self.paths = dict(zip(settings.names, settings.model_dirs, strict=True))
         self.models: dict[str, ServedModel] = {
-            name: load_served_model(name, folder, settings.device) for name, folder in self.folders.items()
+            name: load_served_model(name, path, settings.device) for name, path in self.paths.items()
         }
         self.monitors = {name: self._monitor(model) for name, model in self.models.items()}
         self._batchers: dict[str, Batcher] = {}
@@ -92,7 +92,7 @@ class InspectionService:
             ThreadPoolExecutor(settings.workers, thread_name_prefix="gaussad decode")
         )
         scoring = self._resources.enter_context(ThreadPoolExecutor(1, thread_name_prefix="gaussad score"))
-        if tuning_enabled():  # a server runs forward passes all its life: keep the allocator warm throughout
+        if _tuning_enabled():  # a server runs forward passes all its life: keep the allocator warm throughout
             self._resources.enter_context(keep_freed_memory())
         self.audit = AuditWriter(self.store)
         self._resources.callback(self.audit.close)
@@ -145,13 +145,14 @@ class InspectionService:
             raise ServiceError(404, f"no model named {name!r}: serving {', '.join(self.models)}") from None
 
     async def reload(self, name: str) -> tuple[str, str]:
-        """Read a served model's folder again (after `gaussad calibrate`, say) and swap it in between
-        batches: (previous SHA-256, new SHA-256). A folder that fails to load leaves the old model serving."""
+        """Read a served model's folder or file again (after `gaussad calibrate` or `gaussad export`, say)
+        and swap it in between batches: (previous SHA-256, new SHA-256). A model that fails to load leaves
+        the old one serving."""
         previous = self.model(name)
         async with self._reloading[name]:
             try:
                 model = await asyncio.to_thread(
-                    load_served_model, name, self.folders[name], self.settings.device
+                    load_served_model, name, self.paths[name], self.settings.device
                 )
             except GaussADError as error:
                 raise ServiceError(422, f"{error}; still serving {name} {previous.sha256[:12]}") from None
@@ -204,7 +205,7 @@ class InspectionService:
         anomaly_map = mask = None
         if scored.anomaly_map is not None:
             anomaly_map = await self.in_threads(used.full_size_map, scored.anomaly_map, prepared.size)
-            mask = defect_mask(anomaly_map, used.pixel_threshold)
+            mask = defect_mask(anomaly_map, used.pixel_threshold, decision.is_anomalous)
         if self.kept is not None:
             await self.in_threads(self.kept.keep, prepared.sha256, data)
         height, width = prepared.size
@@ -242,3 +243,10 @@ class InspectionService:
     def latest(self, limit: int, model: str | None, anomalous: bool) -> list[dict[str, Any]]:
         """The latest decisions of the audit trail (blocking: run it `in_threads`)."""
         return self.store.query(model=model, anomalous=anomalous, limit=limit)
+
+
+def _tuning_enabled() -> bool:
+    """Whether a `gaussad.cpu_tuning()` context is active. None can be unless `gaussad.tuning` was imported,
+    and importing it imports PyTorch, which a service of exported files does without."""
+    tuning = sys.modules.get("gaussad.tuning")
+    return tuning is not None and tuning.tuning_enabled()

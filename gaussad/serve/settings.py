@@ -11,13 +11,25 @@ from gaussad.errors import GaussADError
 from gaussad.serve import defaults
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+EXPORTED_SUFFIX = ".onnx"
+
+
+def is_exported(path: Path) -> bool:
+    """Whether a path names a file written by `gaussad export` (by its suffix, as `gaussad predict` tells
+    them) rather than a model folder."""
+    return path.suffix.lower() == EXPORTED_SUFFIX
+
+
+def served_name(path: Path) -> str:
+    """The name a model is served under: its folder's name, or an exported file's name without `.onnx`."""
+    return path.stem if is_exported(path) else path.resolve().name
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What `gaussad serve` runs with. Models are served under their folders' names."""
+    """What `gaussad serve` runs with. Models are served under their names (`served_name`)."""
 
-    model_dirs: tuple[Path, ...]
+    model_dirs: tuple[Path, ...]  # model folders and exported .onnx files
     audit: str = defaults.DEFAULT_AUDIT  # a SQLite file path or a URL (`gaussad.serve.audit.audit_url`)
     max_batch_size: int = defaults.MAX_BATCH_SIZE
     max_queue_delay_ms: float = defaults.MAX_QUEUE_DELAY_MS
@@ -34,18 +46,17 @@ class ServeSettings:
     def __post_init__(self) -> None:
         dirs = tuple(Path(folder) for folder in self.model_dirs)
         if not dirs:
-            raise GaussADError("give at least one model folder to serve")
-        names = tuple(folder.resolve().name for folder in dirs)
-        for name, folder in zip(names, dirs, strict=True):
+            raise GaussADError("give at least one model folder or exported .onnx file to serve")
+        names = tuple(served_name(path) for path in dirs)
+        for name, path in zip(names, dirs, strict=True):
             if not MODEL_NAME.fullmatch(name):
                 raise GaussADError(
-                    f"{folder}: a served model's folder name must be letters, digits, '.', '_' or '-'"
+                    f"{path}: a served model's name (its folder's, or its file's without .onnx) must be "
+                    "letters, digits, '.', '_' or '-'"
                 )
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise GaussADError(
-                f"two model folders named {', '.join(repeated)}: each model is served under its name"
-            )
+            raise GaussADError(f"two models named {', '.join(repeated)}: each model is served under its name")
         for option, value, low in (
             ("--max-batch-size", self.max_batch_size, 1),
             ("--max-queue", self.max_queue, 1),
