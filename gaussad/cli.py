@@ -120,7 +120,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
     for name, spec in MODEL_OPTIONS.items():
         default = spec["default"]
-        help_text = spec["help"] if default is None else f"{spec['help']} (default: %(default)s)"
+        escaped = spec["help"].replace("%", "%%")  # argparse formats help with % placeholders
+        help_text = escaped if default is None else f"{escaped} (default: %(default)s)"
         group.add_argument(
             "--" + name.replace("_", "-"),
             type=_option_type(name, spec),
@@ -426,6 +427,20 @@ def describe_thresholds(model: GaussAD) -> str:
     return "\n".join(lines)
 
 
+def describe_selection(selection: dict) -> str:
+    """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
+    lines = [f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"]
+    for option in ("localization", "image_score"):
+        part = selection.get(option) or {}
+        for name, metrics in (part.get("candidates") or {}).items():
+            mark = "*" if name == part.get("chosen") else " "
+            values = ", ".join(
+                f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)
+            )
+            lines.append(f"  {mark} {option.replace('_', ' ')} {name}: {values}")
+    return "\n".join(lines)
+
+
 def run_info(args: argparse.Namespace) -> None:
     from gaussad.model import GaussAD
     from gaussad.persistence import FORMAT_VERSION
@@ -435,10 +450,19 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
     print(f"input: {model.image_size_} px; trained on {model.n_train_} images")
+    state = model.state_
+    localization = config.localization
+    if localization == "auto":
+        localization = f"auto, chose {'hybrid' if state.position_levels else 'shared'}"
     print(
-        f"reduction: {config.reduction} {config.variance}; localization: {config.localization}; "
-        f"blur sigma: {config.blur_sigma}; image grid: {config.image_grid} x {config.image_grid}"
+        f"reduction: {config.reduction} {config.variance}; localization: {localization}; "
+        f"blur sigma: {config.blur_sigma}"
     )
+    score = state.image_score if config.image_score != "auto" else f"auto, chose {state.image_score}"
+    levels = ",".join(map(str, state.levels))
+    print(f"image score: {score}; levels {levels}; grid {state.image_grid} x {state.image_grid}")
+    if state.selection:
+        print(describe_selection(state.selection))
     for row in model.describe_levels():
         print(
             f"  {row['role']:<8} level {row['level']}: {row['components']} of {row['channels']} components, "

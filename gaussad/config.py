@@ -16,7 +16,8 @@ from typing import Any
 from gaussad.errors import GaussADError
 
 REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
-LOCALIZATIONS: tuple[str, ...] = ("hybrid", "shared", "per-position")
+LOCALIZATIONS: tuple[str, ...] = ("hybrid", "shared", "per-position", "auto")
+IMAGE_SCORES: tuple[str, ...] = ("pooled", "map", "combined", "auto")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096  # far beyond what a 2-core CPU scores in reasonable time; guards saved models
@@ -54,12 +55,19 @@ class ModelConfig:
     reduction: str = _option("opca keeps the smallest components, pca the largest", "opca", REDUCTIONS)
     variance: float = _option("share of variance the reduction keeps (opca 0.05, pca 0.95)", 0.05)
     localization: str = _option(
-        "anomaly map: hybrid, shared or per-position Gaussians", "hybrid", LOCALIZATIONS
+        "anomaly map: hybrid, shared or per-position Gaussians; auto chooses hybrid or shared at fit time",
+        "hybrid",
+        LOCALIZATIONS,
     )
     image_size: int | None = _option("square model input side (default: the backbone's native size)")
     blur_sigma: float = _option("map blur in input pixels; 0 = off", 2.0)
     image_grid: int = _option(
         "image score: features averaged per cell of an N x N grid; 1 = global (paper)", 4
+    )
+    image_score: str = _option(
+        "image score: pooled features, the map's top 1%, their combination, or auto (chosen at fit time)",
+        "pooled",
+        IMAGE_SCORES,
     )
     precision: str = _option("bf16 runs the backbone under bfloat16 autocast", "fp32", PRECISIONS)
     folds: int = _option("folds of the training images for label-free thresholds; 0 = none", 5)
@@ -74,7 +82,7 @@ class ModelConfig:
             if not isinstance(self.weights, (str, os.PathLike)):
                 raise GaussADError(f"--weights {self.weights!r}: expected a file path")
             object.__setattr__(self, "weights", str(Path(os.fspath(self.weights)).absolute()))
-        for name in ("reduction", "localization", "precision"):
+        for name in ("reduction", "localization", "precision", "image_score"):
             allowed = _metadata(name)["choices"]
             if getattr(self, name) not in allowed:
                 raise GaussADError(
@@ -98,20 +106,22 @@ class ModelConfig:
             raise GaussADError("--folds 1: expected 0 (no calibration) or at least 2")
         if self.image_size is not None:
             _check_whole("image_size", self.image_size, low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
-        if self.position_levels and self.localization != "hybrid":
+        if self.position_levels and self.localization not in ("hybrid", "auto"):
             raise GaussADError(
                 f"--position-levels apply to the hybrid localization only, not to {self.localization!r}"
             )
+        if self.folds == 0 and "auto" in (self.image_score, self.localization):
+            raise GaussADError("auto options choose on held-out folds: --folds 0 turns them off")
 
     def resolve_levels(self, backbone: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """The image, map and position levels with `backbone` (a `TappedBackbone`): as given, else the
-        backbone's defaults; no position levels unless the localization is hybrid. Raises on levels the
-        backbone does not have."""
+        backbone's defaults; no position levels unless the localization is hybrid (or auto, which may
+        choose it). Raises on levels the backbone does not have."""
         valid = {info["level"] for info in backbone.feature_info}
         levels = self.levels or tuple(backbone.default_levels)
         map_levels = self.map_levels or tuple(backbone.default_map_levels)
         position_levels: tuple[int, ...] = ()
-        if self.localization == "hybrid":
+        if self.localization in ("hybrid", "auto"):
             position_levels = self.position_levels or tuple(backbone.default_position_levels)
         chosen = {"levels": levels, "map levels": map_levels, "position levels": position_levels}
         for name, values in chosen.items():

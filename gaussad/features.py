@@ -50,6 +50,7 @@ class Batch(Generic[Output]):
     outputs: Output | None
     sizes: list[tuple[int, int]]  # each image's original (height, width)
     errors: list[ImageError]
+    pixels: np.ndarray | None = None  # the model inputs (B, S, S, 3) uint8, when asked to keep them
 
     @property
     def start(self) -> int:
@@ -166,14 +167,18 @@ class BatchRunner:
             return self.model(self.normalize(pixels))
 
     def batches(
-        self, items: Sequence[ImageInput], progress: str | None = None, skip_errors: bool = False
+        self,
+        items: Sequence[ImageInput],
+        progress: str | None = None,
+        skip_errors: bool = False,
+        keep_pixels: bool = False,
     ) -> Iterator[Batch[Output]]:
         """Model outputs batch by batch in input order; the next batch's images decode while the model runs.
 
         An unreadable image stops the run with its `GaussADError`, or with `skip_errors` is left out and
         reported in the next batch's `errors`. Under `gaussad.cpu_tuning()` the CPU forward pass holds the
         allocator policy and runs on one thread or all, whichever the measured costs of the first batches
-        favour (`ForwardThreads`).
+        favour (`ForwardThreads`). `keep_pixels` returns each batch's model inputs too.
         """
         tuned_cpu = tuning_enabled() and self.device.type == "cpu"
         decode = partial(_timed_prepare, image_size=self.image_size, max_pixels=self.max_pixels)
@@ -188,8 +193,10 @@ class BatchRunner:
                     yield Batch(indices, None, [], errors)
                     break
                 main_start = time.thread_time()
-                outputs = self._run(np.stack([pixels for pixels, _, _ in chunk]))
-                yield Batch(indices, outputs, [size for _, size, _ in chunk], errors)
+                inputs = np.stack([pixels for pixels, _, _ in chunk])
+                outputs = self._run(inputs)
+                sizes = [size for _, size, _ in chunk]
+                yield Batch(indices, outputs, sizes, errors, inputs if keep_pixels else None)
                 threads.observe(
                     time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
                 )

@@ -22,6 +22,23 @@ def level_distance_map(features: torch.Tensor, mean: torch.Tensor, whitening: to
     return mahalanobis(per_position, mean, whitening).T.reshape(batch, height, width)
 
 
+MAP_SCORE_SHARE = 0.01  # the map-based image score: the mean of the map's top 1% of values
+
+
+def top_count(n_values: int, share: float = MAP_SCORE_SHARE) -> int:
+    """How many of a map's `n_values` values its top `share` holds (at least one)."""
+    return max(1, round(share * n_values))
+
+
+def top_share_mean(maps: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Per map (B, H, W), the mean of its `count` highest values (default: its top `MAP_SCORE_SHARE`): an
+    image score that does not care where in the image the anomaly is, and is steadier than the maximum.
+    An exported graph passes the count, fixed by the input size, as a number rather than from a shape."""
+    values = maps.flatten(1)
+    count = top_count(maps.shape[-2] * maps.shape[-1]) if count is None else count
+    return torch.topk(values, count, dim=1, sorted=False).values.mean(dim=1)
+
+
 def combine_levels(
     level_maps: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], columns: torch.Tensor
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,10 +27,19 @@ from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
-from gaussad.maps import resize_map
+from gaussad.maps import resize_map, top_share_mean
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer
 from gaussad.scratch import scratch_folder
+from gaussad.selection import (
+    PROXY,
+    Candidate,
+    choose,
+    image_score_evidence,
+    localization_evidence,
+    synthetic_sample,
+)
 from gaussad.state import BackboneInfo, FittedState
+from gaussad.synthetic import synthetic_defects
 from gaussad.tuning import one_blas_thread
 
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
@@ -38,6 +47,10 @@ from gaussad.tuning import one_blas_thread
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ON_ERRORS = ("stop", "skip")
+# Image-score candidates of `auto` in the order they are weighed: a later one must beat the best so far
+# beyond the proxy's noise. The combination first: across the development data it never loses much, where
+# pooled features and the map each lose a lot somewhere (benchmarks/results/tune_defaults.md).
+IMAGE_SCORE_ORDER = ("combined", "pooled", "map", "global")
 SPILL_PREFIX = "gaussad-fit-"
 
 
@@ -90,6 +103,7 @@ class GaussAD:
         image_size: int | None = DEFAULTS.image_size,
         blur_sigma: float = DEFAULTS.blur_sigma,
         image_grid: int = DEFAULTS.image_grid,
+        image_score: str = DEFAULTS.image_score,
         precision: str = DEFAULTS.precision,
         folds: int = DEFAULTS.folds,
         max_false_alarm_rate: float = DEFAULTS.max_false_alarm_rate,
@@ -111,6 +125,7 @@ class GaussAD:
         self.image_size = image_size
         self.blur_sigma = blur_sigma
         self.image_grid = image_grid
+        self.image_score = image_score
         self.precision = precision
         self.folds = folds
         self.max_false_alarm_rate = max_false_alarm_rate
@@ -128,7 +143,11 @@ class GaussAD:
 
     # ----------------------------------------------------------------------------------------- fitting
     def fit(self, images: ImageInput | Iterable[ImageInput]) -> GaussAD:
-        """Learn the Gaussians from defect-free images (paths, folders, PIL images, arrays, tensors)."""
+        """Learn the Gaussians from defect-free images (paths, folders, PIL images, arrays, tensors).
+
+        With `auto` options, the choice is made here from the same images (`gaussad.selection`): the fit
+        also scores synthetic defects pasted into held-out images, and `state_.selection` keeps the evidence.
+        """
         config = self.config
         skip_errors = self._skip_errors()
         items = collect_images(images)
@@ -139,7 +158,15 @@ class GaussAD:
         backbone = load_backbone(config.backbone, config.weights)
         levels, map_levels, position_levels = config.resolve_levels(backbone)
         image_size = int(config.image_size or backbone.preprocessing.image_size)
-        extracted = sorted({*levels, *map_levels, *position_levels})
+        auto = "auto" in (config.image_score, config.localization)
+        # Image-score candidates, by name: (levels, grid) of pooled features. "global" is the paper's: every
+        # level from the shallowest map level on, averaged over the whole image.
+        pooled_sets = {"pooled": (levels, config.image_grid)}
+        if config.image_score == "auto":
+            pooled_sets["global"] = (_global_levels(backbone, map_levels), 1)
+        extracted = sorted(
+            {*map_levels, *position_levels, *(lv for lvs, _ in pooled_sets.values() for lv in lvs)}
+        )
         features = LevelFeatures(
             backbone.to(device, memory_format=torch.channels_last), extracted, config.precision
         )
@@ -153,10 +180,16 @@ class GaussAD:
             self.max_pixels,
         )
         n_folds = self._n_folds(len(items))
+        if auto and n_folds < 2:
+            raise GaussADError("auto options choose on held-out folds: need at least 3 training images")
         # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
         # sums take one in-place product per fold present.
         fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
-        pooled: dict[int, list[np.ndarray]] = {level: [] for level in levels}
+        pooled = {name: {level: [] for level in lvs} for name, (lvs, _) in pooled_sets.items()}
+        sampled = set(synthetic_sample(len(items)).tolist()) if auto else set()
+        samples: list[
+            tuple[int, np.ndarray]
+        ] = []  # (fold, model input) of images that get a synthetic defect
         kept: list[int] = []
         skipped: list[ImageError] = []
         # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
@@ -175,27 +208,38 @@ class GaussAD:
                 if position_levels
                 else None
             )
-            for batch in runner.batches(items, "fit" if self.progress else None, skip_errors):
+            for batch in runner.batches(
+                items, "fit" if self.progress else None, skip_errors, keep_pixels=auto
+            ):
                 skipped += batch.errors
                 if batch.outputs is None:
                     continue
                 kept += batch.indices
                 batch_folds = fold_of[batch.indices].tolist()
                 by_level = dict(zip(extracted, batch.outputs, strict=True))
-                for level in levels:
-                    pooled[level].append(
-                        pool_features(by_level[level], config.image_grid).to("cpu", torch.float64).numpy()
-                    )
+                for name, (lvs, grid) in pooled_sets.items():
+                    for level in lvs:
+                        pooled[name][level].append(
+                            pool_features(by_level[level], grid).to("cpu", torch.float64).numpy()
+                        )
                 for level, accumulator in accumulators.items():
                     accumulator.add(by_level[level], batch_folds)
                 if position_accumulator is not None:
                     position_accumulator.add(
                         stack_levels([by_level[lv] for lv in position_levels]), batch_folds
                     )
+                samples += [
+                    (int(fold_of[index]), batch.pixels[row])
+                    for row, index in enumerate(batch.indices)
+                    if index in sampled
+                ]
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
             fold_of = fold_of[kept]
-            pooled_all = {level: np.concatenate(parts) for level, parts in pooled.items()}
+            pooled_all = {
+                name: {level: np.concatenate(parts) for level, parts in by_level.items()}
+                for name, by_level in pooled.items()
+            }
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the fold models' image scores). Each level's map Gaussians, the full
             # model's and each fold model's, take one read of its spill.
@@ -207,21 +251,27 @@ class GaussAD:
                     if position_accumulator is not None
                     else None
                 )
-                scores_job = pool.submit(_held_out_scores, pooled_all, fold_of, n_folds, config)
+                score_jobs = {
+                    name: pool.submit(_held_out_scores, pooled_all[name], fold_of, n_folds, config)
+                    for name in pooled_sets
+                }
                 map_jobs = [
                     pool.submit(
                         accumulators[level].finish_many, config.reduction, config.variance, folds, **finish
                     )
                     for level in map_levels
                 ]
-                image_jobs = [
-                    pool.submit(fit_gaussian, pooled_all[level], config.reduction, config.variance)
-                    for level in levels
-                ]
-                image_gaussians = [job.result() for job in image_jobs]
+                image_jobs = {
+                    name: [
+                        pool.submit(fit_gaussian, pooled_all[name][level], config.reduction, config.variance)
+                        for level in lvs
+                    ]
+                    for name, (lvs, _) in pooled_sets.items()
+                }
+                image_gaussians = {name: [job.result() for job in jobs] for name, jobs in image_jobs.items()}
                 map_fits = [job.result() for job in map_jobs]
                 position_fits = position_job.result() if position_job is not None else None
-                held_out_scores = scores_job.result()
+                held_out = {name: job.result() for name, job in score_jobs.items()}
             grids = features.grids(image_size)
             state = FittedState(
                 backbone=BackboneInfo(
@@ -232,12 +282,20 @@ class GaussAD:
                 position_levels=position_levels,
                 image_size=image_size,
                 n_train=len(kept),
-                image_gaussians=image_gaussians,
+                image_gaussians=image_gaussians["pooled"],
                 map_gaussians=[fits[0] for fits in map_fits],
                 position_gaussian=position_fits[0] if position_fits else None,
-                held_out_scores=held_out_scores,
+                held_out_scores=held_out["pooled"][0],
+                image_score=config.image_score,
+                image_grid=config.image_grid,
             )
-            state.held_out_map_maxima, state.held_out_map_medians = self._held_out_maps(
+            localizations = (
+                ["hybrid", "shared"]
+                if config.localization == "auto"
+                else [config.localization if position_levels else "shared"]
+            )
+            synthetic = _synthetic_defects(samples, runner, features) if auto else None
+            folded = self._fold_results(
                 state,
                 grids,
                 [accumulators[level] for level in map_levels],
@@ -246,12 +304,18 @@ class GaussAD:
                 fold_of,
                 n_folds,
                 device,
+                localizations,
+                {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets},
+                synthetic,
             )
+        state = _finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
         self.state_ = state.with_thresholds(
             *_label_free_thresholds(state, config.max_false_alarm_rate, n_folds)
         )
         self.backbone_ = backbone
         self.device_ = device
+        if state.extracted_levels != tuple(extracted):  # an auto choice needs fewer levels than it weighed
+            features = LevelFeatures(features.backbone, state.extracted_levels, config.precision)
         self.scorer_ = _build_scorer(features, state, grids, config).to(device)
         self.skipped_ = skipped
         self.fit_seconds_ = time.perf_counter() - started
@@ -264,7 +328,7 @@ class GaussAD:
             return 0
         return min(self.folds, n_images) if n_images >= 3 else 0
 
-    def _held_out_maps(
+    def _fold_results(
         self,
         state: FittedState,
         grids: dict[int, Grid],
@@ -274,13 +338,24 @@ class GaussAD:
         fold_of: np.ndarray,
         n_folds: int,
         device: torch.device,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The maximum and median of each training image's anomaly map under map Gaussians fitted without
-        its fold, scored by the same `MapHead` as predictions, on the features kept from the fit (no backbone
-        pass). fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold; fold_position
-        the position accumulator and its fold Gaussians (hybrid maps). Empty without calibration."""
+        localizations: Sequence[str],
+        pooled_models: dict[str, tuple[tuple[Sequence[int], int], list[list[Gaussian]]]],
+        synthetic: SyntheticDefects | None,
+    ) -> FoldResults:
+        """What the fold models say about images they were not fitted on, scored by the same `MapHead` as
+        predictions, without a backbone pass for the training images (their features were kept from the
+        fit): each training image's map maximum, median and top share per candidate localization, and,
+        for synthetic defects, their maps per localization and image scores per pooled candidate.
+
+        fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold; fold_position the
+        position accumulator and its fold Gaussians (hybrid maps); pooled_models per image-score candidate
+        its (levels, grid) and its fold Gaussians [fold][level]. Empty without calibration."""
         n_images = len(fold_of) if n_folds else 0
-        maxima, medians = np.zeros(n_images), np.zeros(n_images)
+        results = FoldResults(
+            {name: HeldOutMaps.empty(n_images) for name in localizations},
+            {name: {} for name in localizations},
+            {name: {} for name in pooled_models},
+        )
         for fold in range(n_folds):
             head = _map_head(
                 [gaussians[fold] for gaussians in fold_map_gaussians],
@@ -296,10 +371,30 @@ class GaussAD:
             for start in range(0, len(rows), self.batch_size):
                 part = slice(start, start + self.batch_size)
                 stacked = position_features[part].to(device) if position_features is not None else None
-                maps = head([f[part].to(device) for f in level_features], stacked).flatten(1)
-                maxima[rows[part]] = maps.amax(dim=1).cpu().numpy()
-                medians[rows[part]] = maps.median(dim=1).values.cpu().numpy()
-        return maxima, medians
+                maps = _candidate_maps(
+                    head, [f[part].to(device) for f in level_features], stacked, localizations
+                )
+                for name, values in maps.items():
+                    results.held_out[name].record(rows[part], values)
+            if synthetic is None:
+                continue
+            members = np.flatnonzero(synthetic.folds == fold)
+            by_level = {level: values[members].to(device) for level, values in synthetic.features.items()}
+            stacked = (
+                stack_levels([by_level[lv] for lv in state.position_levels])
+                if state.position_levels
+                else None
+            )
+            maps = _candidate_maps(head, [by_level[lv] for lv in state.map_levels], stacked, localizations)
+            for name, values in maps.items():
+                results.synthetic_maps[name][fold] = values.cpu().numpy()
+            for name, ((levels, grid), fold_gaussians) in pooled_models.items():
+                pooled = [pool_features(by_level[lv], grid).to("cpu", torch.float64).numpy() for lv in levels]
+                results.synthetic_pooled[name][fold] = sum(
+                    gaussian.component_distances(values)
+                    for gaussian, values in zip(fold_gaussians[fold], pooled, strict=True)
+                )
+        return results
 
     def label_free_thresholds(self, rate: float | None = None) -> tuple[Threshold | None, Threshold | None]:
         """Thresholds for a target false-alarm rate (default: the model's) from the held-out normal results
@@ -448,6 +543,7 @@ class GaussAD:
             "map_levels": list(state.map_levels),
             "position_levels": list(state.position_levels) or None,
             "image_size": state.image_size,
+            "image_grid": state.image_grid,
         }
         return save_model(Path(directory), ModelConfig.from_dict(used), state)
 
@@ -500,18 +596,184 @@ class GaussAD:
         return model
 
 
+@dataclass
+class HeldOutMaps:
+    """Per training image, under the map models fitted without its fold: its map's maximum, median and
+    mean of the top share (the map-based image score)."""
+
+    maxima: np.ndarray
+    medians: np.ndarray
+    tops: np.ndarray
+
+    @classmethod
+    def empty(cls, n_images: int) -> HeldOutMaps:
+        return cls(np.zeros(n_images), np.zeros(n_images), np.zeros(n_images))
+
+    def record(self, rows: np.ndarray, maps: torch.Tensor) -> None:
+        flat = maps.flatten(1)
+        self.maxima[rows] = flat.amax(dim=1).cpu().numpy()
+        self.medians[rows] = flat.median(dim=1).values.cpu().numpy()
+        self.tops[rows] = top_share_mean(maps).cpu().numpy()
+
+
+@dataclass
+class SyntheticDefects:
+    """Synthetic defects in training images: the fold of the image each was made from, its mask and kind,
+    and its backbone features (N, C, H, W) per level (one backbone pass)."""
+
+    folds: np.ndarray
+    masks: np.ndarray
+    kinds: list[str]
+    features: dict[int, torch.Tensor]
+
+
+@dataclass
+class FoldResults:
+    """`GaussAD._fold_results`: held-out maps per localization; synthetic defects' maps per localization
+    and pooled scores per image-score candidate, each by fold."""
+
+    held_out: dict[str, HeldOutMaps]
+    synthetic_maps: dict[str, dict[int, np.ndarray]]
+    synthetic_pooled: dict[str, dict[int, np.ndarray]]
+
+
+def _synthetic_defects(
+    samples: Sequence[tuple[int, np.ndarray]], runner: BatchRunner, features: LevelFeatures
+) -> SyntheticDefects:
+    """Paste synthetic defects into the sampled training images and extract their features once."""
+    folds = np.array([fold for fold, _ in samples])
+    pixels = np.stack([values for _, values in samples])
+    defective, masks, kinds = synthetic_defects(pixels, pixels)
+    parts: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for start in range(0, len(defective), runner.batch_size):
+            outputs = features(runner.normalize(defective[start : start + runner.batch_size]))
+            parts.append([output.cpu() for output in outputs])
+    stacked = {level: torch.cat([part[i] for part in parts]) for i, level in enumerate(features.levels)}
+    return SyntheticDefects(folds, masks, kinds, stacked)
+
+
+def _candidate_maps(
+    head: MapHead,
+    level_features: Sequence[torch.Tensor],
+    stacked: torch.Tensor | None,
+    localizations: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """Maps (B, S, S) per candidate localization from one set of level maps: "hybrid" mixes in the
+    position map, any other name (shared, per-position) is the level maps alone."""
+    level_maps = head.level_maps(level_features)
+    position_map = head.position_map(stacked) if stacked is not None and "hybrid" in localizations else None
+    return {
+        name: head.combine(level_maps, position_map if name == "hybrid" else None) for name in localizations
+    }
+
+
+def _global_levels(backbone, map_levels: Sequence[int]) -> tuple[int, ...]:
+    """The paper's image levels: every level of the backbone from the shallowest map level on."""
+    return tuple(sorted(info["level"] for info in backbone.feature_info if info["level"] >= min(map_levels)))
+
+
+def _finish_state(
+    state: FittedState,
+    config: ModelConfig,
+    folded: FoldResults,
+    synthetic: SyntheticDefects | None,
+    held_out: dict[str, tuple[np.ndarray, list[list[Gaussian]]]],
+    image_gaussians: dict[str, list[Gaussian]],
+    pooled_sets: dict[str, tuple[Sequence[int], int]],
+) -> FittedState:
+    """The fitted state with the image score and localization as configured or, for `auto`, as chosen
+    on synthetic defects, and the held-out results that calibrate them."""
+    localization = next(iter(folded.held_out))
+    selection = None
+    if synthetic is not None:
+
+        def joined(by_fold: dict[int, np.ndarray]) -> np.ndarray:
+            """Per synthetic image, in sample order, from the per-fold parts."""
+            values = np.empty(
+                (len(synthetic.folds), *next(iter(by_fold.values())).shape[1:]), dtype=np.float64
+            )
+            for fold, part in by_fold.items():
+                values[synthetic.folds == fold] = part
+            return values
+
+        synthetic_maps = {name: joined(maps) for name, maps in folded.synthetic_maps.items()}
+        map_evidence = localization_evidence(synthetic.masks, synthetic_maps, synthetic.kinds)
+        if config.localization == "auto":
+            localization = choose(map_evidence)
+        tops = top_share_mean(torch.from_numpy(synthetic_maps[localization])).numpy()
+        normal_tops = folded.held_out[localization].tops
+        candidates = [
+            Candidate(name, held_out[name][0], joined(folded.synthetic_pooled[name])) for name in pooled_sets
+        ]
+        pooled_normal, pooled_synthetic = held_out["pooled"][0], joined(folded.synthetic_pooled["pooled"])
+        scales = (float(np.median(pooled_normal)), float(np.median(normal_tops)))
+        candidates += [
+            Candidate("map", normal_tops, tops),
+            Candidate(
+                "combined",
+                pooled_normal / scales[0] + normal_tops / scales[1],
+                pooled_synthetic / scales[0] + tops / scales[1],
+            ),
+        ]
+        order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
+        candidates.sort(key=lambda candidate: order[candidate.name])
+        best_score, score_evidence = image_score_evidence(candidates, synthetic.kinds)
+        image_choice = best_score if config.image_score == "auto" else config.image_score
+        selection = {
+            "proxy": PROXY,
+            "synthetic_images": len(synthetic.folds),
+            "localization": {"candidates": map_evidence, "chosen": localization},
+            "image_score": {"candidates": score_evidence, "chosen": image_choice},
+        }
+    else:
+        image_choice = config.image_score
+    maps = folded.held_out[localization]
+    pooled_name = "global" if image_choice == "global" else "pooled"
+    levels, grid = pooled_sets[pooled_name]
+    pooled_normal = held_out[pooled_name][0]
+    kind = "pooled" if image_choice == "global" else image_choice
+    scales = (
+        (float(np.median(pooled_normal)), float(np.median(maps.tops))) if kind == "combined" else (1.0, 1.0)
+    )
+    normal_scores = {
+        "pooled": pooled_normal,
+        "map": maps.tops,
+        "combined": pooled_normal / scales[0] + maps.tops / scales[1],
+    }[kind]
+    hybrid = localization == "hybrid"
+    return replace(
+        state,
+        levels=tuple(levels),
+        image_gaussians=image_gaussians[pooled_name],
+        image_grid=grid,
+        image_score=kind,
+        score_scales=scales,
+        position_levels=state.position_levels if hybrid else (),
+        position_gaussian=state.position_gaussian if hybrid else None,
+        held_out_scores=normal_scores if len(maps.tops) else np.empty(0),
+        held_out_map_maxima=maps.maxima,
+        held_out_map_medians=maps.medians,
+        selection=selection,
+    )
+
+
 def _held_out_scores(
     pooled: dict[int, np.ndarray], fold_of: np.ndarray, n_folds: int, config: ModelConfig
-) -> np.ndarray:
-    """Each training image's score under image Gaussians fitted without its fold (label-free calibration),
-    from the pooled features kept from the fit; empty without calibration."""
+) -> tuple[np.ndarray, list[list[Gaussian]]]:
+    """Each training image's pooled score under image Gaussians fitted without its fold (label-free
+    calibration), from the pooled features kept from the fit, and those fold Gaussians [fold][level];
+    empty without calibration."""
     scores = np.zeros(len(fold_of) if n_folds else 0)
+    fold_gaussians: list[list[Gaussian]] = []
     for fold in range(n_folds):
         held = fold_of == fold
+        fold_gaussians.append([])
         for level_pooled in pooled.values():
             gaussian = fit_gaussian(level_pooled[~held], config.reduction, config.variance)
             scores[held] += gaussian.component_distances(level_pooled[held])
-    return scores
+            fold_gaussians[-1].append(gaussian)
+    return scores, fold_gaussians
 
 
 def _label_free_thresholds(
@@ -561,6 +823,15 @@ def _build_scorer(
     features: LevelFeatures, state: FittedState, grids: dict[int, Grid], config: ModelConfig
 ) -> Scorer:
     """The scorer of a fitted state: the backbone's levels, the image head and the map head."""
-    image_head = ImageHead(state.image_gaussians, [grids[level] for level in state.levels], config.image_grid)
+    image_head = ImageHead(state.image_gaussians, [grids[level] for level in state.levels], state.image_grid)
     map_head = _map_head(state.map_gaussians, state.position_gaussian, state, grids, config.blur_sigma)
-    return Scorer(features, state.levels, state.map_levels, state.position_levels, image_head, map_head)
+    return Scorer(
+        features,
+        state.levels,
+        state.map_levels,
+        state.position_levels,
+        image_head,
+        map_head,
+        state.image_score,
+        state.score_scales,
+    )

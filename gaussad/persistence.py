@@ -24,8 +24,10 @@ from gaussad.fileio import file_sha256, replace_folder
 from gaussad.state import FittedState
 
 FORMAT = "gaussad-model"
-FORMAT_VERSION = 3  # 3: the hybrid map's position Gaussian; 2: grid-pooled image features (1 is not read)
-READABLE_VERSIONS = (2, 3)  # a version 2 model has no position Gaussian: shared or per-position maps
+# 4: the image score's kind, grid and scales, and the evidence of auto options; 3: the hybrid map's
+# position Gaussian; 2: grid-pooled image features (1 is not read)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # older versions score pooled features; version 2 has no position Gaussian
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
 

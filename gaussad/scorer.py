@@ -19,7 +19,7 @@ from torch import nn
 from gaussad.backbones import TappedBackbone
 from gaussad.features import pooling_matrix, stack_levels
 from gaussad.gaussian import Gaussian, component_distance
-from gaussad.maps import combine_levels, level_distance_map, resampling_matrix
+from gaussad.maps import combine_levels, level_distance_map, resampling_matrix, top_count, top_share_mean
 
 Grid = tuple[int, int]
 
@@ -111,6 +111,7 @@ class MapHead(nn.Module):
     ) -> None:
         super().__init__()
         self.n_levels = len(gaussians)
+        self.image_size = image_size
         self.hybrid = position_gaussian is not None
         self.position_grid = position_grid
 
@@ -159,8 +160,10 @@ class MapHead(nn.Module):
 class Scorer(nn.Module):
     """Normalized images (B, 3, S, S) -> image scores (B,) and anomaly maps (B, S, S) at the input size.
 
-    The image score is the sum over image levels of the component distances of grid-pooled features; the
-    map is `MapHead`'s; `with_maps=False` computes only the scores.
+    The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
+    of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two summed, each divided
+    by its typical normal value (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves the maps
+    out (computing them only when the score needs them).
     """
 
     def __init__(
@@ -171,8 +174,13 @@ class Scorer(nn.Module):
         position_levels: Sequence[int],
         image_head: ImageHead,
         map_head: MapHead,
+        image_score: str = "pooled",
+        score_scales: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         super().__init__()
+        self.image_score = image_score
+        self.top_count = top_count(map_head.image_size**2)
+        self.register_buffer("score_scales", torch.tensor(score_scales, dtype=torch.float32))
         self.features = features
         index = {level: i for i, level in enumerate(features.levels)}
         self.image_indices = [index[level] for level in levels]
@@ -188,12 +196,30 @@ class Scorer(nn.Module):
         self, features: Sequence[torch.Tensor], with_maps: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and maps from the backbone's features at `features.levels` (maps (B, 0, 0) without)."""
-        scores = self.image_head([features[i] for i in self.image_indices]).sum(dim=1)
-        if not with_maps:
-            return scores, scores.new_empty((len(scores), 0, 0))
+        pooled = self.image_head([features[i] for i in self.image_indices]).sum(dim=1)
+        if not with_maps and self.image_score == "pooled":
+            return pooled, pooled.new_empty((len(pooled), 0, 0))
         stacked = self.stack_position([features[i] for i in self.position_indices])
-        return scores, self.map_head([features[i] for i in self.map_indices], stacked)
+        maps = self.map_head([features[i] for i in self.map_indices], stacked)
+        scores = image_scores(self.image_score, pooled, maps, self.score_scales, self.top_count)
+        return scores, maps if with_maps else maps.new_empty((len(maps), 0, 0))
 
     def stack_position(self, features: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """The hybrid map's per-position input: the position levels side by side (None for other maps)."""
         return stack_levels(features) if features else None
+
+
+def image_scores(
+    kind: str,
+    pooled: torch.Tensor,
+    maps: torch.Tensor,
+    scales: torch.Tensor | Sequence[float],
+    count: int | None = None,
+) -> torch.Tensor:
+    """Image scores (B,) of one kind from pooled scores (B,) and anomaly maps (B, S, S) (see `Scorer`);
+    `count` values make the map's top share."""
+    if kind == "pooled":
+        return pooled
+    if kind == "map":
+        return top_share_mean(maps, count)
+    return pooled / scales[0] + top_share_mean(maps, count) / scales[1]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gaussad.calibration import Threshold
-from gaussad.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from gaussad.config import IMAGE_SCORES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
 
@@ -51,6 +51,12 @@ class FittedState:
     held_out_map_medians: np.ndarray = field(default_factory=lambda: np.empty(0))
     image_threshold: Threshold | None = None
     pixel_threshold: Threshold | None = None
+    image_score: str = "pooled"  # "pooled", "map" or "combined": as fitted, after any auto choice
+    image_grid: int = 4  # cells per side of the pooled image features
+    # "combined": typical normal values (held-out medians) of the pooled score and of the map's top share,
+    # which divide each before they are summed.
+    score_scales: tuple[float, float] = (1.0, 1.0)
+    selection: dict[str, Any] | None = None  # the evidence of auto options: each candidate's proxy metrics
 
     @property
     def extracted_levels(self) -> tuple[int, ...]:
@@ -101,6 +107,10 @@ class FittedState:
             "position_levels": list(self.position_levels),
             "image_size": self.image_size,
             "n_train": self.n_train,
+            "image_score": self.image_score,
+            "image_grid": self.image_grid,
+            "score_scales": list(self.score_scales),
+            "selection": self.selection,
             "gaussians": self.describe_levels(),
             "thresholds": {
                 "image": self.image_threshold.as_dict() if self.image_threshold else None,
@@ -144,6 +154,15 @@ class FittedState:
                 **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
                 image_threshold=_threshold(thresholds.get("image")),
                 pixel_threshold=_threshold(thresholds.get("pixel")),
+                image_score=_choice(metadata.get("image_score", "pooled"), "image score", IMAGE_SCORES[:-1]),
+                # Models saved before the grid was part of the fitted description: the parameters' grid.
+                image_grid=_whole(
+                    metadata.get("image_grid", (metadata.get("params") or {}).get("image_grid", 4)),
+                    "image grid",
+                    1,
+                ),
+                score_scales=_scales(metadata.get("score_scales", [1.0, 1.0])),
+                selection=_selection(metadata.get("selection")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GaussADError(
@@ -167,6 +186,31 @@ def _whole(value: Any, what: str, low: int, high: int | None = None) -> int:
     if not _is_whole(value) or value < low or (high is not None and value > high):
         raise ValueError(f"{what} {value!r} out of range")
     return value
+
+
+def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _scales(values: Any) -> tuple[float, float]:
+    if (
+        not isinstance(values, list)
+        or len(values) != 2
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+            for v in values
+        )
+    ):
+        raise ValueError(f"score scales {values!r} are not two positive numbers")
+    return float(values[0]), float(values[1])
+
+
+def _selection(values: Any) -> dict[str, Any] | None:
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(f"selection {values!r} is not an object")
+    return values
 
 
 def _backbone(values: Any) -> BackboneInfo:

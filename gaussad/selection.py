@@ -1,0 +1,120 @@
+"""Choosing `auto` options from good images alone: each candidate's proxy metrics, and the choice.
+
+Held-out folds give normal examples the models have not seen; synthetic defects pasted into held-out good
+images (`gaussad.synthetic`) give anomalous ones, with masks. Each candidate localization is scored by
+pixel AUROC plus AUPRO of its maps on the synthetic defects, each candidate image score by the image AUROC
+of its held-out normal scores against its synthetic defects' scores. Candidates are weighed in a fixed
+order, the measured default first, and a later one displaces the best so far only when it is better beyond
+the proxy's noise: for image scores, in at least 95% of paired bootstrap resamples of the images. The
+proxy's defects are not the user's, so a small lead on them is no reason to leave a setting that holds up
+on real defects. Everything here is numbers in, numbers out: the models live in `gaussad.model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+from gaussad.metrics import image_auroc, pixel_metrics
+from gaussad.synthetic import KINDS
+
+PROXY = "synthetic defects (patch, blend) pasted into held-out good images, scored by the fold models"
+MAX_SYNTHETIC_IMAGES = 128  # enough to rank candidates; bounds the extra backbone pass of a fit
+# How much better a localization's proxy must be to displace an earlier one.
+MARGIN = 0.002
+BOOTSTRAP_RESAMPLES = 400
+CONFIDENCE = 0.95  # share of resamples in which a later image score must beat the best so far
+
+
+@dataclass
+class Candidate:
+    """One candidate's proxy inputs: normal held-out values and synthetic ones."""
+
+    name: str
+    normal_scores: np.ndarray  # held-out good images' image scores
+    synthetic_scores: np.ndarray  # synthetic defects' image scores
+
+
+def synthetic_sample(n_images: int, limit: int = MAX_SYNTHETIC_IMAGES) -> np.ndarray:
+    """Indices of the training images that receive a synthetic defect: evenly spread, at most `limit`."""
+    count = min(n_images, limit)
+    return np.unique(np.linspace(0, n_images - 1, count).round().astype(int))
+
+
+def localization_evidence(
+    masks: np.ndarray, maps: dict[str, np.ndarray], kinds: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per localization, pixel AUROC and AUPRO of its maps (N, S, S) on the synthetic masks (N, S, S),
+    overall and per kind of defect."""
+    kinds = np.asarray(kinds)
+    evidence: dict[str, dict[str, float]] = {}
+    for name, values in maps.items():
+        auroc, pro = pixel_metrics(masks, values)
+        evidence[name] = {"pixel_auroc": auroc, "aupro": pro, "proxy": auroc + pro}
+        for kind in KINDS:
+            if (kinds == kind).any():
+                evidence[name][f"aupro_{kind}"] = pixel_metrics(masks[kinds == kind], values[kinds == kind])[
+                    1
+                ]
+    return evidence
+
+
+def image_score_evidence(
+    candidates: Sequence[Candidate], kinds: Sequence[str], seed: int = 0
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """The chosen image score and, per candidate, the image AUROC of its held-out normal against its
+    synthetic scores (overall and per kind of defect) and the share of paired bootstrap resamples in which
+    it beat the candidate chosen before it was weighed ("wins")."""
+    kinds = np.asarray(kinds)
+    evidence: dict[str, dict[str, float]] = {}
+    for candidate in candidates:
+        row = {"proxy": _auroc(candidate.normal_scores, candidate.synthetic_scores)}
+        for kind in KINDS:
+            if (kinds == kind).any():
+                row[f"auroc_{kind}"] = _auroc(
+                    candidate.normal_scores, candidate.synthetic_scores[kinds == kind]
+                )
+        evidence[candidate.name] = row
+    resampled = _bootstrap_aurocs(candidates, seed)
+    best = 0
+    for index in range(1, len(candidates)):
+        wins = float(np.mean(resampled[index] > resampled[best]))
+        evidence[candidates[index].name]["wins"] = wins
+        if wins >= CONFIDENCE:
+            best = index
+    return candidates[best].name, evidence
+
+
+def _bootstrap_aurocs(candidates: Sequence[Candidate], seed: int) -> np.ndarray:
+    """(candidates, resamples) image AUROCs on the same resamples of normal and synthetic images."""
+    rng = np.random.default_rng(seed)
+    n_normal, n_synthetic = len(candidates[0].normal_scores), len(candidates[0].synthetic_scores)
+    normal = rng.integers(0, n_normal, (BOOTSTRAP_RESAMPLES, n_normal))
+    synthetic = rng.integers(0, n_synthetic, (BOOTSTRAP_RESAMPLES, n_synthetic))
+    aurocs = np.empty((len(candidates), BOOTSTRAP_RESAMPLES))
+    for index, candidate in enumerate(candidates):
+        values = np.concatenate(
+            [candidate.normal_scores[normal], candidate.synthetic_scores[synthetic]], axis=1
+        )
+        ranks = rankdata(values, axis=1)
+        wins = ranks[:, n_normal:].sum(axis=1) - n_synthetic * (n_synthetic + 1) / 2
+        aurocs[index] = wins / (n_normal * n_synthetic)
+    return aurocs
+
+
+def choose(evidence: dict[str, dict[str, float]]) -> str:
+    """The candidate with the best proxy; one must beat an earlier one by more than `MARGIN`."""
+    names = list(evidence)
+    best = names[0]
+    for name in names[1:]:
+        if evidence[name]["proxy"] > evidence[best]["proxy"] + MARGIN:
+            best = name
+    return best
+
+
+def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return image_auroc(labels, np.r_[normal, anomalous])

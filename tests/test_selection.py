@@ -1,0 +1,135 @@
+"""Auto options: synthetic defects, the proxy evidence, the choice, and what the fitted model then does."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gaussad import GaussAD
+from gaussad.errors import GaussADError
+from gaussad.evaluation import training_images
+from gaussad.maps import top_share_mean
+from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
+from gaussad.synthetic import KINDS, synthetic_defects
+
+SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
+AUTO = {"image_score": "auto", "localization": "auto"}
+
+
+@pytest.fixture(scope="module")
+def auto_model(category: Path) -> GaussAD:
+    return GaussAD(**SMALL, **AUTO).fit(training_images(category))
+
+
+def test_synthetic_defects_change_exactly_their_masks_and_repeat_by_seed() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8)
+    defective, masks, kinds = synthetic_defects(images, images, seed=1)
+    assert kinds == [KINDS[i % 2] for i in range(6)]
+    changed = (defective != images).any(axis=-1)
+    assert not (changed & ~masks).any()  # nothing changes outside a mask
+    assert all(0.001 < mask.mean() < 0.1 for mask in masks)
+    assert changed.sum() > 0.5 * masks.sum()  # random donors differ almost everywhere inside
+    again = synthetic_defects(images, images, seed=1)
+    np.testing.assert_array_equal(again[0], defective)
+    assert not np.array_equal(synthetic_defects(images, images, seed=2)[1], masks)
+    np.testing.assert_array_equal(images, np.random.default_rng(3).integers(0, 256, images.shape, np.uint8))
+
+
+def test_the_choice_needs_a_margin_and_ties_keep_the_earlier_candidate() -> None:
+    evidence = {"pooled": {"proxy": 0.90}, "combined": {"proxy": 0.90 + MARGIN / 2}, "map": {"proxy": 0.85}}
+    assert choose(evidence) == "pooled"
+    evidence["map"]["proxy"] = 0.90 + 2 * MARGIN
+    assert choose(evidence) == "map"
+    rng = np.random.default_rng(0)
+    normal, synthetic = rng.normal(0, 1, 200), rng.normal(1, 1, 100)
+    candidates = [
+        Candidate("first", normal, synthetic),
+        # As good on average, noisier image by image: whichever proxy is higher, it is noise.
+        Candidate("as good", normal + rng.normal(0, 0.5, 200), synthetic + rng.normal(0, 0.5, 100)),
+        Candidate("much better", normal, synthetic + 2.0),
+    ]
+    chosen, evidence = image_score_evidence(candidates, ["patch", "blend"] * 50)
+    assert abs(evidence["as good"]["proxy"] - evidence["first"]["proxy"]) > 0.001
+    assert evidence["as good"]["wins"] < CONFIDENCE
+    assert chosen == "much better" and evidence["much better"]["wins"] == 1.0
+    assert image_score_evidence(candidates[:2], ["patch"] * 100)[0] == "first"
+    assert list(synthetic_sample(1000, 4)) == [0, 333, 666, 999]
+    assert list(synthetic_sample(3, 10)) == [0, 1, 2]
+
+
+def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
+    selection = auto_model.state_.selection
+    assert selection["synthetic_images"] == auto_model.n_train_  # fewer images than the cap: all of them
+    localizations = selection["localization"]["candidates"]
+    assert set(localizations) == {"hybrid", "shared"}
+    assert selection["localization"]["chosen"] == choose(localizations)
+    scores = selection["image_score"]["candidates"]
+    assert list(scores) == ["combined", "pooled", "map", "global"]
+    assert all(0.0 <= row["proxy"] <= 1.0 for row in scores.values())
+    replayed = "combined"  # a later candidate displaces the best so far where it wins often enough
+    for name in list(scores)[1:]:
+        replayed = name if scores[name]["wins"] >= CONFIDENCE else replayed
+    assert selection["image_score"]["chosen"] == replayed
+    state = auto_model.state_
+    chosen = selection["image_score"]["chosen"]
+    assert state.image_score == ("pooled" if chosen == "global" else chosen)
+    assert (state.position_gaussian is not None) == (selection["localization"]["chosen"] == "hybrid")
+    if chosen == "global":
+        assert state.image_grid == 1 and state.levels == (3, 4, 5, 6, 7)
+    assert auto_model.scorer_.features.levels == state.extracted_levels
+
+
+def test_an_auto_model_saves_loads_and_scores_the_same(
+    auto_model: GaussAD, category: Path, tmp_path: Path
+) -> None:
+    auto_model.save(tmp_path / "model")
+    loaded = GaussAD.load(tmp_path / "model", device="cpu", batch_size=8)
+    assert loaded.state_.selection == auto_model.state_.selection
+    assert (loaded.image_score, loaded.localization) == ("auto", "auto")
+    tests = sorted((category / "test").rglob("*.png"))
+    np.testing.assert_allclose(loaded.score_samples(tests), auto_model.score_samples(tests), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["map", "combined"])
+def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, kind: str) -> None:
+    model = GaussAD(**SMALL, image_score=kind).fit(training_images(category))
+    tests = sorted((category / "test").rglob("*.png"))
+    size = (model.image_size_, model.image_size_)
+    prediction = list(model.iter_predict(tests, map_sizes=[size] * len(tests)))
+    scores = np.concatenate([batch.scores for batch in prediction])
+    tops = top_share_mean(torch.from_numpy(np.stack([m for b in prediction for m in b.maps]))).numpy()
+    if kind == "map":
+        np.testing.assert_allclose(scores, tops, rtol=1e-5)
+        assert model.state_.score_scales == (1.0, 1.0)
+    else:
+        pooled = GaussAD(**SMALL).fit(training_images(category)).score_samples(tests)
+        low, high = model.state_.score_scales
+        np.testing.assert_allclose(scores, pooled / low + tops / high, rtol=1e-5)
+        # The scales are the held-out medians: a typical normal image scores about 1 + 1.
+        assert np.median(model.held_out_scores_) == pytest.approx(2.0, rel=0.2)
+    np.testing.assert_allclose(model.score_samples(tests), scores, rtol=1e-6)  # no maps asked for
+    assert model.image_threshold_.value == pytest.approx(np.quantile(model.held_out_scores_, 0.99))
+
+
+def test_auto_needs_held_out_folds(category: Path) -> None:
+    with pytest.raises(GaussADError, match="folds"):
+        GaussAD(**SMALL, image_score="auto", folds=0).fit(training_images(category))
+    with pytest.raises(GaussADError, match="3 training images"):
+        GaussAD(**SMALL, localization="auto").fit(training_images(category)[:2])
+
+
+def test_an_exported_auto_model_scores_as_the_library(
+    auto_model: GaussAD, category: Path, tmp_path: Path
+) -> None:
+    from gaussad.export import export_onnx
+    from gaussad.runtime import OnnxModel
+
+    export_onnx(auto_model.save(tmp_path / "model"), tmp_path / "model.onnx")
+    tests = sorted((category / "test").rglob("*.png"))
+    exported = OnnxModel.load(tmp_path / "model.onnx").predict(tests)
+    library = auto_model.predict(tests)
+    np.testing.assert_allclose(exported.scores, library.scores, rtol=1e-4)
+    for ours, theirs in zip(exported.maps, library.maps, strict=True):
+        assert np.abs(ours - theirs).max() <= 1e-3 * np.ptp(theirs)
