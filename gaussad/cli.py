@@ -429,6 +429,8 @@ def describe_thresholds(model: GaussAD) -> str:
 
 def describe_selection(selection: dict) -> str:
     """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
+    if "fallback" in selection:
+        return f"auto options: {selection['fallback']}"
     lines = [f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"]
     for option in ("localization", "image_score"):
         part = selection.get(option) or {}

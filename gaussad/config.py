@@ -110,8 +110,6 @@ class ModelConfig:
             raise GaussADError(
                 f"--position-levels apply to the hybrid localization only, not to {self.localization!r}"
             )
-        if self.folds == 0 and "auto" in (self.image_score, self.localization):
-            raise GaussADError("auto options choose on held-out folds: --folds 0 turns them off")
 
     def resolve_levels(self, backbone: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """The image, map and position levels with `backbone` (a `TappedBackbone`): as given, else the

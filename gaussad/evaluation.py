@@ -24,6 +24,7 @@ from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
 from gaussad.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image
 from gaussad.metrics import image_auroc, pixel_metrics
+from gaussad.selection import summary
 
 if TYPE_CHECKING:
     from gaussad.features import ImageError
@@ -299,9 +300,14 @@ def model_info(model: GaussAD) -> dict:
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
         "levels (position)": list(model.position_levels_),
+        "image score": model.state_.image_score,
+        "localization": "hybrid"
+        if model.position_levels_
+        else ("per-position" if model.localization == "per-position" else "shared"),
         "components per level": {
             f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
         },
+        **summary(model.state_.selection),
     }
 
 

@@ -51,6 +51,8 @@ ON_ERRORS = ("stop", "skip")
 # beyond the proxy's noise. The combination first: across the development data it never loses much, where
 # pooled features and the map each lose a lot somewhere (benchmarks/results/tune_defaults.md).
 IMAGE_SCORE_ORDER = ("combined", "pooled", "map", "global")
+# What auto options take where there are no folds to choose on: the combination needs held-out scores too.
+AUTO_FALLBACK = ("pooled", "hybrid")
 SPILL_PREFIX = "gaussad-fit-"
 
 
@@ -158,6 +160,8 @@ class GaussAD:
         backbone = load_backbone(config.backbone, config.weights)
         levels, map_levels, position_levels = config.resolve_levels(backbone)
         image_size = int(config.image_size or backbone.preprocessing.image_size)
+        n_folds = self._n_folds(len(items))
+        config, fallback = _without_folds(config, n_folds)
         auto = "auto" in (config.image_score, config.localization)
         # Image-score candidates, by name: (levels, grid) of pooled features. "global" is the paper's: every
         # level from the shallowest map level on, averaged over the whole image.
@@ -179,9 +183,6 @@ class GaussAD:
             self.workers,
             self.max_pixels,
         )
-        n_folds = self._n_folds(len(items))
-        if auto and n_folds < 2:
-            raise GaussADError("auto options choose on held-out folds: need at least 3 training images")
         # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
         # sums take one in-place product per fold present.
         fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
@@ -309,6 +310,8 @@ class GaussAD:
                 synthetic,
             )
         state = _finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
+        if fallback:
+            state = replace(state, selection={"fallback": fallback})
         self.state_ = state.with_thresholds(
             *_label_free_thresholds(state, config.max_false_alarm_rate, n_folds)
         )
@@ -666,6 +669,28 @@ def _candidate_maps(
     return {
         name: head.combine(level_maps, position_map if name == "hybrid" else None) for name in localizations
     }
+
+
+def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:
+    """The config a fit uses: `auto` options need held-out folds to choose on; without them (--folds 0,
+    or fewer than 3 training images) they take `AUTO_FALLBACK`, and the reason is returned."""
+    if n_folds < 2 and config.image_score == "combined":
+        raise GaussADError(
+            "--image-score combined scales its parts by held-out scores: it needs --folds 2 or more and "
+            "at least 3 training images"
+        )
+    if n_folds >= 2 or "auto" not in (config.image_score, config.localization):
+        return config, None
+    image_score, localization = AUTO_FALLBACK
+    fixed = replace(
+        config,
+        image_score=image_score if config.image_score == "auto" else config.image_score,
+        localization=localization if config.localization == "auto" else config.localization,
+    )
+    return fixed, (
+        f"no held-out folds to choose on (--folds 0, or fewer than 3 training images): image score "
+        f"{fixed.image_score}, localization {fixed.localization}"
+    )
 
 
 def _global_levels(backbone, map_levels: Sequence[int]) -> tuple[int, ...]:

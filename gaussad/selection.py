@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -113,6 +114,24 @@ def choose(evidence: dict[str, dict[str, float]]) -> str:
         if evidence[name]["proxy"] > evidence[best]["proxy"] + MARGIN:
             best = name
     return best
+
+
+def summary(selection: dict[str, Any] | None) -> dict[str, str]:
+    """One line per auto option for reports: each candidate's proxy, the chosen one starred; or why
+    there was no choice."""
+    if not selection:
+        return {}
+    if "fallback" in selection:
+        return {"auto options": str(selection["fallback"])}
+    lines = {}
+    for option in ("localization", "image_score"):
+        part = selection.get(option) or {}
+        proxies = [
+            f"{name}{'*' if name == part.get('chosen') else ''} {row.get('proxy', float('nan')):.4f}"
+            for name, row in (part.get("candidates") or {}).items()
+        ]
+        lines[f"auto {option.replace('_', ' ')} (proxy)"] = ", ".join(proxies)
+    return lines
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:

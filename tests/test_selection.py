@@ -81,6 +81,22 @@ def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
     assert auto_model.scorer_.features.levels == state.extracted_levels
 
 
+def test_info_and_reports_show_the_choice_and_its_evidence(
+    auto_model: GaussAD, tmp_path: Path, capsys
+) -> None:
+    from gaussad.cli import main
+    from gaussad.evaluation import model_info
+
+    info = model_info(auto_model)
+    chosen = auto_model.state_.selection["image_score"]["chosen"]
+    assert f"{chosen}*" in info["auto image score (proxy)"]
+    assert info["localization"] == ("hybrid" if auto_model.position_levels_ else "shared")
+    assert main(["info", str(auto_model.save(tmp_path / "model"))]) == 0
+    printed = capsys.readouterr().out
+    assert f"image score: auto, chose {auto_model.state_.image_score}" in printed
+    assert printed.count("proxy") >= 6  # one line per candidate: 2 localizations, 4 image scores
+
+
 def test_an_auto_model_saves_loads_and_scores_the_same(
     auto_model: GaussAD, category: Path, tmp_path: Path
 ) -> None:
@@ -113,11 +129,14 @@ def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, 
     assert model.image_threshold_.value == pytest.approx(np.quantile(model.held_out_scores_, 0.99))
 
 
-def test_auto_needs_held_out_folds(category: Path) -> None:
-    with pytest.raises(GaussADError, match="folds"):
-        GaussAD(**SMALL, image_score="auto", folds=0).fit(training_images(category))
-    with pytest.raises(GaussADError, match="3 training images"):
-        GaussAD(**SMALL, localization="auto").fit(training_images(category)[:2])
+def test_auto_without_held_out_folds_takes_the_fallback_and_says_so(category: Path) -> None:
+    for options in ({"folds": 0}, {}):
+        images = training_images(category)[: 2 if not options else 8]
+        model = GaussAD(**SMALL, **AUTO, **options).fit(images)
+        assert (model.state_.image_score, bool(model.state_.position_levels)) == ("pooled", True)
+        assert "no held-out folds" in model.state_.selection["fallback"]
+    with pytest.raises(GaussADError, match="combined scales its parts by held-out scores"):
+        GaussAD(**SMALL, image_score="combined", folds=0).fit(training_images(category)[:4])
 
 
 def test_an_exported_auto_model_scores_as_the_library(
