@@ -66,7 +66,7 @@ class ModelConfig:
     )
     image_score: str = _option(
         "image score: pooled features, the map's top 1%, their combination, or auto (chosen at fit time)",
-        "pooled",
+        "combined",
         IMAGE_SCORES,
     )
     precision: str = _option("bf16 runs the backbone under bfloat16 autocast", "fp32", PRECISIONS)

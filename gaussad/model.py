@@ -51,7 +51,7 @@ ON_ERRORS = ("stop", "skip")
 # beyond the proxy's noise. The combination first: across the development data it never loses much, where
 # pooled features and the map each lose a lot somewhere (benchmarks/results/tune_defaults.md).
 IMAGE_SCORE_ORDER = ("combined", "pooled", "map", "global")
-# What auto options take where there are no folds to choose on: the combination needs held-out scores too.
+# What auto options and the combined score take where there are no held-out folds.
 AUTO_FALLBACK = ("pooled", "hybrid")
 SPILL_PREFIX = "gaussad-fit-"
 
@@ -672,23 +672,20 @@ def _candidate_maps(
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:
-    """The config a fit uses: `auto` options need held-out folds to choose on; without them (--folds 0,
-    or fewer than 3 training images) they take `AUTO_FALLBACK`, and the reason is returned."""
-    if n_folds < 2 and config.image_score == "combined":
-        raise GaussADError(
-            "--image-score combined scales its parts by held-out scores: it needs --folds 2 or more and "
-            "at least 3 training images"
-        )
-    if n_folds >= 2 or "auto" not in (config.image_score, config.localization):
+    """The config a fit uses: `auto` options need held-out folds to choose on, and the combined score
+    needs held-out scores for its scales; without folds (--folds 0, or fewer than 3 training images) they
+    take `AUTO_FALLBACK`, and the reason is returned."""
+    needs_folds = config.image_score in ("auto", "combined") or config.localization == "auto"
+    if n_folds >= 2 or not needs_folds:
         return config, None
     image_score, localization = AUTO_FALLBACK
     fixed = replace(
         config,
-        image_score=image_score if config.image_score == "auto" else config.image_score,
+        image_score=image_score if config.image_score in ("auto", "combined") else config.image_score,
         localization=localization if config.localization == "auto" else config.localization,
     )
     return fixed, (
-        f"no held-out folds to choose on (--folds 0, or fewer than 3 training images): image score "
+        f"no held-out folds (--folds 0, or fewer than 3 training images): image score "
         f"{fixed.image_score}, localization {fixed.localization}"
     )
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gaussad import GaussAD
-from gaussad.errors import GaussADError
 from gaussad.evaluation import training_images
 from gaussad.maps import top_share_mean
 from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
@@ -120,7 +119,7 @@ def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, 
         np.testing.assert_allclose(scores, tops, rtol=1e-5)
         assert model.state_.score_scales == (1.0, 1.0)
     else:
-        pooled = GaussAD(**SMALL).fit(training_images(category)).score_samples(tests)
+        pooled = GaussAD(**SMALL, image_score="pooled").fit(training_images(category)).score_samples(tests)
         low, high = model.state_.score_scales
         np.testing.assert_allclose(scores, pooled / low + tops / high, rtol=1e-5)
         # The scales are the held-out medians: a typical normal image scores about 1 + 1.
@@ -129,14 +128,17 @@ def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, 
     assert model.image_threshold_.value == pytest.approx(np.quantile(model.held_out_scores_, 0.99))
 
 
-def test_auto_without_held_out_folds_takes_the_fallback_and_says_so(category: Path) -> None:
+def test_without_held_out_folds_auto_and_combined_take_pooled_and_say_so(category: Path) -> None:
     for options in ({"folds": 0}, {}):
         images = training_images(category)[: 2 if not options else 8]
         model = GaussAD(**SMALL, **AUTO, **options).fit(images)
         assert (model.state_.image_score, bool(model.state_.position_levels)) == ("pooled", True)
         assert "no held-out folds" in model.state_.selection["fallback"]
-    with pytest.raises(GaussADError, match="combined scales its parts by held-out scores"):
-        GaussAD(**SMALL, image_score="combined", folds=0).fit(training_images(category)[:4])
+    combined = GaussAD(**SMALL, image_score="combined", folds=0).fit(training_images(category)[:4])
+    assert (
+        combined.state_.image_score == "pooled"
+        and "no held-out folds" in combined.state_.selection["fallback"]
+    )
 
 
 def test_an_exported_auto_model_scores_as_the_library(
