@@ -103,3 +103,34 @@ def test_a_square_model_keeps_writing_its_side(tiny: GaussAD, tmp_path: Path) ->
     document = json.loads((tiny.save(tmp_path / "square") / "model.json").read_text())
     assert document["image_size"] == 64 and document["params"]["image_size"] == 64
     assert tiny.image_size_ == 64 and tiny.input_size_ == (64, 64)
+
+
+# ----------------------------------------------------------------------------------------- export
+def test_a_non_square_export_scores_as_the_library(
+    folder: Path, wide: GaussAD, images: list[Path], tmp_path: Path
+) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from gaussad.export import export_onnx
+    from gaussad.runtime import OnnxModel
+    from gaussad.serve.runtime import ExportedModel
+    from gaussad.serve.torch_model import TorchModel
+
+    path = export_onnx(folder, tmp_path / "wide.onnx")
+    proto = onnx.load(path)
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    assert json.loads(metadata["gaussad.input_size"]) == [48, 80]
+    assert json.loads(metadata["gaussad.params"])["image_size"] == [48, 80]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["n", 48, 80, 3]
+    runtime = OnnxModel.load(path, batch_size=3)
+    assert runtime.image_size_ == SIZE and runtime.input_size_ == SIZE
+    got, expected = runtime.predict(images), wide.predict(images)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-4)
+    for got_map, want in zip(got.maps, expected.maps, strict=True):
+        assert got_map.shape == want.shape
+        np.testing.assert_allclose(got_map, want, rtol=0, atol=1e-3 * np.ptp(want))
+    for served in (ExportedModel("wide", path, "cpu"), TorchModel("wide", folder, "cpu")):
+        described = served.describe()
+        assert described["input_size"] == [48, 80] and "height, width" in described["preprocessing"]["resize"]
+        assert served.prepare(np.zeros((30, 200, 3), np.uint8)).shape == (48, 80, 3)
