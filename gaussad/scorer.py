@@ -119,15 +119,16 @@ class MapHead(nn.Module):
         def resampling(cells: int, size: int) -> torch.Tensor:
             return resampling_matrix(cells, size, blur_sigma, torch.float32, torch.device("cpu")).clone()
 
-        rows, columns = input_size
+        map_height, map_width = input_size
         for index, (gaussian, (height, _)) in enumerate(zip(gaussians, grids, strict=True)):
             _gaussian_buffers(self, f"level{index}", gaussian)
-            self.register_buffer(f"level{index}_rows", resampling(height, rows))
-        self.register_buffer("columns", torch.cat([resampling(width, columns) for _, width in grids], dim=-1))
+            self.register_buffer(f"level{index}_rows", resampling(height, map_height))
+        columns = [resampling(width, map_width) for _, width in grids]
+        self.register_buffer("columns", torch.cat(columns, dim=-1))
         if position_gaussian is not None and position_grid is not None:
             _gaussian_buffers(self, "position", position_gaussian)
-            self.register_buffer("position_rows", resampling(position_grid[0], rows))
-            self.register_buffer("position_columns", resampling(position_grid[1], columns))
+            self.register_buffer("position_rows", resampling(position_grid[0], map_height))
+            self.register_buffer("position_columns", resampling(position_grid[1], map_width))
 
     def level_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each map level's distance map (B, h, w) on its own grid."""
