@@ -58,7 +58,7 @@ def per_level_results(
     def localization(levels, hybrid: bool = False) -> tuple[float, float]:
         chosen = [level_maps[LEVELS.index(level)] for level in levels]
         positional = position_maps if hybrid else None
-        combined = combine_maps(chosen, positional, model.image_size_, DEFAULTS.blur_sigma)
+        combined = combine_maps(chosen, positional, model.input_size_, DEFAULTS.blur_sigma)
         return pixel_metrics(masks, [resize_map(m, size).numpy() for m in combined])
 
     image_columns = [LEVELS.index(level) for level in model.backbone_.default_levels]

@@ -52,7 +52,7 @@ def run(
     for levels in contiguous_ranges(CANDIDATE_LEVELS):
         chosen = [level_maps[CANDIDATE_LEVELS.index(level)] for level in levels]
         for blur in BLURS:
-            combined = combine_maps(chosen, position_maps, model.image_size_, blur)
+            combined = combine_maps(chosen, position_maps, model.input_size_, blur)
             maps = [resize_map(m, (eval_size, eval_size)).numpy() for m in combined]
             pixel_auroc, aupro = pixel_metrics(masks, maps)
             rows.append(

@@ -32,8 +32,8 @@ def run(category: Path, backbone: str, position_levels: tuple[int, ...], eval_si
     model = GaussAD(backbone=backbone, localization="hybrid", position_levels=position_levels, folds=0)
     model.fit(training_images(category))
     results = level_results(model, [t.path for t in tests])
-    shared = combine_maps(results.level_maps, None, model.image_size_, model.blur_sigma)
-    positional = combine_maps([results.position_maps], None, model.image_size_, model.blur_sigma)
+    shared = combine_maps(results.level_maps, None, model.input_size_, model.blur_sigma)
+    positional = combine_maps([results.position_maps], None, model.input_size_, model.blur_sigma)
     size = (eval_size, eval_size)
     masks = [read_mask(t, size) for t in tests]
     rows = []

@@ -30,7 +30,7 @@ GRIDS = (4, 1)
 def map_tops(model: GaussAD, paths: list[Path], shares: tuple[float, ...]) -> dict[str, np.ndarray]:
     """Pooled score and, per share, the mean of the top values of the hybrid and the shared map."""
     results = level_results(model, paths)
-    size = model.image_size_
+    size = model.input_size_
     shared = combine_maps(results.level_maps, None, size, model.blur_sigma).flatten(1)
     hybrid = combine_maps(results.level_maps, results.position_maps, size, model.blur_sigma).flatten(1)
     scores = {"pooled": results.distances.sum(axis=1)}

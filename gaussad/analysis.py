@@ -38,7 +38,7 @@ def level_results(model: GaussAD, images: ImageInput | Iterable[ImageInput]) -> 
     runner = BatchRunner(
         parts,
         model.backbone_.preprocessing,
-        model.image_size_,
+        model.input_size_,
         model.device_,
         model.batch_size,
         model.workers,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gaussad import __version__
-from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig
+from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig, describe_size
 from gaussad.errors import GaussADError
 from gaussad.serve.commands import add_commands as add_serve_commands
 
@@ -48,6 +48,16 @@ def _levels(text: str) -> list[int]:
         return [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected level numbers such as 3,4,5") from None
+
+
+def _image_size(text: str) -> int | tuple[int, int] | str:
+    """--image-size: a side ("448") or height x width ("320x800"). Other text is passed on as it is, for
+    `ModelConfig` to refuse in one line naming the option, as it does sides out of range."""
+    parts = text.strip().lower().split("x")
+    if len(parts) > 2 or not all(part.isascii() and part.isdigit() for part in parts):
+        return text
+    sides = [int(part) for part in parts]
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
 def _positive_int(text: str) -> int:
@@ -103,9 +113,11 @@ def _add_runtime_options(
 
 
 def _option_type(name: str, spec: dict[str, Any]) -> Any:
-    """How the CLI parses a model option: levels lists, file paths, or the type of the field."""
+    """How the CLI parses a model option: levels lists, input sizes, file paths, or the type of the field."""
     if spec["kind"] == "levels":
         return _levels
+    if spec["kind"] == "size":
+        return _image_size
     if spec["kind"] == "path" or spec["choices"]:
         return str
     hint = next(f.type for f in fields(ModelConfig) if f.name == name)  # text, e.g. "int | None"
@@ -127,7 +139,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
             type=_option_type(name, spec),
             default=default,
             choices=spec["choices"] or None,
-            metavar="FILE" if spec["kind"] == "path" else None,
+            metavar={"path": "FILE", "size": "N|HxW"}.get(spec["kind"]),
             help=help_text,
         )
 
@@ -451,7 +463,7 @@ def run_info(args: argparse.Namespace) -> None:
     backbone, config = model.backbone_, model.config
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
-    print(f"input: {model.image_size_} px; trained on {model.n_train_} images")
+    print(f"input: {describe_size(model.image_size_)}; trained on {model.n_train_} images")
     state = model.state_
     localization = config.localization
     if localization == "auto":
@@ -581,7 +593,15 @@ def _exported_only(args: argparse.Namespace) -> bool:
     return all(Path(model).suffix.lower() == ".onnx" for model in models)
 
 
+def _check_model_options(args: argparse.Namespace) -> None:
+    """A command's model options, checked before it reads anything or imports the library, so that a bad
+    value answers at once in one line (`ModelConfig` names the option)."""
+    if all(name in vars(args) for name in MODEL_OPTIONS):
+        ModelConfig(**{name: getattr(args, name) for name in MODEL_OPTIONS})
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_model_options(args)
     if getattr(args, "tmp_dir", None):
         _use_tmp_dir(args.tmp_dir)
     if _exported_only(args):

@@ -21,6 +21,7 @@ IMAGE_SCORES: tuple[str, ...] = ("pooled", "map", "combined", "auto")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096  # far beyond what a 2-core CPU scores in reasonable time; guards saved models
+ImageSize = int | tuple[int, int]  # a square input's side, or (height, width)
 
 DEFAULT_BATCH_SIZE = 16  # as fast as 32 on CPU with the allocator kept warm, 150 MiB less
 DEFAULT_WORKERS = 2  # threads decoding images
@@ -59,7 +60,11 @@ class ModelConfig:
         "hybrid",
         LOCALIZATIONS,
     )
-    image_size: int | None = _option("square model input side (default: the backbone's native size)")
+    image_size: int | tuple[int, int] | None = _option(
+        "model input: a square side such as 448, or height x width such as 320x800; images are resized to "
+        "it (default: the backbone's native size)",
+        kind="size",
+    )
     blur_sigma: float = _option("map blur in input pixels; 0 = off", 2.0)
     image_grid: int = _option(
         "image score: features averaged per cell of an N x N grid; 1 = global (paper)", 4
@@ -105,7 +110,7 @@ class ModelConfig:
         if self.folds == 1:
             raise GaussADError("--folds 1: expected 0 (no calibration) or at least 2")
         if self.image_size is not None:
-            _check_whole("image_size", self.image_size, low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+            object.__setattr__(self, "image_size", _image_size(self.image_size))
         if self.position_levels and self.localization not in ("hybrid", "auto"):
             raise GaussADError(
                 f"--position-levels apply to the hybrid localization only, not to {self.localization!r}"
@@ -166,6 +171,38 @@ def _levels(name: str, value: Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(value)))
 
 
+def _image_size(value: Any) -> ImageSize:
+    """A square side as an int, (height, width) as a tuple; a pair of equal sides becomes the side, so that
+    a square input is stated one way only."""
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    sides = list(value) if pair else [value]
+    if not all(_is_whole(side) and MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE for side in sides):
+        shown = "x".join(map(str, value)) if pair else repr(value)
+        raise GaussADError(
+            f"--image-size {shown}: expected a side such as 448 or height x width such as 320x800, "
+            f"each from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
+        )
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+
+
+def size_pair(image_size: ImageSize) -> tuple[int, int]:
+    """(height, width) of a model input given as a square side or as (height, width)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def describe_size(image_size: ImageSize) -> str:
+    """An input size as messages and reports show it: "224 px", or "320 x 800 px (height x width)"."""
+    height, width = size_pair(image_size)
+    return f"{height} px" if height == width else f"{height} x {width} px (height x width)"
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_number(
     name: str,
     value: Any,
@@ -188,10 +225,9 @@ def _check_number(
         raise GaussADError(f"{_flag(name)} {value!r}: expected a number in {bounds}")
 
 
-def _check_whole(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
-        limits = f"{low} or more" if high is None else f"from {low} to {high}"
-        raise GaussADError(f"{_flag(name)} {value!r}: expected a whole number {limits}")
+def _check_whole(name: str, value: Any, low: int) -> None:
+    if not _is_whole(value) or value < low:
+        raise GaussADError(f"{_flag(name)} {value!r}: expected a whole number {low} or more")
 
 
 DEFAULTS = ModelConfig()

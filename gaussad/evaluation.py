@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
+from gaussad.config import describe_size
 from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
 from gaussad.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image
@@ -296,7 +297,7 @@ def model_info(model: GaussAD) -> dict:
     return {
         "backbone": model.backbone_.name,
         "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
-        "input size": model.image_size_,
+        "input size": describe_size(model.image_size_),
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
         "levels (position)": list(model.position_levels_),

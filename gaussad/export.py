@@ -1,8 +1,8 @@
 """Export a fitted model to one self-contained ONNX file that scores, maps and decides.
 
-The graph takes 8-bit RGB images already squashed to the model input, `images` (N, S, S, 3) uint8 (as
+The graph takes 8-bit RGB images already resized to the model input, `images` (N, H, W, 3) uint8 (as
 `gaussad.runtime.resize_pixels` and `gaussad.features.prepare` make them), normalizes them as
-`BatchRunner.normalize` does, runs `gaussad.scorer.Scorer` and returns `scores` (N,) and `maps` (N, S, S)
+`BatchRunner.normalize` does, runs `gaussad.scorer.Scorer` and returns `scores` (N,) and `maps` (N, H, W)
 float32 at the input size. A model with an image threshold also returns `normalized_scores` (N,) float32
 and `is_anomalous` (N,) bool, so a consumer without gaussad acts on the threshold that belongs to the
 weights; a model without one (fitted with folds=0, not calibrated) has the first two outputs only. The
@@ -32,6 +32,7 @@ from torch import nn
 from gaussad import __version__
 from gaussad.backbones import Preprocessing
 from gaussad.calibration import Threshold
+from gaussad.config import describe_size
 from gaussad.errors import GaussADError
 from gaussad.fileio import write_bytes_atomic
 from gaussad.model import GaussAD
@@ -73,7 +74,7 @@ CHECK_MAP_TOLERANCE = 1e-3  # of the maps' range
 
 
 class ExportGraph(nn.Module):
-    """uint8 RGB images (N, S, S, 3) -> scores, maps and, with an image threshold, the decisions.
+    """uint8 RGB images (N, H, W, 3) -> scores, maps and, with an image threshold, the decisions.
 
     The normalization is `BatchRunner.normalize`'s: the same float32 constants, pixel * scale + offset.
     The decision compares the float32 score with the threshold rounded up to float32, which for a float32
@@ -146,7 +147,7 @@ def _metadata(model: GaussAD, sha256: str, batch: int | str) -> dict[str, str]:
         META_FORMAT: FORMAT,
         META_FORMAT_VERSION: str(FORMAT_VERSION),
         META_VERSION: __version__,
-        META_INPUT_SIZE: str(state.image_size),
+        META_INPUT_SIZE: json.dumps(state.image_size),  # "224" for a square input, else "[height, width]"
         META_RESIZE: RESIZE,
         META_MAP_RESIZE: MAP_RESIZE,
         META_NORMALIZATION: json.dumps(normalization),
@@ -248,10 +249,10 @@ def export_onnx(
             f"the model's weights and Gaussians take {weight_bytes / 2**30:.2f} GiB: more than one ONNX file "
             "holds (2 GiB)"
         )
-    size = state.image_size
+    height, width = state.input_size
     example = torch.from_numpy(
         np.random.default_rng(0).integers(
-            0, 256, (2 if batch == "dynamic" else batch, size, size, 3), np.uint8
+            0, 256, (2 if batch == "dynamic" else batch, height, width, 3), np.uint8
         )
     )
     data = _trace(graph, example, opset, batch == "dynamic", state.backbone.name)
@@ -259,8 +260,8 @@ def export_onnx(
     onnx.helper.set_model_props(proto, _metadata(fitted, sha256, batch))
     outputs = ", ".join(OUTPUTS + (DECISION_OUTPUTS if graph.decides else ()))
     proto.doc_string = (
-        f"gaussad {__version__} anomaly detector ({state.backbone.name}, {size} px): images "
-        f"(N, {size}, {size}, 3) uint8 RGB resized {RESIZE} -> {outputs}"
+        f"gaussad {__version__} anomaly detector ({state.backbone.name}, {describe_size(state.image_size)}): "
+        f"images (N, {height}, {width}, 3) uint8 RGB resized {RESIZE} -> {outputs}"
     )
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import Preprocessing
-from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, ImageSize, size_pair
 from gaussad.decoding import ImageError, decoded_batches
 from gaussad.errors import GaussADError
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, load_pixels
@@ -50,7 +50,7 @@ class Batch(Generic[Output]):
     outputs: Output | None
     sizes: list[tuple[int, int]]  # each image's original (height, width)
     errors: list[ImageError]
-    pixels: np.ndarray | None = None  # the model inputs (B, S, S, 3) uint8, when asked to keep them
+    pixels: np.ndarray | None = None  # the model inputs (B, H, W, 3) uint8, when asked to keep them
 
     @property
     def start(self) -> int:
@@ -59,9 +59,10 @@ class Batch(Generic[Output]):
 
 
 def prepare(
-    item: ImageInput, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    item: ImageInput, image_size: ImageSize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image and squash it to the square model input: (S, S, 3) uint8 and the original size.
+    """Decode one image and resize it to the model input, a square side or (height, width), whatever its
+    aspect ratio: (H, W, 3) uint8 and the original size.
 
     An image declaring more than `max_pixels` is refused before it is decoded (`ImageTooLargeError`).
     Resized by PyTorch's bilinear filter with antialiasing on the 8-bit pixels as they lie (HWC): Pillow's
@@ -72,13 +73,13 @@ def prepare(
         pixels = pixels.copy()
     channels_last = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), no copy
     resized = F.interpolate(
-        channels_last, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        channels_last, size=size_pair(image_size), mode="bilinear", antialias=True, align_corners=False
     )
     return resized[0].permute(1, 2, 0).numpy(), pixels.shape[:2]
 
 
 def _timed_prepare(
-    item: ImageInput, image_size: int, max_pixels: int
+    item: ImageInput, image_size: ImageSize, max_pixels: int
 ) -> tuple[np.ndarray, tuple[int, int], float]:
     """`prepare`, with the CPU seconds its thread spent on it."""
     start = time.thread_time()
@@ -131,14 +132,14 @@ def stack_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class BatchRunner:
-    """Runs a model over images in batches: decodes and squashes each image to the model input in threads
+    """Runs a model over images in batches: decodes and resizes each image to the model input in threads
     beside the model, normalizes the batch and calls `model(batch)` under inference mode."""
 
     def __init__(
         self,
         model: Callable[[torch.Tensor], Output],
         preprocessing: Preprocessing,
-        image_size: int,
+        image_size: ImageSize,
         device: torch.device,
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = DEFAULT_WORKERS,
@@ -157,7 +158,7 @@ class BatchRunner:
         self._offset = (-torch.tensor(mean) / torch.tensor(std)).to(device)
 
     def normalize(self, pixels: np.ndarray) -> torch.Tensor:
-        """(B, S, S, 3) uint8 pixels -> the normalized float32 (B, 3, S, S) model input, channels last in
+        """(B, H, W, 3) uint8 pixels -> the normalized float32 (B, 3, H, W) model input, channels last in
         memory: one fused multiply-add in place over the channels as the last axis."""
         batch = torch.from_numpy(pixels).to(self.device).float()
         return torch.addcmul(self._offset, batch, self._scale, out=batch).permute(0, 3, 1, 2)

@@ -42,33 +42,34 @@ def top_share_mean(maps: torch.Tensor, count: int | None = None) -> torch.Tensor
 def combine_levels(
     level_maps: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], columns: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over levels of the maps (B, h, w) resampled to (B, S, S): level i's map m becomes R_i @ m @ C_i.T,
-    with rows[i] = R_i (S, h_i) and `columns` the C_i (S, w_i) side by side, so that the sum over levels is
+    """Mean over levels of the maps (B, h, w) resampled to (B, H, W): level i's map m becomes R_i @ m @ C_i.T,
+    with rows[i] = R_i (H, h_i) and `columns` the C_i (W, w_i) side by side, so that the sum over levels is
     one batched product. Upsampling and blur are separable and linear: `resampling_matrix` gives both."""
     lefts = [level_rows @ level_map for level_rows, level_map in zip(rows, level_maps, strict=True)]
     return torch.cat(lefts, dim=-1) @ columns.T / len(level_maps)
 
 
 def combine_maps(
-    level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None, size: int, blur_sigma: float
+    level_maps: Sequence[torch.Tensor],
+    position_map: torch.Tensor | None,
+    size: tuple[int, int],
+    blur_sigma: float,
 ) -> torch.Tensor:
-    """The anomaly maps (B, size, size) of level maps and, for hybrid maps, a position map, as
+    """The anomaly maps (B, height, width) at `size` of level maps and, for hybrid maps, a position map, as
     `gaussad.scorer.MapHead` combines them, for any levels and blur (tuning and ablations)."""
 
-    def matrix(cells: int, like: torch.Tensor) -> torch.Tensor:
-        return resampling_matrix(cells, size, blur_sigma, like.dtype, like.device)
+    def rows(m: torch.Tensor) -> torch.Tensor:
+        return resampling_matrix(m.shape[-2], size[0], blur_sigma, m.dtype, m.device)
 
-    rows = [matrix(m.shape[-2], m) for m in level_maps]
-    combined = combine_levels(level_maps, rows, torch.cat([matrix(m.shape[-1], m) for m in level_maps], -1))
+    def columns(m: torch.Tensor) -> torch.Tensor:
+        return resampling_matrix(m.shape[-1], size[1], blur_sigma, m.dtype, m.device)
+
+    combined = combine_levels(
+        level_maps, [rows(m) for m in level_maps], torch.cat([columns(m) for m in level_maps], -1)
+    )
     if position_map is None:
         return combined
-    position = position_map
-    return torch.sqrt(
-        combined
-        * combine_levels(
-            [position], [matrix(position.shape[-2], position)], matrix(position.shape[-1], position)
-        )
-    )
+    return torch.sqrt(combined * combine_levels([position_map], [rows(position_map)], columns(position_map)))
 
 
 @lru_cache(maxsize=64)

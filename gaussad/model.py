@@ -22,7 +22,15 @@ import torch
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
-from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, DEFAULTS, MODEL_OPTIONS, ModelConfig
+from gaussad.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WORKERS,
+    DEFAULTS,
+    MODEL_OPTIONS,
+    ImageSize,
+    ModelConfig,
+    size_pair,
+)
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
@@ -102,7 +110,7 @@ class GaussAD:
         reduction: Reduction = DEFAULTS.reduction,
         variance: float = DEFAULTS.variance,
         localization: str = DEFAULTS.localization,
-        image_size: int | None = DEFAULTS.image_size,
+        image_size: ImageSize | None = DEFAULTS.image_size,
         blur_sigma: float = DEFAULTS.blur_sigma,
         image_grid: int = DEFAULTS.image_grid,
         image_score: str = DEFAULTS.image_score,
@@ -159,7 +167,8 @@ class GaussAD:
         device = resolve_device(self.device)
         backbone = load_backbone(config.backbone, config.weights)
         levels, map_levels, position_levels = config.resolve_levels(backbone)
-        image_size = int(config.image_size or backbone.preprocessing.image_size)
+        image_size = config.image_size or backbone.preprocessing.image_size
+        input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
         config, fallback = _without_folds(config, n_folds)
         auto = "auto" in (config.image_score, config.localization)
@@ -177,7 +186,7 @@ class GaussAD:
         runner = BatchRunner(
             features,
             backbone.preprocessing,
-            image_size,
+            input_size,
             device,
             self.batch_size,
             self.workers,
@@ -273,7 +282,7 @@ class GaussAD:
                 map_fits = [job.result() for job in map_jobs]
                 position_fits = position_job.result() if position_job is not None else None
                 held_out = {name: job.result() for name, job in score_jobs.items()}
-            grids = features.grids(image_size)
+            grids = features.grids(input_size)
             state = FittedState(
                 backbone=BackboneInfo(
                     backbone.name, backbone.weights_source, backbone.weights_path, backbone.weights_sha256
@@ -432,7 +441,7 @@ class GaussAD:
         runner = BatchRunner(
             partial(self.scorer_, with_maps=with_maps),
             self.backbone_.preprocessing,
-            self.state_.image_size,
+            self.state_.input_size,
             self.device_,
             self.batch_size,
             self.workers,
@@ -485,8 +494,14 @@ class GaussAD:
         return self.state_.position_levels
 
     @property
-    def image_size_(self) -> int:
+    def image_size_(self) -> ImageSize:
+        """The input size as fitted: a square input's side, or (height, width)."""
         return self.state_.image_size
+
+    @property
+    def input_size_(self) -> tuple[int, int]:
+        """The model input's (height, width), square or not."""
+        return self.state_.input_size
 
     @property
     def n_train_(self) -> int:
@@ -593,7 +608,7 @@ class GaussAD:
             state.extracted_levels,
             config.precision,
         )
-        model.scorer_ = _build_scorer(features, state, features.grids(state.image_size), config).to(
+        model.scorer_ = _build_scorer(features, state, features.grids(state.input_size), config).to(
             model.device_
         )
         return model
@@ -662,7 +677,7 @@ def _candidate_maps(
     stacked: torch.Tensor | None,
     localizations: Sequence[str],
 ) -> dict[str, torch.Tensor]:
-    """Maps (B, S, S) per candidate localization from one set of level maps: "hybrid" mixes in the
+    """Maps (B, H, W) per candidate localization from one set of level maps: "hybrid" mixes in the
     position map, any other name (shared, per-position) is the level maps alone."""
     level_maps = head.level_maps(level_features)
     position_map = head.position_map(stacked) if stacked is not None and "hybrid" in localizations else None
@@ -836,7 +851,7 @@ def _map_head(
         [grids[level] for level in state.map_levels],
         position,
         _position_grid(state, grids),
-        state.image_size,
+        state.input_size,
         blur_sigma,
     )
 

@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from gaussad.calibration import Threshold
-from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from gaussad.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WORKERS,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    ImageSize,
+    size_pair,
+)
 from gaussad.decoding import ImageError, decoded_batches
 from gaussad.errors import GaussADError
 from gaussad.images import (
@@ -54,7 +61,7 @@ ON_ERRORS = ("stop", "skip")
 META_FORMAT = "gaussad.format"  # FORMAT
 META_FORMAT_VERSION = "gaussad.format_version"  # FORMAT_VERSION
 META_VERSION = "gaussad.version"  # the gaussad version that exported the file
-META_INPUT_SIZE = "gaussad.input_size"  # side of the square input, in pixels
+META_INPUT_SIZE = "gaussad.input_size"  # JSON: a square input's side ("224"), else [height, width] in pixels
 META_RESIZE = "gaussad.resize"  # RESIZE: how images become the input
 META_NORMALIZATION = "gaussad.normalization"  # JSON {"mean", "std", "formula"}, applied inside the graph
 META_IMAGE_THRESHOLD = "gaussad.image_threshold"  # JSON Threshold.as_dict() or null
@@ -137,19 +144,21 @@ def _resample_middle_axis(planes: np.ndarray, n_out: int) -> np.ndarray:
     return np.clip(total, 0, 255).astype(np.uint8)
 
 
-def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 squashed to (size, size, C) exactly as `gaussad.features.prepare` does it (PyTorch's
-    `F.interpolate(bilinear, antialias=True, align_corners=False)` on uint8): width first, then height, each
-    pass rounded to 8 bits, as PyTorch does."""
+def resize_pixels(pixels: np.ndarray, size: ImageSize) -> np.ndarray:
+    """(H, W, C) uint8 resized to `size`, a square side or (height, width), exactly as
+    `gaussad.features.prepare` does it (PyTorch's `F.interpolate(bilinear, antialias=True,
+    align_corners=False)` on uint8): width first, then height, each pass rounded to 8 bits, as PyTorch
+    does."""
     height, width = pixels.shape[:2]
-    if (height, width) == (size, size):
+    out_height, out_width = size_pair(size)
+    if (height, width) == (out_height, out_width):
         return pixels
     planes = np.ascontiguousarray(pixels.transpose(2, 1, 0))  # (C, W, H)
-    if width != size:
-        planes = _resample_middle_axis(planes, size)
-    planes = np.ascontiguousarray(planes.transpose(0, 2, 1))  # (C, H, size)
-    if height != size:
-        planes = _resample_middle_axis(planes, size)
+    if width != out_width:
+        planes = _resample_middle_axis(planes, out_width)
+    planes = np.ascontiguousarray(planes.transpose(0, 2, 1))  # (C, H, out_width)
+    if height != out_height:
+        planes = _resample_middle_axis(planes, out_height)
     return np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
@@ -222,9 +231,27 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _prepare(item: ImageInput, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image to 8-bit RGB (gaussad.images; refused over max_pixels) and squash it to the model
-    input."""
+def _input_size(text: str | None, path: Path) -> ImageSize:
+    """The file's input size: a square side ("224", as in every file before other inputs) or
+    "[height, width]"."""
+    try:
+        value = json.loads(text or "")
+    except json.JSONDecodeError:
+        value = None
+    sides = value if isinstance(value, list) and len(value) == 2 else [value]
+    if not all(_is_side(side) for side in sides):
+        raise GaussADError(f"{path}: malformed {META_INPUT_SIZE} metadata {text!r}")
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+
+
+def _is_side(value: object) -> bool:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    return whole and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+
+
+def _prepare(item: ImageInput, size: tuple[int, int], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image to 8-bit RGB (gaussad.images; refused over max_pixels) and resize it to the model
+    input (height, width)."""
     pixels = load_pixels(item, max_pixels)
     return resize_pixels(pixels, size), (int(pixels.shape[0]), int(pixels.shape[1]))
 
@@ -326,7 +353,8 @@ class OnnxModel:
                 f"(this gaussad reads version {FORMAT_VERSION}); export the model again"
             )
         self.metadata = metadata
-        self.image_size_ = int(metadata[META_INPUT_SIZE])
+        self.image_size_ = _input_size(metadata.get(META_INPUT_SIZE), path)  # as `GaussAD.image_size_`
+        self.input_size_ = size_pair(self.image_size_)  # (height, width)
         self.image_threshold_ = _threshold(metadata, META_IMAGE_THRESHOLD)
         self.pixel_threshold_ = _threshold(metadata, META_PIXEL_THRESHOLD)
         self.graph_batch_ = None if metadata[META_BATCH] == "dynamic" else int(metadata[META_BATCH])
@@ -355,7 +383,7 @@ class OnnxModel:
         return cls(ENGINES[engine](path, device, threads), path, batch_size, workers, on_error, max_pixels)
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs by name for (B, S, S, 3) uint8 pixels already resized (`resize_pixels`), for
+        """The graph's outputs by name for (B, H, W, 3) uint8 pixels already resized (`resize_pixels`), for
         callers that decode and batch images themselves; a fixed-batch graph runs in slices, the last one
         padded."""
         step = self.graph_batch_ or len(pixels)
@@ -374,7 +402,7 @@ class OnnxModel:
     def _decoded(self, items: Sequence[ImageInput]) -> Iterator[tuple[list[int], list, list[ImageError]]]:
         """Decoded, resized images in chunks of batch_size, decoded in threads ahead of the graph; an
         unreadable image stops the run or, with on_error="skip", is reported in the next chunk."""
-        decode = partial(_prepare, size=self.image_size_, max_pixels=self.max_pixels)
+        decode = partial(_prepare, size=self.input_size_, max_pixels=self.max_pixels)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             yield from decoded_batches(items, decode, self.batch_size, pool, self.on_error == "skip")
 

@@ -43,11 +43,12 @@ class LevelFeatures(nn.Module):
             outputs = self.backbone(batch, self.levels)
         return [output.float() for output in outputs]
 
-    def grids(self, image_size: int) -> dict[int, Grid]:
-        """Each level's feature grid (height, width) at a square input of `image_size`, from one probe."""
+    def grids(self, input_size: tuple[int, int]) -> dict[int, Grid]:
+        """Each level's feature grid (height, width) at an input of `input_size` (height, width), from one
+        probe."""
         device = next(self.backbone.parameters()).device
         with torch.inference_mode():
-            outputs = self.backbone(torch.zeros(1, 3, image_size, image_size, device=device), self.levels)
+            outputs = self.backbone(torch.zeros(1, 3, *input_size, device=device), self.levels)
         return {level: tuple(output.shape[-2:]) for level, output in zip(self.levels, outputs, strict=True)}
 
 
@@ -90,14 +91,14 @@ class ImageHead(nn.Module):
 
 
 class MapHead(nn.Module):
-    """Anomaly maps (B, S, S) at the model input size from positional features.
+    """Anomaly maps (B, H, W) at the model input size from positional features.
 
     The mean over map levels of each level's distance map, bilinearly upsampled and blurred; for hybrid
     maps, its geometric mean with the per-position Gaussian's map of the stacked position levels, upsampled
     and blurred the same way. The shared Gaussians know what a normal patch looks like anywhere, the
     per-position one what belongs where: a position scores high only where both find it unusual.
-    Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (S, h)
-    and one (S, w) matrix, and levels side by side make the sum over levels one batched product.
+    Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (H, h)
+    and one (W, w) matrix, and levels side by side make the sum over levels one batched product.
     """
 
     def __init__(
@@ -106,28 +107,28 @@ class MapHead(nn.Module):
         grids: Sequence[Grid],
         position_gaussian: Gaussian | None,
         position_grid: Grid | None,
-        image_size: int,
+        input_size: tuple[int, int],
         blur_sigma: float,
     ) -> None:
         super().__init__()
         self.n_levels = len(gaussians)
-        self.image_size = image_size
+        self.input_size = input_size
         self.hybrid = position_gaussian is not None
         self.position_grid = position_grid
 
-        def resampling(cells: int) -> torch.Tensor:
-            return resampling_matrix(
-                cells, image_size, blur_sigma, torch.float32, torch.device("cpu")
-            ).clone()
+        def resampling(cells: int, size: int) -> torch.Tensor:
+            return resampling_matrix(cells, size, blur_sigma, torch.float32, torch.device("cpu")).clone()
 
+        map_height, map_width = input_size
         for index, (gaussian, (height, _)) in enumerate(zip(gaussians, grids, strict=True)):
             _gaussian_buffers(self, f"level{index}", gaussian)
-            self.register_buffer(f"level{index}_rows", resampling(height))
-        self.register_buffer("columns", torch.cat([resampling(width) for _, width in grids], dim=-1))
+            self.register_buffer(f"level{index}_rows", resampling(height, map_height))
+        columns = [resampling(width, map_width) for _, width in grids]
+        self.register_buffer("columns", torch.cat(columns, dim=-1))
         if position_gaussian is not None and position_grid is not None:
             _gaussian_buffers(self, "position", position_gaussian)
-            self.register_buffer("position_rows", resampling(position_grid[0]))
-            self.register_buffer("position_columns", resampling(position_grid[1]))
+            self.register_buffer("position_rows", resampling(position_grid[0], map_height))
+            self.register_buffer("position_columns", resampling(position_grid[1], map_width))
 
     def level_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each map level's distance map (B, h, w) on its own grid."""
@@ -143,7 +144,7 @@ class MapHead(nn.Module):
         return level_distance_map(stacked, self.position_mean, self.position_whitening)
 
     def combine(self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None) -> torch.Tensor:
-        """The anomaly maps (B, S, S) from the level maps and, for hybrid maps, the position map."""
+        """The anomaly maps (B, H, W) from the level maps and, for hybrid maps, the position map."""
         rows = [getattr(self, f"level{i}_rows") for i in range(self.n_levels)]
         combined = combine_levels(level_maps, rows, self.columns)
         if position_map is None:
@@ -158,7 +159,7 @@ class MapHead(nn.Module):
 
 
 class Scorer(nn.Module):
-    """Normalized images (B, 3, S, S) -> image scores (B,) and anomaly maps (B, S, S) at the input size.
+    """Normalized images (B, 3, H, W) -> image scores (B,) and anomaly maps (B, H, W) at the input size.
 
     The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
     of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two summed, each divided
@@ -179,7 +180,7 @@ class Scorer(nn.Module):
     ) -> None:
         super().__init__()
         self.image_score = image_score
-        self.top_count = top_count(map_head.image_size**2)
+        self.top_count = top_count(map_head.input_size[0] * map_head.input_size[1])
         self.register_buffer("score_scales", torch.tensor(score_scales, dtype=torch.float32))
         self.features = features
         index = {level: i for i, level in enumerate(features.levels)}
@@ -216,7 +217,7 @@ def image_scores(
     scales: torch.Tensor | Sequence[float],
     count: int | None = None,
 ) -> torch.Tensor:
-    """Image scores (B,) of one kind from pooled scores (B,) and anomaly maps (B, S, S) (see `Scorer`);
+    """Image scores (B,) of one kind from pooled scores (B,) and anomaly maps (B, H, W) (see `Scorer`);
     `count` values make the map's top share."""
     if kind == "pooled":
         return pooled

@@ -48,7 +48,7 @@ def synthetic_sample(n_images: int, limit: int = MAX_SYNTHETIC_IMAGES) -> np.nda
 def localization_evidence(
     masks: np.ndarray, maps: dict[str, np.ndarray], kinds: Sequence[str]
 ) -> dict[str, dict[str, float]]:
-    """Per localization, pixel AUROC and AUPRO of its maps (N, S, S) on the synthetic masks (N, S, S),
+    """Per localization, pixel AUROC and AUPRO of its maps (N, H, W) on the synthetic masks (N, H, W),
     overall and per kind of defect."""
     kinds = np.asarray(kinds)
     evidence: dict[str, dict[str, float]] = {}

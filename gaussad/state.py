@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gaussad.calibration import Threshold
-from gaussad.config import IMAGE_SCORES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from gaussad.config import IMAGE_SCORES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ImageSize, size_pair
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
 
@@ -41,7 +41,7 @@ class FittedState:
     levels: tuple[int, ...]
     map_levels: tuple[int, ...]
     position_levels: tuple[int, ...]
-    image_size: int
+    image_size: ImageSize  # a square input's side, or (height, width)
     n_train: int
     image_gaussians: list[Gaussian]
     map_gaussians: list[Gaussian]
@@ -57,6 +57,11 @@ class FittedState:
     # which divide each before they are summed.
     score_scales: tuple[float, float] = (1.0, 1.0)
     selection: dict[str, Any] | None = None  # the evidence of auto options: each candidate's proxy metrics
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The model input's (height, width)."""
+        return size_pair(self.image_size)
 
     @property
     def extracted_levels(self) -> tuple[int, ...]:
@@ -105,7 +110,8 @@ class FittedState:
             "levels": list(self.levels),
             "map_levels": list(self.map_levels),
             "position_levels": list(self.position_levels),
-            "image_size": self.image_size,
+            # A square input's side, as models saved before other inputs: their files stay the same.
+            "image_size": self.image_size if isinstance(self.image_size, int) else list(self.image_size),
             "n_train": self.n_train,
             "image_score": self.image_score,
             "image_grid": self.image_grid,
@@ -146,7 +152,7 @@ class FittedState:
                 levels=levels,
                 map_levels=map_levels,
                 position_levels=position_levels,
-                image_size=_whole(metadata["image_size"], "image size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+                image_size=_image_size(metadata["image_size"]),
                 n_train=_whole(metadata["n_train"], "training images", 2),
                 image_gaussians=[gaussian(f"image.{level}") for level in levels],
                 map_gaussians=[gaussian(f"map.{level}") for level in map_levels],
@@ -186,6 +192,14 @@ def _whole(value: Any, what: str, low: int, high: int | None = None) -> int:
     if not _is_whole(value) or value < low or (high is not None and value > high):
         raise ValueError(f"{what} {value!r} out of range")
     return value
+
+
+def _image_size(value: Any) -> ImageSize:
+    """A saved input size: a square side, or [height, width] (equal sides become the side)."""
+    sides = value if isinstance(value, list) and len(value) == 2 else [value]
+    for side in sides:
+        _whole(side, "image size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 
 def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:

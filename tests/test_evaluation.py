@@ -53,7 +53,7 @@ def test_without_maps_kept_only_scores_and_thresholds_remain(category: Path, mon
         evaluation.pixel_threshold, Threshold
     )
     assert not any(isinstance(value, GaussAD) for value in vars(evaluation).values())
-    assert evaluation.model_info["levels (map)"] == [2, 3] and evaluation.model_info["input size"] == 64
+    assert evaluation.model_info["levels (map)"] == [2, 3] and evaluation.model_info["input size"] == "64 px"
     result = evaluation.result
     assert result.image_threshold == evaluation.image_threshold.value
     assert (result.n_train, result.n_test, result.image_auroc, result.miss_rate) == (16, 8, 1.0, 0.0)

@@ -40,13 +40,14 @@ def assert_same_predictions(runtime, expected, score_rtol: float = 1e-4, map_sha
 
 
 # --------------------------------------------------------------------------------------- resampling
-def test_the_input_resize_is_pytorchs_bit_for_bit_on_images_of_many_sizes() -> None:
+def test_the_input_resize_is_pytorchs_bit_for_bit_on_images_and_inputs_of_many_sizes() -> None:
     rng = np.random.default_rng(0)
     shapes = [(1, 1), (1, 300), (300, 1), (224, 224), (900, 900), (1200, 37), (63, 65), (196, 246)]
     shapes += [tuple(rng.integers(1, 1000, 2)) for _ in range(60)]
     for height, width in shapes:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        for size in (224, int(rng.integers(2, 400))):
+        sizes = (224, int(rng.integers(2, 400)), (320, 800), tuple(int(n) for n in rng.integers(2, 400, 2)))
+        for size in sizes:
             np.testing.assert_array_equal(
                 resize_pixels(pixels, size), prepare(pixels, size)[0], err_msg=f"{height}x{width} -> {size}"
             )

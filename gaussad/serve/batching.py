@@ -29,7 +29,7 @@ class Job:
     """One image waiting to be scored."""
 
     model: ServedModel
-    inputs: np.ndarray  # (S, S, 3) uint8, prepared for `model`
+    inputs: np.ndarray  # (h, w, 3) uint8, prepared for `model`
     with_maps: bool
     done: asyncio.Future = field(repr=False)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -41,7 +41,7 @@ class Scored:
 
     model: ServedModel
     score: float
-    anomaly_map: np.ndarray | None  # (S, S) float32 when maps were asked for
+    anomaly_map: np.ndarray | None  # (h, w) float32 when maps were asked for
 
 
 BatchObserver = Callable[[str, int, list[float]], None]  # (model name, batch size, queue seconds)

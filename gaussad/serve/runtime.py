@@ -1,6 +1,6 @@
 """The model behind a served name, behind one small interface so that another runtime can plug in.
 
-`ServedModel` is what the service asks of a model: squash decoded pixels to its input, score a batch of
+`ServedModel` is what the service asks of a model: resize decoded pixels to its input, score a batch of
 inputs, resize a map to an image's size, and describe itself. `load_served_model` picks the runtime by the
 path it is given:
 
@@ -54,13 +54,13 @@ class ServedModel(Protocol):
     held_out_scores: np.ndarray  # normal scores kept at fit time: drift's reference (empty where unknown)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 pixels -> the model input (S, S, 3) uint8."""
+        """(H, W, 3) uint8 pixels -> the model input (h, w, 3) uint8."""
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, S, S, 3) inputs -> float64 scores (B,) and, with maps, float32 maps (B, S, S)."""
+        """(B, h, w, 3) inputs -> float64 scores (B,) and, with maps, float32 maps (B, h, w)."""
 
     def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A map (S, S) at an image's (height, width), as prediction resizes it."""
+        """A map (h, w) at an image's (height, width), as prediction resizes it."""
 
     def describe(self) -> dict[str, Any]:
         """Metadata for clients: input size, preprocessing, thresholds, training set, backbone, config."""
@@ -88,7 +88,7 @@ class ExportedModel:
         self.held_out_scores = np.empty(0)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return resize_pixels(pixels, self.model.image_size_)
+        return resize_pixels(pixels, self.model.input_size_)
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.model.run(inputs)
@@ -101,7 +101,7 @@ class ExportedModel:
         metadata = self.model.metadata
         normalization = json.loads(metadata[META_NORMALIZATION])
         return describe_input(
-            self.model.image_size_,
+            self.model.input_size_,
             normalization["mean"],
             normalization["std"],
             self.image_threshold,
@@ -121,7 +121,7 @@ class ExportedModel:
 
 
 def describe_input(
-    size: int,
+    size: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
     image_threshold: Threshold,
@@ -129,10 +129,11 @@ def describe_input(
 ) -> dict[str, Any]:
     """What every runtime's `describe()` starts with: the input, its preprocessing and the thresholds."""
     return {
-        "input_size": [size, size],
+        "input_size": list(size),  # [height, width]
         "preprocessing": {
             "color": "8-bit RGB; grayscale, 16-bit, palette, alpha, CMYK and EXIF orientation handled",
-            "resize": "squashed to the square input, bilinear with antialiasing",
+            "resize": "to input_size (height, width) whatever the image's aspect ratio, bilinear with "
+            "antialiasing",
             "mean": list(mean),
             "std": list(std),
         },

@@ -42,7 +42,7 @@ RETRY_AFTER_SECONDS = 1
 class Prepared:
     """A decoded image, ready for its model's batch."""
 
-    inputs: np.ndarray  # (S, S, 3) uint8
+    inputs: np.ndarray  # (h, w, 3) uint8: the model input
     size: tuple[int, int]  # (height, width) as decoded
     sha256: str
 

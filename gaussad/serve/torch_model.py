@@ -36,11 +36,11 @@ class TorchModel:
         self.pixel_threshold = self.model.pixel_threshold_
         self.held_out_scores = np.asarray(self.model.held_out_scores_, dtype=np.float64)
         self._input = BatchRunner(
-            self.model.scorer_, self.model.backbone_.preprocessing, self.model.image_size_, self.model.device_
+            self.model.scorer_, self.model.backbone_.preprocessing, self.model.input_size_, self.model.device_
         )
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return prepare(pixels, self.model.image_size_)[0]
+        return prepare(pixels, self.model.input_size_)[0]
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
@@ -54,7 +54,7 @@ class TorchModel:
         model, state = self.model, self.model.state_
         preprocessing = model.backbone_.preprocessing
         return describe_input(
-            model.image_size_,
+            model.input_size_,
             preprocessing.mean,
             preprocessing.std,
             self.image_threshold,
