@@ -24,6 +24,9 @@ from gaussad.synthetic import KINDS
 
 PROXY = "synthetic defects (patch, blend) pasted into held-out good images, scored by the fold models"
 MAX_SYNTHETIC_IMAGES = 128  # enough to rank candidates; bounds the extra backbone pass of a fit
+# The localization proxy reads every 4th row and column of the maps: they are blurred and upsampled from
+# grids of 28 cells or fewer at 224 px, and the sort behind AUPRO takes 16 times less (7 s -> 0.5 s).
+PROXY_STRIDE = 4
 # How much better a localization's proxy must be to displace an earlier one.
 MARGIN = 0.002
 BOOTSTRAP_RESAMPLES = 400
@@ -51,8 +54,10 @@ def localization_evidence(
     """Per localization, pixel AUROC and AUPRO of its maps (N, H, W) on the synthetic masks (N, H, W),
     overall and per kind of defect."""
     kinds = np.asarray(kinds)
+    masks = masks[:, ::PROXY_STRIDE, ::PROXY_STRIDE]
     evidence: dict[str, dict[str, float]] = {}
     for name, values in maps.items():
+        values = values[:, ::PROXY_STRIDE, ::PROXY_STRIDE]
         auroc, pro = pixel_metrics(masks, values)
         evidence[name] = {"pixel_auroc": auroc, "aupro": pro, "proxy": auroc + pro}
         for kind in KINDS:
