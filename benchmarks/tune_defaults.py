@@ -30,9 +30,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pooled, shared": {"image_score": "pooled", "localization": "shared"},
     "map, hybrid": {"image_score": "map", "localization": "hybrid"},
     "map, shared": {"image_score": "map", "localization": "shared"},
-    "combined, hybrid": {"image_score": "combined", "localization": "hybrid"},
     "combined, shared": {"image_score": "combined", "localization": "shared"},
     "paper: levels 3-7, grid 1, shared": {
+        "image_score": "pooled",
         "levels": (3, 4, 5, 6, 7),
         "image_grid": 1,
         "localization": "shared",
