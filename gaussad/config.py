@@ -174,14 +174,25 @@ def _levels(name: str, value: Sequence[int] | None) -> tuple[int, ...] | None:
 def _image_size(value: Any) -> ImageSize:
     """A square side as an int, (height, width) as a tuple; a pair of equal sides becomes the side, so that
     a square input is stated one way only."""
-    pair = isinstance(value, (tuple, list)) and len(value) == 2
-    sides = list(value) if pair else [value]
-    if not all(_is_whole(side) and MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE for side in sides):
+    size = checked_image_size(value)
+    if size is None:
+        pair = isinstance(value, (tuple, list)) and len(value) == 2
         shown = "x".join(map(str, value)) if pair else repr(value)
         raise GaussADError(
             f"--image-size {shown}: expected a side such as 448 or height x width such as 320x800, "
             f"each from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
         )
+    return size
+
+
+def checked_image_size(value: Any) -> ImageSize | None:
+    """An input size as given (a side, or a height-width pair as tuple or list) in its one form: the side
+    for a square, else (height, width); None if it is not whole sides within the limits. The options, the
+    model files and the exported files all read sizes through it."""
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    sides = list(value) if pair else [value]
+    if not all(_is_whole(side) and MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE for side in sides):
+        return None
     return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 

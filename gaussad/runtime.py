@@ -33,9 +33,8 @@ from gaussad.calibration import Threshold
 from gaussad.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_WORKERS,
-    MAX_IMAGE_SIZE,
-    MIN_IMAGE_SIZE,
     ImageSize,
+    checked_image_size,
     size_pair,
 )
 from gaussad.decoding import ImageError, decoded_batches
@@ -235,18 +234,12 @@ def _input_size(text: str | None, path: Path) -> ImageSize:
     """The file's input size: a square side ("224", as in every file before other inputs) or
     "[height, width]"."""
     try:
-        value = json.loads(text or "")
+        size = checked_image_size(json.loads(text or ""))
     except json.JSONDecodeError:
-        value = None
-    sides = value if isinstance(value, list) and len(value) == 2 else [value]
-    if not all(_is_side(side) for side in sides):
+        size = None
+    if size is None:
         raise GaussADError(f"{path}: malformed {META_INPUT_SIZE} metadata {text!r}")
-    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
-
-
-def _is_side(value: object) -> bool:
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    return whole and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+    return size
 
 
 def _prepare(item: ImageInput, size: tuple[int, int], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gaussad.calibration import Threshold
-from gaussad.config import IMAGE_SCORES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ImageSize, size_pair
+from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, size_pair
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
 
@@ -196,10 +196,10 @@ def _whole(value: Any, what: str, low: int, high: int | None = None) -> int:
 
 def _image_size(value: Any) -> ImageSize:
     """A saved input size: a square side, or [height, width] (equal sides become the side)."""
-    sides = value if isinstance(value, list) and len(value) == 2 else [value]
-    for side in sides:
-        _whole(side, "image size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+    size = checked_image_size(value)
+    if size is None:
+        raise ValueError(f"image size {value!r} out of range")
+    return size
 
 
 def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
