@@ -465,9 +465,9 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
     print(f"input: {describe_size(model.image_size_)}; trained on {model.n_train_} images")
     state = model.state_
-    localization = config.localization
-    if localization == "auto":
-        localization = f"auto, chose {'hybrid' if state.position_levels else 'shared'}"
+    localization = state.localization
+    if config.localization == "auto":
+        localization = f"auto, chose {localization}"
     print(
         f"reduction: {config.reduction} {config.variance}; localization: {localization}; "
         f"blur sigma: {config.blur_sigma}"

@@ -302,9 +302,7 @@ def model_info(model: GaussAD) -> dict:
         "levels (map)": list(model.map_levels_),
         "levels (position)": list(model.position_levels_),
         "image score": model.state_.image_score,
-        "localization": "hybrid"
-        if model.position_levels_
-        else ("per-position" if model.localization == "per-position" else "shared"),
+        "localization": model.state_.localization,
         "components per level": {
             f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
         },

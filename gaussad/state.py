@@ -64,6 +64,13 @@ class FittedState:
         return size_pair(self.image_size)
 
     @property
+    def localization(self) -> str:
+        """The maps as fitted, after any auto choice: "hybrid", "shared" or "per-position"."""
+        if self.position_gaussian is not None:
+            return "hybrid"
+        return "per-position" if self.map_gaussians[0].whitening.ndim == 3 else "shared"
+
+    @property
     def extracted_levels(self) -> tuple[int, ...]:
         """Every level the backbone produces for this model: image, map and position levels."""
         return tuple(sorted({*self.levels, *self.map_levels, *self.position_levels}))
