@@ -36,7 +36,7 @@ from gaussad.features import BatchRunner, ImageError, pool_features, resolve_dev
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
-from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer
+from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer, combined_scores
 from gaussad.scratch import scratch_folder
 from gaussad.selection import (
     PROXY,
@@ -197,9 +197,8 @@ class GaussAD:
         fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
         pooled = {name: {level: [] for level in lvs} for name, (lvs, _) in pooled_sets.items()}
         sampled = set(synthetic_sample(len(items)).tolist()) if auto else set()
-        samples: list[
-            tuple[int, np.ndarray]
-        ] = []  # (fold, model input) of images that get a synthetic defect
+        # (fold, model input) of the training images that get a synthetic defect
+        samples: list[tuple[int, np.ndarray]] = []
         kept: list[int] = []
         skipped: list[ImageError] = []
         # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
@@ -299,11 +298,7 @@ class GaussAD:
                 image_score=config.image_score,
                 image_grid=config.image_grid,
             )
-            localizations = (
-                ["hybrid", "shared"]
-                if config.localization == "auto"
-                else [config.localization if position_levels else "shared"]
-            )
+            localizations = ["hybrid", "shared"] if config.localization == "auto" else [config.localization]
             synthetic = _synthetic_defects(samples, runner, features) if auto else None
             folded = self._fold_results(
                 state,
@@ -744,13 +739,13 @@ def _finish_state(
             Candidate(name, held_out[name][0], joined(folded.synthetic_pooled[name])) for name in pooled_sets
         ]
         pooled_normal, pooled_synthetic = held_out["pooled"][0], joined(folded.synthetic_pooled["pooled"])
-        scales = (float(np.median(pooled_normal)), float(np.median(normal_tops)))
+        scales = _score_scales(pooled_normal, normal_tops)
         candidates += [
             Candidate("map", normal_tops, tops),
             Candidate(
                 "combined",
-                pooled_normal / scales[0] + normal_tops / scales[1],
-                pooled_synthetic / scales[0] + tops / scales[1],
+                combined_scores(pooled_normal, normal_tops, scales),
+                combined_scores(pooled_synthetic, tops, scales),
             ),
         ]
         order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
@@ -770,13 +765,11 @@ def _finish_state(
     levels, grid = pooled_sets[pooled_name]
     pooled_normal = held_out[pooled_name][0]
     kind = "pooled" if image_choice == "global" else image_choice
-    scales = (
-        (float(np.median(pooled_normal)), float(np.median(maps.tops))) if kind == "combined" else (1.0, 1.0)
-    )
+    scales = _score_scales(pooled_normal, maps.tops) if kind == "combined" else (1.0, 1.0)
     normal_scores = {
         "pooled": pooled_normal,
         "map": maps.tops,
-        "combined": pooled_normal / scales[0] + maps.tops / scales[1],
+        "combined": combined_scores(pooled_normal, maps.tops, scales),
     }[kind]
     hybrid = localization == "hybrid"
     return replace(
@@ -793,6 +786,11 @@ def _finish_state(
         held_out_map_medians=maps.medians,
         selection=selection,
     )
+
+
+def _score_scales(pooled: np.ndarray, tops: np.ndarray) -> tuple[float, float]:
+    """The combined score's scales: the typical normal (held-out median) pooled score and map top share."""
+    return float(np.median(pooled)), float(np.median(tops))
 
 
 def _held_out_scores(

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ from gaussad.gaussian import Gaussian, component_distance
 from gaussad.maps import combine_levels, level_distance_map, resampling_matrix, top_count, top_share_mean
 
 Grid = tuple[int, int]
+Score = TypeVar("Score", torch.Tensor, np.ndarray)
 
 
 class LevelFeatures(nn.Module):
@@ -223,4 +226,10 @@ def image_scores(
         return pooled
     if kind == "map":
         return top_share_mean(maps, count)
-    return pooled / scales[0] + top_share_mean(maps, count) / scales[1]
+    return combined_scores(pooled, top_share_mean(maps, count), scales)
+
+
+def combined_scores(pooled: Score, tops: Score, scales: torch.Tensor | Sequence[float]) -> Score:
+    """The combined image score from pooled scores and the maps' top-share means (tensors or arrays):
+    each divided by its typical normal value, then summed."""
+    return pooled / scales[0] + tops / scales[1]
