@@ -441,17 +441,14 @@ def describe_thresholds(model: GaussAD) -> str:
 
 def describe_selection(selection: dict) -> str:
     """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
+    from gaussad.selection import candidate_rows
+
     if "fallback" in selection:
         return f"auto options: {selection['fallback']}"
     lines = [f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"]
-    for option in ("localization", "image_score"):
-        part = selection.get(option) or {}
-        for name, metrics in (part.get("candidates") or {}).items():
-            mark = "*" if name == part.get("chosen") else " "
-            values = ", ".join(
-                f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)
-            )
-            lines.append(f"  {mark} {option.replace('_', ' ')} {name}: {values}")
+    for option, name, metrics, chosen in candidate_rows(selection):
+        values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
+        lines.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
     return "\n".join(lines)
 
 

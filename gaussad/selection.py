@@ -12,7 +12,7 @@ on real defects. Everything here is numbers in, numbers out: the models live in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +121,18 @@ def choose(evidence: dict[str, dict[str, float]]) -> str:
     return best
 
 
+OPTIONS = ("localization", "image_score")  # the auto options, as the evidence names them
+
+
+def candidate_rows(selection: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], bool]]:
+    """(option, candidate, its proxy metrics, whether chosen) for every candidate of the saved evidence,
+    read defensively: a model file's evidence is shown, never trusted to be well formed."""
+    for option in OPTIONS:
+        part = selection.get(option) or {}
+        for name, metrics in (part.get("candidates") or {}).items():
+            yield option, name, metrics if isinstance(metrics, dict) else {}, name == part.get("chosen")
+
+
 def summary(selection: dict[str, Any] | None) -> dict[str, str]:
     """One line per auto option for reports: each candidate's proxy, the chosen one starred; or why
     there was no choice."""
@@ -128,15 +140,10 @@ def summary(selection: dict[str, Any] | None) -> dict[str, str]:
         return {}
     if "fallback" in selection:
         return {"auto options": str(selection["fallback"])}
-    lines = {}
-    for option in ("localization", "image_score"):
-        part = selection.get(option) or {}
-        proxies = [
-            f"{name}{'*' if name == part.get('chosen') else ''} {row.get('proxy', float('nan')):.4f}"
-            for name, row in (part.get("candidates") or {}).items()
-        ]
-        lines[f"auto {option.replace('_', ' ')} (proxy)"] = ", ".join(proxies)
-    return lines
+    proxies: dict[str, list[str]] = {option: [] for option in OPTIONS}
+    for option, name, metrics, chosen in candidate_rows(selection):
+        proxies[option].append(f"{name}{'*' if chosen else ''} {metrics.get('proxy', float('nan')):.4f}")
+    return {f"auto {option.replace('_', ' ')} (proxy)": ", ".join(rows) for option, rows in proxies.items()}
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
