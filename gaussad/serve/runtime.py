@@ -79,12 +79,9 @@ class ExportedModel:
         self.sha256, self.model = read_consistent(
             path, readable_sha256, lambda: OnnxModel.load(path, device=device)
         )
-        if self.model.image_threshold_ is None:
-            raise GaussADError(
-                f"{path}: the model has no image threshold; set one with `gaussad calibrate` and export again"
-            )
-        self.image_threshold: Threshold = self.model.image_threshold_
-        self.pixel_threshold = self.model.pixel_threshold_
+        self.image_threshold, self.pixel_threshold = decision_thresholds(
+            path, self.model, "set one with `gaussad calibrate` and export again"
+        )
         self.held_out_scores = np.empty(0)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
@@ -142,6 +139,14 @@ def describe_input(
             "pixel": pixel_threshold.as_dict() if pixel_threshold else None,
         },
     }
+
+
+def decision_thresholds(path: Path, model: Any, remedy: str) -> tuple[Threshold, Threshold | None]:
+    """A loaded model's image and pixel thresholds: a model without an image threshold cannot decide, and
+    is refused naming `path` and the `remedy`."""
+    if model.image_threshold_ is None:
+        raise GaussADError(f"{path}: the model has no image threshold; {remedy}")
+    return model.image_threshold_, model.pixel_threshold_
 
 
 def readable_sha256(path: Path) -> str:

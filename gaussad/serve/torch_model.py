@@ -9,13 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gaussad.calibration import Threshold
-from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, prepare
 from gaussad.maps import resize_map
 from gaussad.model import GaussAD
 from gaussad.persistence import model_sha256
-from gaussad.serve.runtime import describe_input, read_consistent
+from gaussad.serve.runtime import decision_thresholds, describe_input, read_consistent
 
 
 class TorchModel:
@@ -30,10 +28,9 @@ class TorchModel:
         self.sha256, self.model = read_consistent(
             path, model_sha256, lambda: GaussAD.load(path, device=device)
         )
-        if self.model.image_threshold_ is None:
-            raise GaussADError(f"{path}: the model has no image threshold; set one with `gaussad calibrate`")
-        self.image_threshold: Threshold = self.model.image_threshold_
-        self.pixel_threshold = self.model.pixel_threshold_
+        self.image_threshold, self.pixel_threshold = decision_thresholds(
+            path, self.model, "set one with `gaussad calibrate`"
+        )
         self.held_out_scores = np.asarray(self.model.held_out_scores_, dtype=np.float64)
         self._input = BatchRunner(
             self.model.scorer_, self.model.backbone_.preprocessing, self.model.input_size_, self.model.device_
