@@ -1,6 +1,7 @@
-"""Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, and
-PyTorch's thread count for one test."""
+"""Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, PyTorch's
+thread count for one test, and a local Ray cluster."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,19 @@ def torch_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local two-CPU Ray cluster, started once for the engine's tests and stopped after the last of them;
+    they skip, with the reason, only where Ray cannot start here."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        pytest.skip(f"a local Ray cluster did not start: {error}")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,47 @@
+"""Where the Ray engine runs: an existing cluster at an address, or a local one started for one run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gaussad.errors import GaussADError
+
+INSTALL_HINT = "pip install 'gaussad[cluster]'"
+
+
+def import_ray():
+    """Ray, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise GaussADError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connected to Ray while inside: to the cluster at `address` ("auto": the one this machine belongs
+    to), or else to a local one with `num_cpus` CPUs (default: all) that is stopped on the way out. Where
+    the caller is already connected, that connection is used and left open."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield
+        return
+    # Nothing is sent anywhere: a production line's machines are often offline.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    options = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=num_cpus, **options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GaussADError(f"cannot connect to {where}: {reason}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
