@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments, is_identity
+from gaussad.moments import Moments
 
 _READ_CHUNK_VALUES = 1 << 20  # float32 values per read of the spill file (4 MiB)
 # The fourth-moment pass reads fewer images at a time: its float64 products (rows x projected widths) then
@@ -41,58 +42,44 @@ class _Case(NamedTuple):
 
 
 class LevelAccumulator:
-    """Moments of one level's positional features, shared over positions or per position.
+    """A level's `Moments` and its spilled features: what one level's Gaussians are finished from.
 
     `add` takes feature maps (B, C, H, W); `finish` returns the level's Gaussian: a mean (C,) and whitening
     (C, d) when shared, a mean (H*W, C) and whitening (H*W, C, d) per position. Moments are kept per fold
     of the training images, so that `finish(exclude_fold=f)` gives the Gaussian of all other folds: what
-    label-free calibration needs, without another pass of the backbone.
+    label-free calibration needs, without another pass of the backbone. Moments accumulated elsewhere (a
+    shard of the images on another worker) join with `add_moments`, their features with `spill_values`.
     """
 
     def __init__(self, spill_path: Path, per_position: bool, n_folds: int = 1) -> None:
         self.spill_path = spill_path
         self.per_position = per_position
         self.n_folds = n_folds
-        self.folds: list[int] = []  # the fold of every image added, in order
-        self.grid: tuple[int, int] | None = None
-        self._shift: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None  # per fold: (folds, [P,] C)
-        self._outer: torch.Tensor | None = None  # per fold, summed over positions: (folds, C, C)
-        # Per position, all folds together (P, C, C): 36 MB on the tiles, where one per fold would be five
-        # times that. A fold's own is rebuilt from the spill when its case needs it.
-        self._position_outer: torch.Tensor | None = None
+        self.moments = Moments(per_position, n_folds)
+
+    @property
+    def folds(self) -> list[int]:
+        return self.moments.folds
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        return self.moments.grid
 
     def add(self, features: torch.Tensor, folds: Sequence[int] | None = None) -> None:
         """Accumulate a batch of feature maps (B, C, H, W); `folds` gives each image's fold (default 0)."""
-        batch, channels, height, width = features.shape
-        folds = [0] * batch if folds is None else list(folds)
-        if self.grid is None:
-            self.grid = (height, width)
-        elif self.grid != (height, width):
-            raise ValueError(f"feature grid changed from {self.grid} to {(height, width)} within one fit")
-        values = features.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).reshape(batch, -1, channels)
+        values = positional_values(features)
+        folds = [0] * len(values) if folds is None else list(folds)
+        self.spill_values(values)
+        self.moments.add(values, features.shape[-2:], folds)
+
+    def spill_values(self, values: torch.Tensor) -> None:
+        """Append float32 values (b, P, C) to the spill, in the order their images were added."""
         with self.spill_path.open("ab") as spill:
             values.numpy().tofile(spill)
-        wide = values.to(torch.float64)
-        if self._shift is None:
-            # Moments about a point near the mean: no cancellation when the mean is large against the spread.
-            self._shift = wide.mean(dim=(0, 1))
-            positions = (wide.shape[1],) if self.per_position else ()
-            self._sum = torch.zeros((self.n_folds, *positions, channels), dtype=torch.float64)
-            self._outer = torch.zeros((self.n_folds, channels, channels), dtype=torch.float64)
-            if self.per_position:
-                self._position_outer = torch.zeros((*positions, channels, channels), dtype=torch.float64)
-        shifted = wide - self._shift
-        if self.per_position:
-            # In place: the sums are (P, C, C), and a temporary would triple the memory traffic.
-            _add_position_outer(self._position_outer, shifted)
-        fold_index = torch.tensor(folds)
-        for fold in fold_index.unique().tolist():
-            members = shifted[fold_index == fold]
-            self._sum[fold] += members.sum(dim=0) if self.per_position else members.sum(dim=(0, 1))
-            flat = members.reshape(-1, channels)
-            self._outer[fold].addmm_(flat.T, flat)
-        self.folds += folds
+
+    def add_moments(self, moments: Moments) -> None:
+        """Merge the moments of the images that follow, accumulated elsewhere (their values spilled apart)."""
+        self.moments.merge(moments)
 
     def finish(self, reduction: Reduction, variance: float, exclude_fold: int | None = None) -> Gaussian:
         """The Gaussian of all images (or all outside one fold): moments plus one read of the spill."""
@@ -112,7 +99,7 @@ class LevelAccumulator:
         sums as they are used: the accumulator then serves only `read_fold`. `fold_dtype` stores the fold
         models (which only score held-out images, in float32) in that precision; they are fitted in float64
         all the same."""
-        if self._sum is None or self._outer is None or self._shift is None or self.grid is None:
+        if self.moments.shift is None:
             raise ValueError("no features were accumulated")
         cases = [self._case(reduction, variance, exclude) for exclude in exclude_folds]
         quartics = self._quartic_sums(
@@ -139,7 +126,7 @@ class LevelAccumulator:
             del covariance
             gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)
         if release:
-            self._sum = self._outer = self._position_outer = None
+            self.moments.release()
         return gaussians
 
     def _case(self, reduction: Reduction, variance: float, exclude_fold: int | None) -> _Case:
@@ -150,15 +137,15 @@ class LevelAccumulator:
             raise ValueError("fewer than 2 images outside the held-out fold")
         positions = self.grid[0] * self.grid[1]
         n_values = n_images * positions  # feature vectors, over all positions
-        total = self._sum[keep].sum(dim=0).numpy()
+        total = self.moments.sums[keep].sum(dim=0).numpy()
         shared_mean = (total.sum(axis=0) if self.per_position else total) / n_values
-        shared_outer = self._outer[keep].sum(dim=0).numpy() / n_values
+        shared_outer = self.moments.outer[keep].sum(dim=0).numpy() / n_values
         shared_covariance = shared_outer - np.outer(shared_mean, shared_mean)
         projection = fit_projection(shared_covariance, reduction, variance)
         scale = float(np.trace(projection.T @ shared_covariance @ projection)) / projection.shape[1]
         # Per position, each position's mean from the images: n_images samples; shared, all vectors.
         count, shifted_mean = (n_images, total / n_images) if self.per_position else (n_values, shared_mean)
-        mean = self._shift.numpy() + shifted_mean
+        mean = self.moments.shift.numpy() + shifted_mean
         return _Case(exclude_fold, count, mean, shifted_mean, projection, scale, shared_covariance)
 
     def _position_covariance(self, case: _Case, release: bool) -> np.ndarray:
@@ -173,15 +160,15 @@ class LevelAccumulator:
             fold = torch.from_numpy(np.concatenate(list(self._fold_chunks(case.exclude_fold))))  # (n, P, C)
             rows = torch.empty((fold.shape[1], len(fold) + 1, fold.shape[2]), dtype=torch.float64)
             rows[:, :-1] = fold.transpose(0, 1)  # converted to float64 as copied
-            rows[:, :-1].sub_(self._shift).mul_(1 / math.sqrt(case.count))
+            rows[:, :-1].sub_(self.moments.shift).mul_(1 / math.sqrt(case.count))
             rows[:, -1] = mean
         if case.exclude_fold is None and release:
-            covariance = self._position_outer.baddbmm_(
+            covariance = self.moments.position_outer.baddbmm_(
                 rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
             )
         else:
             covariance = torch.baddbmm(
-                self._position_outer, rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
+                self.moments.position_outer, rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
             )
         return covariance.numpy()
 
@@ -193,7 +180,7 @@ class LevelAccumulator:
         them, not from its beginning."""
         stop = len(self.folds) if stop is None else stop
         positions = self.grid[0] * self.grid[1]
-        per_image = int(self._shift.numel()) * positions
+        per_image = int(self.moments.shift.numel()) * positions
         images_per_chunk = images_per_chunk or max(1, _READ_CHUNK_VALUES // per_image)
         with self.spill_path.open("rb") as spill:
             spill.seek(start * per_image * np.dtype(np.float32).itemsize)
@@ -265,7 +252,8 @@ class LevelAccumulator:
         return stacked.permute(0, 2, 1).reshape(len(stacked), -1, *self.grid)
 
 
-def _add_position_outer(outer: torch.Tensor, shifted: torch.Tensor) -> None:
-    """Add each position's outer products of (b, P, C) feature vectors to `outer` (P, C, C), in place."""
-    positions = shifted.transpose(0, 1)  # (P, b, C)
-    outer.baddbmm_(positions.transpose(1, 2), positions)
+def positional_values(features: torch.Tensor) -> torch.Tensor:
+    """Feature maps (B, C, H, W) as float32 feature vectors (B, H*W, C) on the CPU: moments' and spill's
+    layout."""
+    batch, channels = features.shape[:2]
+    return features.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).reshape(batch, -1, channels)

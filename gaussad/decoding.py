@@ -32,17 +32,20 @@ def decoded_batches(
     pool: ThreadPoolExecutor,
     skip_errors: bool,
 ) -> Iterator[tuple[list[int], list[Decoded], list[ImageError]]]:
-    """(positions, decoded images, images skipped since the previous batch) in input order, up to
-    `batch_size` images a batch; `decode` runs in `pool` at most two batches ahead, so decoded images never
-    pile up in memory. A last batch may hold only errors. Without `skip_errors` an unreadable image's
-    `GaussADError` ends the run."""
+    """(positions, decoded images, images skipped in it) in input order, one batch per `batch_size`
+    consecutive inputs: a batch holds inputs k * batch_size up to (k + 1) * batch_size - 1 whatever else is
+    read, so that runs over shards of the inputs see the same batches (PyTorch's results can depend on a
+    batch's size). `decode` runs in `pool` at most two batches ahead, so decoded images never pile up in
+    memory. A batch may hold only errors. Without `skip_errors` an unreadable image's `GaussADError` ends
+    the run."""
     lookahead = 2 * batch_size
     pending: deque[Future] = deque()
     queued = taken = 0
     try:
         while taken < len(items):
             chunk, indices, errors = [], [], []
-            while len(chunk) < batch_size and taken < len(items):
+            end = min(taken + batch_size, len(items))
+            while taken < end:
                 while queued < len(items) and queued < taken + lookahead:
                     pending.append(pool.submit(decode, items[queued]))
                     queued += 1

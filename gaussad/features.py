@@ -43,8 +43,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 @dataclass
 class Batch(Generic[Output]):
     """The model's output for images in input order, with each image's original size. `indices` are the
-    images' positions among the inputs; `errors` the images skipped since the previous batch (a last batch
-    may hold only errors: then `outputs` is None)."""
+    images' positions among the inputs; `errors` the images of the batch that were skipped (a batch may
+    hold only errors: then `outputs` is None)."""
 
     indices: list[int]
     outputs: Output | None
@@ -175,6 +175,7 @@ class BatchRunner:
         keep_pixels: bool = False,
     ) -> Iterator[Batch[Output]]:
         """Model outputs batch by batch in input order; the next batch's images decode while the model runs.
+        A batch whose images were all skipped has no outputs (None).
 
         An unreadable image stops the run with its `GaussADError`, or with `skip_errors` is left out and
         reported in the next batch's `errors`. Under `gaussad.cpu_tuning()` the CPU forward pass holds the
@@ -192,7 +193,8 @@ class BatchRunner:
             for indices, chunk, errors in decoded_batches(items, decode, self.batch_size, pool, skip_errors):
                 if not chunk:
                     yield Batch(indices, None, [], errors)
-                    break
+                    bar.update(len(errors))
+                    continue
                 main_start = time.thread_time()
                 inputs = np.stack([pixels for pixels, _, _ in chunk])
                 outputs = self._run(inputs)

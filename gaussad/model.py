@@ -33,6 +33,7 @@ from gaussad.config import (
 )
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
+from gaussad.fitpass import Extractor, FitPlan, run_pass
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
@@ -54,6 +55,9 @@ from gaussad.tuning import one_blas_thread
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
+ENGINES = ("local", "ray")
+# Where the fit runs (run-time settings that only `fit` reads).
+ENGINE_OPTIONS = ("engine", "address", "actors")
 ON_ERRORS = ("stop", "skip")
 # Image-score candidates of `auto` in the order they are weighed: a later one must beat the best so far
 # beyond the proxy's noise. The combination first: across the development data it never loses much, where
@@ -82,7 +86,7 @@ class PredictionBatch:
     sizes: list[tuple[int, int]]  # each image's own (height, width), as decoded
     scores: np.ndarray  # float64
     maps: list[np.ndarray]  # float32, at the requested size or the image's own; empty without maps
-    errors: list[ImageError]  # images skipped since the previous batch (on_error="skip")
+    errors: list[ImageError]  # images of the batch that were skipped (on_error="skip")
 
     @property
     def start(self) -> int:
@@ -94,10 +98,11 @@ class GaussAD:
     """Anomaly detector fitted on defect-free images.
 
     Model parameters are the fields of `ModelConfig` (defaults and allowed values there), stored as given
-    (scikit-learn convention); device, batch_size, workers, progress and on_error are run-time settings:
-    on_error "stop" ends a run at the first unreadable image, "skip" leaves such images out (`fit` lists
-    them in `skipped_`, `iter_predict` in each batch's `errors`). What `fit` learns ends in `_`: `state_`
-    holds all of it, and the properties below read it.
+    (scikit-learn convention); device, batch_size, workers, progress, on_error and the engine are run-time
+    settings: on_error "stop" ends a run at the first unreadable image, "skip" leaves such images out
+    (`fit` lists them in `skipped_`, `iter_predict` in each batch's `errors`); engine "ray" runs the fit's
+    backbone pass on a Ray cluster (`address`, or a local one; `actors` workers), with the same result.
+    What `fit` learns ends in `_`: `state_` holds all of it, and the properties below read it.
     """
 
     def __init__(
@@ -123,6 +128,9 @@ class GaussAD:
         progress: bool = False,
         on_error: str = "stop",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        engine: str = "local",
+        address: str | None = None,
+        actors: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -145,6 +153,9 @@ class GaussAD:
         self.progress = progress
         self.on_error = on_error
         self.max_pixels = max_pixels
+        self.engine = engine
+        self.address = address
+        self.actors = actors
 
     @property
     def config(self) -> ModelConfig:
@@ -160,6 +171,7 @@ class GaussAD:
         """
         config = self.config
         skip_errors = self._skip_errors()
+        self._check_engine()
         items = collect_images(images)
         if len(items) < 2:
             raise GaussADError(f"need at least 2 training images, got {len(items)}")
@@ -177,77 +189,74 @@ class GaussAD:
         pooled_sets = {"pooled": (levels, config.image_grid)}
         if config.image_score == "auto":
             pooled_sets["global"] = (_global_levels(backbone, map_levels), 1)
-        extracted = sorted(
-            {*map_levels, *position_levels, *(lv for lvs, _ in pooled_sets.values() for lv in lvs)}
+        extracted = tuple(
+            sorted({*map_levels, *position_levels, *(lv for lvs, _ in pooled_sets.values() for lv in lvs)})
         )
-        features = LevelFeatures(
-            backbone.to(device, memory_format=torch.channels_last), extracted, config.precision
-        )
-        runner = BatchRunner(
-            features,
-            backbone.preprocessing,
+        extractor = Extractor(
+            config.backbone,
+            None if config.weights is None else os.path.abspath(config.weights),
+            extracted,
+            config.precision,
             input_size,
-            device,
+            str(device),
             self.batch_size,
             self.workers,
             self.max_pixels,
         )
+        runner = extractor.runner(backbone)
+        features = runner.model
         # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
         # sums take one in-place product per fold present.
-        fold_of = np.arange(len(items)) * max(n_folds, 1) // len(items)
-        pooled = {name: {level: [] for level in lvs} for name, (lvs, _) in pooled_sets.items()}
-        sampled = set(synthetic_sample(len(items)).tolist()) if auto else set()
-        # (fold, model input) of the training images that get a synthetic defect
-        samples: list[tuple[int, np.ndarray]] = []
-        kept: list[int] = []
-        skipped: list[ImageError] = []
+        plan = FitPlan(
+            extracted,
+            map_levels,
+            position_levels,
+            pooled_sets,
+            config.localization == "per-position",
+            max(n_folds, 1),
+            np.arange(len(items)) * max(n_folds, 1) // len(items),
+            frozenset(synthetic_sample(len(items)).tolist()) if auto else frozenset(),
+        )
         # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
         # process is killed.
         with scratch_folder(SPILL_PREFIX) as spill_dir:
             accumulators = {
                 level: LevelAccumulator(
-                    Path(spill_dir) / f"level{level}.f32",
-                    config.localization == "per-position",
-                    max(n_folds, 1),
+                    Path(spill_dir) / f"level{level}.f32", plan.per_position_maps, plan.n_folds
                 )
                 for level in map_levels
             }
             position_accumulator = (
-                LevelAccumulator(Path(spill_dir) / "position.f32", True, max(n_folds, 1))
+                LevelAccumulator(Path(spill_dir) / "position.f32", True, plan.n_folds)
                 if position_levels
                 else None
             )
-            for batch in runner.batches(
-                items, "fit" if self.progress else None, skip_errors, keep_pixels=auto
-            ):
-                skipped += batch.errors
-                if batch.outputs is None:
-                    continue
-                kept += batch.indices
-                batch_folds = fold_of[batch.indices].tolist()
-                by_level = dict(zip(extracted, batch.outputs, strict=True))
-                for name, (lvs, grid) in pooled_sets.items():
-                    for level in lvs:
-                        pooled[name][level].append(
-                            pool_features(by_level[level], grid).to("cpu", torch.float64).numpy()
-                        )
-                for level, accumulator in accumulators.items():
-                    accumulator.add(by_level[level], batch_folds)
-                if position_accumulator is not None:
-                    position_accumulator.add(
-                        stack_levels([by_level[lv] for lv in position_levels]), batch_folds
-                    )
-                samples += [
-                    (int(fold_of[index]), batch.pixels[row])
-                    for row, index in enumerate(batch.indices)
-                    if index in sampled
-                ]
+            progress = "fit" if self.progress else None
+            if self.engine == "ray":
+                from gaussad.cluster.fit import ray_pass
+
+                passed = ray_pass(
+                    plan,
+                    extractor,
+                    items,
+                    accumulators,
+                    position_accumulator,
+                    self.address,
+                    self.actors,
+                    progress,
+                    skip_errors,
+                )
+            else:
+                passed = run_pass(
+                    plan, runner, items, accumulators, position_accumulator, 0, progress, skip_errors
+                )
+            kept, skipped, samples = passed.kept, passed.skipped, passed.samples
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
-            fold_of = fold_of[kept]
+            fold_of = plan.fold_of[kept]
             pooled_all = {
                 name: {level: np.concatenate(parts) for level, parts in by_level.items()}
-                for name, by_level in pooled.items()
+                for name, by_level in passed.pooled.items()
             }
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the fold models' image scores). Each level's map Gaussians, the full
@@ -411,6 +420,12 @@ class GaussAD:
         return _label_free_thresholds(self.state_, rate, self._n_folds(self.state_.n_train))
 
     # ----------------------------------------------------------------------------------------- scoring
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise GaussADError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.actors is not None and self.actors < 1:
+            raise GaussADError(f"--actors {self.actors}: expected at least 1")
+
     def _skip_errors(self) -> bool:
         if self.on_error not in ON_ERRORS:
             raise GaussADError(f"--on-error {self.on_error!r}: expected one of {', '.join(ON_ERRORS)}")

@@ -198,7 +198,7 @@ class PredictionBatch:
     sizes: list[tuple[int, int]]  # each image's own (height, width), as decoded
     scores: np.ndarray  # float64 (the graph's float32 scores)
     maps: list[np.ndarray]  # float32, at the requested size or the image's own
-    errors: list[ImageError]  # images skipped since the previous batch (on_error="skip")
+    errors: list[ImageError]  # images of the batch that were skipped (on_error="skip")
     normalized_scores: np.ndarray | None = None  # float32 in [0, 1]: typical normal 0, threshold 0.5
     is_anomalous: np.ndarray | None = None  # bool: score >= the image threshold
 

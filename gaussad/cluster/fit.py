@@ -1,0 +1,114 @@
+"""The fit's backbone pass on a Ray cluster: shards of the training images, one result per shard.
+
+Ray Data feeds shards (consecutive images, whole batches) to a pool of actors, each holding the backbone;
+an actor runs `gaussad.fitpass.run_pass` over its shard and returns each level's mergeable moments and
+feature vectors, the pooled features and the synthetic-defect samples. The driver takes the shards in input
+order: it spills their vectors, merges their moments into the fit's accumulators, and the fit goes on as on
+one machine. A worker that dies is replaced and its shard run again (Ray's retries).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+
+import numpy as np
+
+from gaussad.accumulate import LevelAccumulator
+from gaussad.cluster.session import import_ray, ray_cluster
+from gaussad.errors import GaussADError
+from gaussad.fitpass import Extractor, FitPlan, HeldLevel, PassResult, run_pass
+from gaussad.images import ImageInput
+
+# Batches per shard: large enough that a shard's result is worth a round trip, small enough that the
+# feature vectors an actor holds stay small (tiles: about 30 MB per shard of 4 x 16 images).
+BATCHES_PER_SHARD = 4
+
+
+class ShardWorker:
+    """An actor of the pool: the backbone, loaded once, and the plan; called with one shard at a time."""
+
+    def __init__(
+        self, plan: FitPlan, extractor: Extractor, items: Sequence[ImageInput], threads: int, skip: bool
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # explicit: results depend on it in the last bits
+        self.plan = plan
+        self.runner = extractor.runner()
+        self.items = items
+        self.skip = skip
+
+    def __call__(self, shards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bounds = zip(shards["start"], shards["stop"], strict=True)
+        results = [self._shard(int(start), int(stop)) for start, stop in bounds]
+        return {"start": shards["start"], "result": np.array(results, dtype=object)}
+
+    def _shard(self, start: int, stop: int) -> bytes:
+        plan = self.plan
+        levels = {level: HeldLevel(plan.per_position_maps, plan.n_folds) for level in plan.map_levels}
+        position = HeldLevel(True, plan.n_folds) if plan.position_levels else None
+        try:
+            passed = run_pass(
+                plan, self.runner, self.items[start:stop], levels, position, start, skip_errors=self.skip
+            )
+        except GaussADError as error:  # the user's error (an unreadable image), for the driver to raise
+            return pickle.dumps(error)
+        return pickle.dumps((passed, levels, position), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def ray_pass(
+    plan: FitPlan,
+    extractor: Extractor,
+    items: Sequence[ImageInput],
+    accumulators: dict[int, LevelAccumulator],
+    position: LevelAccumulator | None,
+    address: str | None = None,
+    actors: int | None = None,
+    progress: str | None = None,
+    skip_errors: bool = False,
+) -> PassResult:
+    """`run_pass` over `items` on a Ray cluster (the one at `address`, or a local one for this call) with
+    `actors` actors (default: one per CPU of the cluster, GPU actors on a CUDA device): the accumulators
+    end as the local pass leaves them, up to the order of float64 sums."""
+    ray = import_ray()
+    shard_size = BATCHES_PER_SHARD * extractor.batch_size
+    starts = list(range(0, len(items), shard_size))
+    with ray_cluster(address):
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # shards come back in input order
+        context.enable_progress_bars = progress is not None
+        gpu = extractor.device.startswith("cuda")
+        resources = ray.cluster_resources()
+        cpus = int(resources.get("CPU", 1))
+        count = max(1, min(actors or int(resources.get("GPU", 1) if gpu else cpus), len(starts)))
+        threads = 1 if gpu else max(1, cpus // count)
+        shards = ray.data.from_items(
+            [{"start": start, "stop": min(start + shard_size, len(items))} for start in starts],
+            override_num_blocks=len(starts),
+        ).map_batches(
+            ShardWorker,
+            batch_size=1,
+            concurrency=count,
+            num_cpus=0 if gpu else threads,
+            num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={
+                "plan": plan,
+                "extractor": extractor,
+                "items": list(items),
+                "threads": threads,
+                "skip": skip_errors,
+            },
+        )
+        result = PassResult()
+        for row in shards.iter_rows():
+            shard = pickle.loads(row["result"])
+            if isinstance(shard, GaussADError):
+                raise shard
+            passed, levels, held_position = shard
+            result.extend(passed)
+            for level, held in levels.items():
+                held.hand_over(accumulators[level])
+            if held_position is not None:
+                held_position.hand_over(position)
+    return result

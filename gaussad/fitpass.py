@@ -1,0 +1,150 @@
+"""The fit's pass over the training images: what it keeps of each batch of backbone features.
+
+The pass is the same wherever it runs: in the fitting process, where each level's features go straight into
+its `LevelAccumulator`, or on a worker that holds one shard of the images (`gaussad.cluster.fit`), where
+they are held as `HeldLevel`s and handed over to the fit's accumulators in input order. `FitPlan` says what
+to keep, `Extractor` how to build the backbone's runner; both travel to workers as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from gaussad.accumulate import LevelAccumulator, positional_values
+from gaussad.backbones import TappedBackbone, load_backbone
+from gaussad.config import ImageSize
+from gaussad.decoding import ImageError
+from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
+from gaussad.images import ImageInput
+from gaussad.moments import Moments
+from gaussad.scorer import LevelFeatures
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """How a process runs the backbone over training images: everything a worker needs to build it."""
+
+    backbone: str
+    weights: str | None
+    levels: tuple[int, ...]  # the levels extracted
+    precision: str
+    input_size: ImageSize
+    device: str
+    batch_size: int
+    workers: int
+    max_pixels: int
+
+    def runner(self, backbone: TappedBackbone | None = None) -> BatchRunner:
+        """A runner yielding the extracted levels' feature maps per batch (`backbone`: one already loaded)."""
+        device = resolve_device(self.device)
+        backbone = backbone or load_backbone(self.backbone, self.weights)
+        features = LevelFeatures(
+            backbone.to(device, memory_format=torch.channels_last), self.levels, self.precision
+        )
+        return BatchRunner(
+            features,
+            backbone.preprocessing,
+            self.input_size,
+            device,
+            self.batch_size,
+            self.workers,
+            self.max_pixels,
+        )
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What the pass keeps of each batch: image-score candidates' pooled features (name: (levels, grid)),
+    the map levels' and the stacked position levels' feature vectors with each image's fold, and the model
+    inputs of the images `sampled` for synthetic defects."""
+
+    extracted: tuple[int, ...]
+    map_levels: tuple[int, ...]
+    position_levels: tuple[int, ...]
+    pooled_sets: dict[str, tuple[tuple[int, ...], int]]
+    per_position_maps: bool
+    n_folds: int
+    fold_of: np.ndarray  # each input image's fold
+    sampled: frozenset[int]
+
+
+@dataclass
+class PassResult:
+    """What the pass gives the fit besides the accumulated levels, in input order."""
+
+    kept: list[int] = field(default_factory=list)  # the inputs read
+    skipped: list[ImageError] = field(default_factory=list)
+    pooled: dict[str, dict[int, list[np.ndarray]]] = field(default_factory=dict)  # float64 (b, D) parts
+    samples: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (fold, model input)
+
+    def extend(self, other: PassResult) -> None:
+        """Append the result of the inputs that follow."""
+        self.kept += other.kept
+        self.skipped += other.skipped
+        for name, by_level in other.pooled.items():
+            for level, parts in by_level.items():
+                self.pooled.setdefault(name, {}).setdefault(level, []).extend(parts)
+        self.samples += other.samples
+
+
+class HeldLevel:
+    """One level's moments and float32 feature vectors over a shard of images, held in memory until they
+    join the fit's `LevelAccumulator` (`hand_over`)."""
+
+    def __init__(self, per_position: bool, n_folds: int) -> None:
+        self.moments = Moments(per_position, n_folds)
+        self.values: list[np.ndarray] = []
+
+    def add(self, features: torch.Tensor, folds: Sequence[int]) -> None:
+        values = positional_values(features)
+        self.values.append(values.numpy())
+        self.moments.add(values, features.shape[-2:], folds)
+
+    def hand_over(self, accumulator: LevelAccumulator) -> None:
+        """Spill the held values and merge the moments into `accumulator` (after the images before them)."""
+        if self.values:
+            accumulator.spill_values(torch.from_numpy(np.concatenate(self.values)))
+        accumulator.add_moments(self.moments)
+
+
+def run_pass(
+    plan: FitPlan,
+    runner: BatchRunner,
+    items: Sequence[ImageInput],
+    levels: dict[int, LevelAccumulator | HeldLevel],
+    position: LevelAccumulator | HeldLevel | None,
+    first: int = 0,
+    progress: str | None = None,
+    skip_errors: bool = False,
+) -> PassResult:
+    """Run the backbone over `items` (inputs first, first + 1, ...), adding each map level's features to
+    `levels` and the stacked position levels' to `position`."""
+    pooled = {name: {level: [] for level in lvs} for name, (lvs, _) in plan.pooled_sets.items()}
+    result = PassResult(pooled=pooled)
+    for batch in runner.batches(items, progress, skip_errors, keep_pixels=bool(plan.sampled)):
+        result.skipped += [replace(error, index=first + error.index) for error in batch.errors]
+        if batch.outputs is None:
+            continue
+        indices = [first + index for index in batch.indices]
+        result.kept += indices
+        folds = plan.fold_of[indices].tolist()
+        by_level = dict(zip(plan.extracted, batch.outputs, strict=True))
+        for name, (lvs, grid) in plan.pooled_sets.items():
+            for level in lvs:
+                result.pooled[name][level].append(
+                    pool_features(by_level[level], grid).to("cpu", torch.float64).numpy()
+                )
+        for level, sink in levels.items():
+            sink.add(by_level[level], folds)
+        if position is not None:
+            position.add(stack_levels([by_level[lv] for lv in plan.position_levels]), folds)
+        result.samples += [
+            (int(plan.fold_of[index]), batch.pixels[row])
+            for row, index in enumerate(indices)
+            if index in plan.sampled
+        ]
+    return result

@@ -1,0 +1,146 @@
+"""`engine="ray"`: the fit's backbone pass on a local two-CPU Ray cluster gives the model one machine gives.
+
+Both sides run PyTorch on one thread per process: convolutions round differently on different thread
+counts (features differ by up to 4e-5), which no engine can undo.
+"""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BOTTLE, make_category, needs
+
+from gaussad import GaussAD
+from gaussad.errors import GaussADError
+from gaussad.evaluation import list_test_images, training_images
+
+
+@pytest.fixture(scope="module")
+def widgets(tmp_path_factory) -> Path:
+    return make_category(tmp_path_factory.mktemp("cluster") / "widget", n_train=40, seed=3)
+
+
+def relative(found: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(found - expected)) / np.max(np.abs(expected)))
+
+
+def assert_same_model(found: GaussAD, expected: GaussAD, tests: list[Path]) -> None:
+    """Means and whitenings to 1e-9 relative, held-out results and thresholds, test scores to 1e-6."""
+    pairs = [
+        *zip(found.state_.image_gaussians, expected.state_.image_gaussians, strict=True),
+        *zip(found.state_.map_gaussians, expected.state_.map_gaussians, strict=True),
+    ]
+    if expected.state_.position_gaussian is not None:
+        pairs.append((found.state_.position_gaussian, expected.state_.position_gaussian))
+    for got, want in pairs:
+        assert relative(got.mean, want.mean) <= 1e-9
+        assert relative(got.whitening, want.whitening) <= 1e-9
+    assert found.n_train_ == expected.n_train_
+    np.testing.assert_allclose(found.held_out_scores_, expected.held_out_scores_, rtol=1e-6)
+    assert found.image_threshold_.value == pytest.approx(expected.image_threshold_.value, rel=1e-6)
+    assert (found.state_.image_score, found.state_.localization) == (
+        expected.state_.image_score,
+        expected.state_.localization,
+    )
+    np.testing.assert_allclose(found.score_samples(tests), expected.score_samples(tests), rtol=1e-6)
+
+
+def fit(images: list, engine: str, **options) -> GaussAD:
+    settings = {"image_size": 64, "batch_size": 4, "device": "cpu", "engine": engine}
+    return GaussAD(**settings, **options).fit(images)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"localization": "per-position", "image_score": "auto"}],
+    ids=["defaults", "per-position-auto"],
+)
+def test_ray_fit_equals_the_local_fit(ray_local, widgets, torch_threads, options) -> None:
+    torch_threads(1)
+    images = training_images(widgets)
+    tests = [item.path for item in list_test_images(widgets)]
+    local = fit(images, "local", **options)
+    on_ray = fit(images, "ray", **options)
+    assert_same_model(on_ray, local, tests)
+
+
+def shard_worker_pids() -> list[int]:
+    """Processes of the fit's actors, found by the title Ray gives them."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ShardWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_worker_killed_during_the_fit_is_replaced_and_the_model_is_the_same(
+    ray_local, widgets, torch_threads
+) -> None:
+    torch_threads(1)
+    images = training_images(widgets) * 3  # long enough to be killed in the middle
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            pids = shard_worker_pids()
+            if pids:
+                time.sleep(1.0)  # into its first shards
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    try:
+        on_ray = fit(images, "ray", actors=2)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no fit actor appeared to be killed"
+    assert killed[0] not in shard_worker_pids()
+    local = fit(images, "local")
+    assert_same_model(on_ray, local, [item.path for item in list_test_images(widgets)][:4])
+
+
+def test_unreadable_training_images_on_ray_as_locally(ray_local, widgets, tmp_path, torch_threads) -> None:
+    torch_threads(1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    images = [*training_images(widgets)[:10], broken, *training_images(widgets)[10:24]]
+    with pytest.raises(GaussADError, match="broken.png"):
+        fit(images, "ray")
+    local = fit(images, "local", on_error="skip")
+    on_ray = fit(images, "ray", on_error="skip")
+    assert [error.index for error in on_ray.skipped_] == [error.index for error in local.skipped_] == [10]
+    assert on_ray.skipped_[0].message == local.skipped_[0].message
+    np.testing.assert_allclose(on_ray.held_out_scores_, local.held_out_scores_, rtol=1e-6)
+
+
+def test_bad_engine_settings_are_refused(widgets) -> None:
+    with pytest.raises(GaussADError, match="--engine 'spark'"):
+        fit(training_images(widgets), "spark")
+    with pytest.raises(GaussADError, match="--actors 0"):
+        fit(training_images(widgets), "ray", actors=0)
+
+
+@pytest.mark.slow
+@needs(BOTTLE)
+def test_ray_fit_equals_the_local_fit_on_bottle(ray_local, torch_threads) -> None:
+    torch_threads(1)
+    images = training_images(BOTTLE)[:64]
+    tests = [item.path for item in list_test_images(BOTTLE)][::12]
+    settings = {"device": "cpu", "engine": "local"}
+    local = GaussAD(**settings).fit(images)
+    on_ray = GaussAD(**{**settings, "engine": "ray", "actors": 2}).fit(images)
+    assert_same_model(on_ray, local, tests)
