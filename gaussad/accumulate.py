@@ -10,7 +10,6 @@ all features at once, without a second forward pass of the backbone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -96,7 +95,7 @@ class LevelAccumulator:
         """One Gaussian per entry of `exclude_folds` (None: all images; f: all outside fold f), with a single
         read of the spill for all their fourth moments: the full model and its fold models cost one pass, not
         one each (per position, each fold's outer sums are read back too). `release` frees the accumulated
-        sums as they are used: the accumulator then serves only `read_fold`. `fold_dtype` stores the fold
+        sums as they are used: the accumulator then serves only `fold_batches`. `fold_dtype` stores the fold
         models (which only score held-out images, in float32) in that precision; they are fitted in float64
         all the same."""
         if self.moments.shift is None:
@@ -149,27 +148,20 @@ class LevelAccumulator:
         return _Case(exclude_fold, count, mean, shifted_mean, projection, scale, shared_covariance)
 
     def _position_covariance(self, case: _Case, release: bool) -> np.ndarray:
-        """Per position, the covariance (P, C, C) of a case's images, in one pass over the outer sums S of all
-        images: (S - F) / n - m m^T = S / n - R^T R, where F is the excluded fold's outer sums, rebuilt from
-        the spill, and R stacks that fold's features over sqrt(n) and the mean m, per position. With
-        `release`, the case of all images (the last) is built in place over the sums themselves."""
-        mean = torch.from_numpy(case.shifted_mean)  # (P, C)
-        if case.exclude_fold is None:
-            rows = mean[:, None, :]
-        else:
-            fold = torch.from_numpy(np.concatenate(list(self._fold_chunks(case.exclude_fold))))  # (n, P, C)
-            rows = torch.empty((fold.shape[1], len(fold) + 1, fold.shape[2]), dtype=torch.float64)
-            rows[:, :-1] = fold.transpose(0, 1)  # converted to float64 as copied
-            rows[:, :-1].sub_(self.moments.shift).mul_(1 / math.sqrt(case.count))
-            rows[:, -1] = mean
+        """Per position, the covariance (P, C, C) of a case's images from the outer sums S of all images:
+        (S - F) / n - m m^T, where F, the excluded fold's outer sums, is subtracted batch by batch as its
+        features are read back from the spill (memory does not grow with the fold). With `release`, the
+        case of all images (the last) is built in place over the sums themselves."""
+        mean = torch.from_numpy(case.shifted_mean)[:, None, :]  # (P, 1, C)
+        outer = self.moments.position_outer
         if case.exclude_fold is None and release:
-            covariance = self.moments.position_outer.baddbmm_(
-                rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
-            )
+            covariance = outer.baddbmm_(mean.transpose(1, 2), mean, beta=1 / case.count, alpha=-1)
         else:
-            covariance = torch.baddbmm(
-                self.moments.position_outer, rows.transpose(1, 2), rows, beta=1 / case.count, alpha=-1
-            )
+            covariance = torch.baddbmm(outer, mean.transpose(1, 2), mean, beta=1 / case.count, alpha=-1)
+        if case.exclude_fold is not None:
+            for values in self._fold_chunks(case.exclude_fold):
+                rows = torch.from_numpy(values).to(torch.float64).sub_(self.moments.shift).transpose(0, 1)
+                covariance.baddbmm_(rows.transpose(1, 2), rows, alpha=-1 / case.count)
         return covariance.numpy()
 
     def _chunks(
@@ -189,13 +181,14 @@ class LevelAccumulator:
                 chunk = np.fromfile(spill, dtype=np.float32, count=count * per_image)
                 yield first, chunk.reshape(count, positions, -1)
 
-    def _fold_chunks(self, fold: int) -> Iterator[np.ndarray]:
+    def _fold_chunks(self, fold: int, images_per_chunk: int | None = None) -> Iterator[np.ndarray]:
         """Float32 features (b, P, C) of one fold's images in order, reading only their runs of the spill
-        (a fold is one run when folds are contiguous)."""
+        (a fold is one run when folds are contiguous), `images_per_chunk` at a time (default: 4 MiB)."""
         members = np.flatnonzero(np.array(self.folds) == fold)
         for run in np.split(members, np.flatnonzero(np.diff(members) != 1) + 1):
             if run.size:
-                yield from (values for _, values in self._chunks(int(run[0]), int(run[-1]) + 1))
+                chunks = self._chunks(int(run[0]), int(run[-1]) + 1, images_per_chunk)
+                yield from (values for _, values in chunks)
 
     def _quartic_sums(
         self,
@@ -246,10 +239,11 @@ class LevelAccumulator:
                 quartics[case] += kept.sum(axis=0) if self.per_position else kept.sum()
         return [quartic if self.per_position else quartic[0] for quartic in quartics]
 
-    def read_fold(self, fold: int) -> torch.Tensor:
-        """The spilled feature maps (n, C, H, W) of one fold's images, in the order they were added."""
-        stacked = torch.from_numpy(np.concatenate(list(self._fold_chunks(fold))))  # (n, P, C)
-        return stacked.permute(0, 2, 1).reshape(len(stacked), -1, *self.grid)
+    def fold_batches(self, fold: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The spilled feature maps (b, C, H, W) of one fold's images in the order they were added,
+        `batch_size` images at a time (a fold's run of the spill at a time where folds interleave)."""
+        for values in self._fold_chunks(fold, batch_size):
+            yield torch.from_numpy(values).permute(0, 2, 1).reshape(len(values), -1, *self.grid)
 
 
 def positional_values(features: torch.Tensor) -> torch.Tensor:

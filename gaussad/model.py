@@ -251,6 +251,7 @@ class GaussAD:
                     plan, runner, items, accumulators, position_accumulator, 0, progress, skip_errors
                 )
             kept, skipped, samples = passed.kept, passed.skipped, passed.samples
+            pass_seconds = time.perf_counter() - started
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
             fold_of = plan.fold_of[kept]
@@ -258,6 +259,7 @@ class GaussAD:
                 name: {level: np.concatenate(parts) for level, parts in by_level.items()}
                 for name, by_level in passed.pooled.items()
             }
+            passed.pooled.clear()  # the parts: as large as pooled_all
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the fold models' image scores). Each level's map Gaussians, the full
             # model's and each fold model's, take one read of its spill.
@@ -335,6 +337,7 @@ class GaussAD:
         self.scorer_ = _build_scorer(features, state, grids, config).to(device)
         self.skipped_ = skipped
         self.fit_seconds_ = time.perf_counter() - started
+        self.pass_seconds_ = pass_seconds  # of which the backbone's pass over the images (and the cluster's)
         return self
 
     # ------------------------------------------------------------------------------------- calibration
@@ -380,18 +383,20 @@ class GaussAD:
                 grids,
                 self.blur_sigma,
             ).to(device)
-            level_features = [accumulator.read_fold(fold) for accumulator in accumulators]
-            position_features = fold_position[0].read_fold(fold) if fold_position else None
-            # Maps a batch at a time: a whole fold's full-size maps would raise the peak memory of the fit.
+            # A batch at a time, read back from the spill: a whole fold's features or full-size maps would
+            # make the fit's peak memory grow with the training images.
+            sources = [accumulator.fold_batches(fold, self.batch_size) for accumulator in accumulators]
+            if fold_position:
+                sources.append(fold_position[0].fold_batches(fold, self.batch_size))
             rows = np.flatnonzero(fold_of == fold)
-            for start in range(0, len(rows), self.batch_size):
-                part = slice(start, start + self.batch_size)
-                stacked = position_features[part].to(device) if position_features is not None else None
-                maps = _candidate_maps(
-                    head, [f[part].to(device) for f in level_features], stacked, localizations
-                )
+            start = 0
+            for batch in zip(*sources, strict=True):
+                level_features = [values.to(device) for values in batch[: len(accumulators)]]
+                stacked = batch[-1].to(device) if fold_position else None
+                maps = _candidate_maps(head, level_features, stacked, localizations)
                 for name, values in maps.items():
-                    results.held_out[name].record(rows[part], values)
+                    results.held_out[name].record(rows[start : start + len(level_features[0])], values)
+                start += len(level_features[0])
             if synthetic is None:
                 continue
             members = np.flatnonzero(synthetic.folds == fold)
