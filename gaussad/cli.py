@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from contextlib import closing
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,8 @@ from gaussad.serve.commands import add_commands as add_serve_commands
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
 if TYPE_CHECKING:
-    from gaussad.decisions import Decision, Defect
+    from gaussad.calibration import Threshold
+    from gaussad.decisions import PredictionRow
     from gaussad.evaluation import CategoryEvaluation, CategoryResult
     from gaussad.features import ImageError
     from gaussad.model import GaussAD
@@ -112,6 +112,37 @@ def _add_runtime_options(
         )
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Where a command runs: here, or on a Ray cluster (`fit`, `predict`, `evaluate`)."""
+    group = parser.add_argument_group("engine options")
+    group.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: a Ray cluster, with the same results (default: %(default)s)",
+    )
+    group.add_argument(
+        "--address",
+        help="with --engine ray: the cluster to use ('auto': the one this machine belongs to); without "
+        "it a local one is started for the run and stopped after it",
+    )
+    group.add_argument(
+        "--actors",
+        type=_positive_int,
+        metavar="N",
+        help="with --engine ray: workers at once (default: one per CPU of the cluster, per GPU on cuda)",
+    )
+
+
+def _ray_engine(args: argparse.Namespace) -> bool:
+    """Whether the command runs on Ray; the cluster options are refused without it."""
+    if args.engine != "ray":
+        for option, unset in (("address", None), ("actors", None), ("restart", False)):
+            if getattr(args, option, unset) != unset:
+                raise GaussADError(f"--{option} applies to --engine ray only")
+    return args.engine == "ray"
+
+
 def _option_type(name: str, spec: dict[str, Any]) -> Any:
     """How the CLI parses a model option: levels lists, input sizes, file paths, or the type of the field."""
     if spec["kind"] == "levels":
@@ -156,10 +187,10 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _model_from_args(args: argparse.Namespace) -> GaussAD:
+def _model_from_args(args: argparse.Namespace, **engine: Any) -> GaussAD:
     from gaussad.model import GaussAD
 
-    return GaussAD(**{name: getattr(args, name) for name in MODEL_OPTIONS}, **_runtime(args))
+    return GaussAD(**{name: getattr(args, name) for name in MODEL_OPTIONS}, **_runtime(args), **engine)
 
 
 def _load_model(args: argparse.Namespace) -> GaussAD | OnnxModel:
@@ -210,7 +241,9 @@ def run_fit(args: argparse.Namespace) -> int:
     from gaussad.persistence import CONFIG_FILE
 
     check_destination(args.output, CONFIG_FILE)
-    model = _model_from_args(args).fit(find_images(args.train_dir))
+    # On Ray, the fit's pass over the images runs on the cluster.
+    engine = {"engine": "ray", "address": args.address, "actors": args.actors} if _ray_engine(args) else {}
+    model = _model_from_args(args, **engine).fit(find_images(args.train_dir))
     model.save(args.output)
     status = _skipped(model.skipped_)
     skipped = f", skipped {len(model.skipped_)}" if model.skipped_ else ""
@@ -222,70 +255,81 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from gaussad.decisions import (
-        PREDICTIONS_FILE,
-        PredictionRow,
-        decide_all,
-        defect_mask,
-        describe_defect,
-        map_scale,
-        output_names,
-        output_path,
-        predictions_csv,
-    )
-    from gaussad.fileio import check_destination, output_folders, replace_folder
-    from gaussad.heatmaps import write_pictures
+    from gaussad.decisions import PREDICTIONS_FILE, output_names
+    from gaussad.fileio import check_destination, output_folders
 
     check_destination(args.output, PREDICTIONS_FILE)
+    if _ray_engine(args):
+        return _predict_on_ray(args)
     model = _load_model(args)
     pairs = output_names(args.paths, exclude=output_folders(args.output))
-    image_threshold, pixel_threshold = model.image_threshold_, model.pixel_threshold_
-    rows: dict[int, PredictionRow] = {}
-    errors: list[ImageError] = []
+    rows, errors = _predict_here(args, model, pairs)
+    return _predict_summary(args, rows, errors, model.image_threshold_)
 
-    def pictures(
-        folder: Path, index: int, anomaly_map: np.ndarray, scale: tuple[float, float], decision: Decision
-    ) -> Defect | None:
-        """Draw one image's pictures; where its defect mask lies (None without a pixel threshold)."""
-        image, name = pairs[index]
-        mask = defect_mask(anomaly_map, pixel_threshold, decision.is_anomalous)
-        overlay_image = image if args.overlays else None
-        write_pictures(folder, name, anomaly_map, scale, mask, overlay_image, args.max_pixels)
-        return None if mask is None else describe_defect(mask)
+
+def _predict_here(
+    args: argparse.Namespace, model: GaussAD | OnnxModel, pairs: list[tuple[Path, Path]]
+) -> tuple[list[PredictionRow], list[ImageError]]:
+    """Local predict: the output written in a folder beside OUT and swapped in when complete."""
+    from gaussad.decisions import PREDICTIONS_FILE, predictions_csv
+    from gaussad.fileio import replace_folder
+    from gaussad.outputs import PredictionWriter, ScoredImages, overall_range
+
+    scored = ScoredImages()
 
     def write(folder: Path) -> None:
-        # A calibrated model's colour scale is known now; an uncalibrated one's is the range of all the
-        # run's maps, so its pictures are drawn at the end from the saved maps.
-        scale = map_scale(pixel_threshold) if pixel_threshold else None
-        low, high = np.inf, -np.inf
-        # Closed on any error: the generator's progress bar ends its line before the error is printed.
-        with closing(model.iter_predict([image for image, _ in pairs])) as batches:
-            for batch in batches:
-                errors.extend(batch.errors)
-                decisions = decide_all(batch.scores, image_threshold)
-                for index, anomaly_map, decision in zip(batch.indices, batch.maps, decisions, strict=True):
-                    target = output_path(folder, "maps", pairs[index][1], ".npy")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(target, anomaly_map)
-                    low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
-                    defect = pictures(folder, index, anomaly_map, scale, decision) if scale else None
-                    rows[index] = PredictionRow(str(pairs[index][0]), decision, defect)
-        if not scale and rows:  # without a pixel threshold: heatmaps only, no mask and no defect
-            scale = map_scale(None, (low, high))
-            for index, row in rows.items():
-                anomaly_map = np.load(output_path(folder, "maps", pairs[index][1], ".npy"))
-                pictures(folder, index, anomaly_map, scale, row.decision)
-        for error in errors:
-            rows[error.index] = PredictionRow(str(pairs[error.index][0]), error=error.message)
-        (folder / PREDICTIONS_FILE).write_text(predictions_csv([rows[index] for index in sorted(rows)]))
+        nonlocal scored
+        writer = PredictionWriter(folder, pairs, model, args.overlays, args.max_pixels)
+        scored = writer.score(range(len(pairs)))
+        value_range = overall_range(scored.map_ranges.values())
+        if writer.scale is None and value_range:  # heatmaps only, on the range of all the run's maps
+            writer.draw_saved(scored.map_ranges, value_range)
+        (folder / PREDICTIONS_FILE).write_text(predictions_csv(scored.in_order()))
 
     replace_folder(args.output, write, marker=PREDICTIONS_FILE)
+    return scored.in_order(), scored.errors
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """predict --engine ray (gaussad.cluster.predict): model folders only, resumed where interrupted."""
+    from gaussad.cluster.predict import ray_predict
+    from gaussad.decisions import output_names
+    from gaussad.fileio import output_folders
+
+    if Path(args.model_dir).suffix.lower() == ".onnx":
+        raise GaussADError(f"{args.model_dir}: --engine ray scores model folders; run exported files locally")
+    if args.runtime != "onnxruntime":
+        raise GaussADError(f"--runtime {args.runtime}: runs exported .onnx files, not a model folder")
+    pairs = output_names(args.paths, exclude=output_folders(args.output))
+    run = ray_predict(
+        args.model_dir,
+        pairs,
+        args.output,
+        _runtime(args),
+        args.overlays,
+        args.address,
+        args.actors,
+        args.restart,
+    )
+    return _predict_summary(args, run.rows, run.errors, run.image_threshold, run.resumed)
+
+
+def _predict_summary(
+    args: argparse.Namespace,
+    rows: list[PredictionRow],
+    errors: list[ImageError],
+    image_threshold: Threshold | None,
+    resumed: int = 0,
+) -> int:
+    """Name the images skipped, print the run's summary line; the exit status."""
+    from gaussad.decisions import PREDICTIONS_FILE
+
     status = _skipped(errors)
-    summary = f"scored {_count(len(pairs) - len(errors), 'image')}"
+    summary = f"scored {_count(len(rows) - len(errors), 'image')}"
+    if resumed:
+        summary += f" ({resumed} resumed from the interrupted run)"
     if image_threshold:
-        flagged = sum(bool(row.decision and row.decision.is_anomalous) for row in rows.values())
+        flagged = sum(bool(row.decision and row.decision.is_anomalous) for row in rows)
         summary += f", {flagged} anomalous at threshold {image_threshold.value:.4g}"
     if errors:
         summary += f", skipped {len(errors)}"
@@ -335,13 +379,30 @@ def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluat
 
     if keep_maps and args.folds == 0:  # said before the fits rather than after them
         raise GaussADError("reports and saved results need thresholds: fit with --folds 2 or more")
-    evaluations = [
-        evaluate_category(lambda: _model_from_args(args), category, args.eval_size, keep_maps=keep_maps)
-        for category in find_categories(args.root, args.category)
-    ]
+    categories = find_categories(args.root, args.category)
+    if "engine" in args and _ray_engine(args):  # `report` has no engine options
+        evaluations = _evaluate_on_ray(args, categories, keep_maps)
+    else:
+        evaluations = [
+            evaluate_category(lambda: _model_from_args(args), category, args.eval_size, keep_maps=keep_maps)
+            for category in categories
+        ]
     results = [evaluation.result for evaluation in evaluations]
     print(format_table(results, mean_metrics(results)))
     return evaluations
+
+
+def _evaluate_on_ray(
+    args: argparse.Namespace, categories: list[Path], keep_maps: bool
+) -> list[CategoryEvaluation]:
+    """evaluate --engine ray (gaussad.cluster.evaluate): the model's arguments as a worker needs them."""
+    from gaussad.cluster.evaluate import ray_evaluate
+
+    params = {name: getattr(args, name) for name in MODEL_OPTIONS} | _runtime(args)
+    if params["weights"]:  # relative to this folder, not to a worker's
+        params["weights"] = str(Path(params["weights"]).absolute())
+    tmp_dir = args.tmp_dir and str(Path(args.tmp_dir).absolute())
+    return ray_evaluate(params, categories, args.eval_size, keep_maps, args.address, args.actors, tmp_dir)
 
 
 def _category_reports(evaluations: list[CategoryEvaluation]) -> list[CategoryReport]:
@@ -492,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, help="model folder to write")
     _add_model_options(fit)
     _add_runtime_options(fit, on_error="stop", tmp_dir=True)
+    _add_engine_options(fit)
     fit.set_defaults(handler=run_fit)
 
     predict = commands.add_parser("predict", help="score images and write anomaly maps")
@@ -509,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
         "it is installed (measured 1.1-1.4x faster on one thread) (default: %(default)s)",
     )
     _add_runtime_options(predict, on_error="skip")
+    _add_engine_options(predict)
+    predict.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --engine ray: discard an unfinished run of another model or other inputs into the same "
+        "output folder, instead of refusing it (the same run is always resumed)",
+    )
     predict.set_defaults(handler=run_predict)
 
     calibrate = commands.add_parser("calibrate", help="set a model's decision thresholds")
@@ -542,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(evaluate)
     _add_runtime_options(evaluate, on_error="stop", tmp_dir=True)
+    _add_engine_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
     report = commands.add_parser("report", help="evaluate and write a self-contained HTML report")

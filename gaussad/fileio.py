@@ -123,17 +123,23 @@ def replace_folder(destination: str | os.PathLike, write: Callable[[Path], None]
     try:
         _as_created(staging, 0o777)
         write(staging)
-        if destination.exists():
-            retired = make_scratch(f"{prefix}old.", destination.parent)
-            os.replace(destination, retired / "previous")
-            os.replace(staging, destination)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, destination)
+        swap_in(staging, destination)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return destination
+
+
+def swap_in(staging: Path, destination: Path) -> None:
+    """Put the fully written folder `staging` (beside `destination`) in place of `destination`: an earlier
+    output there is moved aside first and removed only once the new one is in place."""
+    if destination.exists():
+        retired = make_scratch(f"{staging_prefix(destination)}old.", destination.parent)
+        os.replace(destination, retired / "previous")
+        os.replace(staging, destination)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, destination)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.cluster.session import import_ray, ray_cluster
+from gaussad.cluster.sharing import share_cluster, worker_failure
 from gaussad.errors import GaussADError
 from gaussad.fitpass import Extractor, FitPlan, HeldLevel, PassResult, run_pass
 from gaussad.images import ImageInput
@@ -78,37 +79,35 @@ def ray_pass(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards come back in input order
         context.enable_progress_bars = progress is not None
-        gpu = extractor.device.startswith("cuda")
-        resources = ray.cluster_resources()
-        cpus = int(resources.get("CPU", 1))
-        count = max(1, min(actors or int(resources.get("GPU", 1) if gpu else cpus), len(starts)))
-        threads = 1 if gpu else max(1, cpus // count)
+        sharing = share_cluster(ray, extractor.device, actors, len(starts))
         shards = ray.data.from_items(
             [{"start": start, "stop": min(start + shard_size, len(items))} for start in starts],
             override_num_blocks=len(starts),
         ).map_batches(
             ShardWorker,
             batch_size=1,
-            concurrency=count,
-            num_cpus=0 if gpu else threads,
-            num_gpus=1 if gpu else 0,
+            concurrency=sharing.count,
+            **sharing.options,
             fn_constructor_kwargs={
                 "plan": plan,
                 "extractor": extractor,
                 "items": list(items),
-                "threads": threads,
+                "threads": sharing.threads,
                 "skip": skip_errors,
             },
         )
         result = PassResult()
-        for row in shards.iter_rows():
-            shard = pickle.loads(row["result"])
-            if isinstance(shard, GaussADError):
-                raise shard
-            passed, levels, held_position = shard
-            result.extend(passed)
-            for level, held in levels.items():
-                held.hand_over(accumulators[level])
-            if held_position is not None:
-                held_position.hand_over(position)
+        try:
+            for row in shards.iter_rows():
+                shard = pickle.loads(row["result"])
+                if isinstance(shard, GaussADError):
+                    raise shard
+                passed, levels, held_position = shard
+                result.extend(passed)
+                for level, held in levels.items():
+                    held.hand_over(accumulators[level])
+                if held_position is not None:
+                    held_position.hand_over(position)
+        except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as error:
+            raise worker_failure(error) from None
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,6 +33,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
     # Nothing is sent anywhere: a production line's machines are often offline.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+    if address:
+        _check_answers(address)
     try:
         if address:
             ray.init(address=address, **options)
@@ -45,3 +48,16 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def _check_answers(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT address must answer within `timeout` seconds: Ray itself retries for over a minute."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:  # "auto", or a ray:// client address
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        message = f"cannot connect to the Ray cluster at {address}: nothing answers ({reason})"
+        raise GaussADError(message) from None
