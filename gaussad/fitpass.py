@@ -21,6 +21,7 @@ from gaussad.decoding import ImageError
 from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
 from gaussad.images import ImageInput
 from gaussad.moments import Moments
+from gaussad.pooled import PooledSpill
 from gaussad.scorer import LevelFeatures
 
 
@@ -78,17 +79,12 @@ class PassResult:
 
     kept: list[int] = field(default_factory=list)  # the inputs read
     skipped: list[ImageError] = field(default_factory=list)
-    # float32 (b, D) parts: as pooled, and half the memory of float64
-    pooled: dict[str, dict[int, list[np.ndarray]]] = field(default_factory=dict)
     samples: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (fold, model input)
 
     def extend(self, other: PassResult) -> None:
         """Append the result of the inputs that follow."""
         self.kept += other.kept
         self.skipped += other.skipped
-        for name, by_level in other.pooled.items():
-            for level, parts in by_level.items():
-                self.pooled.setdefault(name, {}).setdefault(level, []).extend(parts)
         self.samples += other.samples
 
 
@@ -112,20 +108,36 @@ class HeldLevel:
         accumulator.add_moments(self.moments)
 
 
+class HeldPooled:
+    """One level's pooled features over a shard of images, held until they join the fit's spill: fewer
+    bytes than their sums (the dimension is in the thousands, a shard's images in the tens)."""
+
+    def __init__(self) -> None:
+        self.values: list[np.ndarray] = []
+
+    def add(self, values: np.ndarray) -> None:
+        self.values.append(values)
+
+    def hand_over(self, spill: PooledSpill) -> None:
+        if self.values:
+            spill.add(np.concatenate(self.values))
+
+
 def run_pass(
     plan: FitPlan,
     runner: BatchRunner,
     items: Sequence[ImageInput],
     levels: dict[int, LevelAccumulator | HeldLevel],
     position: LevelAccumulator | HeldLevel | None,
+    pooled: dict[str, dict[int, PooledSpill | HeldPooled]],
     first: int = 0,
     progress: str | None = None,
     skip_errors: bool = False,
 ) -> PassResult:
     """Run the backbone over `items` (inputs first, first + 1, ...), adding each map level's features to
-    `levels` and the stacked position levels' to `position`."""
-    pooled = {name: {level: [] for level in lvs} for name, (lvs, _) in plan.pooled_sets.items()}
-    result = PassResult(pooled=pooled)
+    `levels`, the stacked position levels' to `position` and each image-score candidate's pooled features
+    (float32, as pooled) to `pooled[name][level]`."""
+    result = PassResult()
     for batch in runner.batches(items, progress, skip_errors, keep_pixels=bool(plan.sampled)):
         result.skipped += [replace(error, index=first + error.index) for error in batch.errors]
         if batch.outputs is None:
@@ -136,9 +148,7 @@ def run_pass(
         by_level = dict(zip(plan.extracted, batch.outputs, strict=True))
         for name, (lvs, grid) in plan.pooled_sets.items():
             for level in lvs:
-                result.pooled[name][level].append(
-                    pool_features(by_level[level], grid).to("cpu", torch.float32).numpy()
-                )
+                pooled[name][level].add(pool_features(by_level[level], grid).to("cpu", torch.float32).numpy())
         for level, sink in levels.items():
             sink.add(by_level[level], folds)
         if position is not None:

@@ -117,7 +117,7 @@ class Gaussian:
 
     def component_distances(self, samples: np.ndarray) -> np.ndarray:
         """`component_distance` of samples (N, C) held in memory, in float64 on the CPU (fit-time scoring)."""
-        tensors = (np.asarray(samples, dtype=np.float64), self.mean, self.whitening)
+        tensors = (np.asarray(values, dtype=np.float64) for values in (samples, self.mean, self.whitening))
         return component_distance(*(torch.from_numpy(t) for t in tensors)).numpy()
 
 

@@ -34,9 +34,11 @@ from gaussad.config import (
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
 from gaussad.fitpass import Extractor, FitPlan, run_pass
-from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
+from gaussad.gaussian import Gaussian, Reduction
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
+from gaussad.pooled import PooledSpill
+from gaussad.pooled import fit_level as fit_pooled
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer, combined_scores
 from gaussad.scratch import scratch_folder
 from gaussad.selection import (
@@ -231,6 +233,10 @@ class GaussAD:
                 if position_levels
                 else None
             )
+            pooled = {
+                name: {level: PooledSpill(Path(spill_dir) / f"{name}{level}.f32") for level in lvs}
+                for name, (lvs, _) in pooled_sets.items()
+            }
             progress = "fit" if self.progress else None
             if self.engine == "ray":
                 from gaussad.cluster.fit import ray_pass
@@ -241,6 +247,7 @@ class GaussAD:
                     items,
                     accumulators,
                     position_accumulator,
+                    pooled,
                     self.address,
                     self.actors,
                     progress,
@@ -248,21 +255,16 @@ class GaussAD:
                 )
             else:
                 passed = run_pass(
-                    plan, runner, items, accumulators, position_accumulator, 0, progress, skip_errors
+                    plan, runner, items, accumulators, position_accumulator, pooled, 0, progress, skip_errors
                 )
             kept, skipped, samples = passed.kept, passed.skipped, passed.samples
             pass_seconds = time.perf_counter() - started
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
             fold_of = plan.fold_of[kept]
-            pooled_all = {
-                name: {level: np.concatenate(parts) for level, parts in by_level.items()}
-                for name, by_level in passed.pooled.items()
-            }
-            passed.pooled.clear()  # the parts: as large as pooled_all
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
-            # per-position ones, then the fold models' image scores). Each level's map Gaussians, the full
-            # model's and each fold model's, take one read of its spill.
+            # per-position ones, then the image score's, each level's full and fold models together). Each
+            # level's map Gaussians, the full model's and each fold model's, take one read of its spill.
             with one_blas_thread(), ThreadPoolExecutor(max_workers=2) as pool:
                 folds = [None, *range(n_folds)]
                 finish = {"release": True, "fold_dtype": np.float32}  # fold models only score held-out images
@@ -271,8 +273,15 @@ class GaussAD:
                     if position_accumulator is not None
                     else None
                 )
-                score_jobs = {
-                    name: pool.submit(_held_out_scores, pooled_all[name], fold_of, n_folds, config)
+                # A job per level; fitted from sums (many images), a level holds a few dimension x dimension
+                # matrices, and a candidate's levels then go in turn so as not to double the peak memory.
+                image_jobs = {
+                    name: [
+                        pool.submit(
+                            _fit_pooled_levels, group, fold_of, n_folds, config.reduction, config.variance
+                        )
+                        for group in _pooled_groups(pooled[name])
+                    ]
                     for name in pooled_sets
                 }
                 map_jobs = [
@@ -281,17 +290,21 @@ class GaussAD:
                     )
                     for level in map_levels
                 ]
-                image_jobs = {
-                    name: [
-                        pool.submit(fit_gaussian, pooled_all[name][level], config.reduction, config.variance)
-                        for level in lvs
-                    ]
-                    for name, (lvs, _) in pooled_sets.items()
+                image_fits = {
+                    name: [fit for job in jobs for fit in job.result()] for name, jobs in image_jobs.items()
                 }
-                image_gaussians = {name: [job.result() for job in jobs] for name, jobs in image_jobs.items()}
                 map_fits = [job.result() for job in map_jobs]
                 position_fits = position_job.result() if position_job is not None else None
-                held_out = {name: job.result() for name, job in score_jobs.items()}
+            image_gaussians = {name: [full for full, _, _ in fits] for name, fits in image_fits.items()}
+            # Per candidate: each training image's score under its fold's models, and those models
+            # [fold][level] (label-free calibration).
+            held_out = {
+                name: (
+                    sum((distances for _, _, distances in fits), np.zeros(len(fold_of) if n_folds else 0)),
+                    [[fold_models[fold] for _, fold_models, _ in fits] for fold in range(n_folds)],
+                )
+                for name, fits in image_fits.items()
+            }
             grids = features.grids(input_size)
             state = FittedState(
                 backbone=BackboneInfo(
@@ -813,22 +826,19 @@ def _score_scales(pooled: np.ndarray, tops: np.ndarray) -> tuple[float, float]:
     return float(np.median(pooled)), float(np.median(tops))
 
 
-def _held_out_scores(
-    pooled: dict[int, np.ndarray], fold_of: np.ndarray, n_folds: int, config: ModelConfig
-) -> tuple[np.ndarray, list[list[Gaussian]]]:
-    """Each training image's pooled score under image Gaussians fitted without its fold (label-free
-    calibration), from the pooled features kept from the fit, and those fold Gaussians [fold][level];
-    empty without calibration."""
-    scores = np.zeros(len(fold_of) if n_folds else 0)
-    fold_gaussians: list[list[Gaussian]] = []
-    for fold in range(n_folds):
-        held = fold_of == fold
-        fold_gaussians.append([])
-        for level_pooled in pooled.values():
-            gaussian = fit_gaussian(level_pooled[~held], config.reduction, config.variance)
-            scores[held] += gaussian.component_distances(level_pooled[held])
-            fold_gaussians[-1].append(gaussian)
-    return scores, fold_gaussians
+def _fit_pooled_levels(
+    spills: dict[int, PooledSpill], fold_of: np.ndarray, n_folds: int, reduction: Reduction, variance: float
+) -> list[tuple[Gaussian, list[Gaussian], np.ndarray]]:
+    """`gaussad.pooled.fit_level` for each of the levels, one after the other."""
+    return [fit_pooled(spill, fold_of, n_folds, reduction, variance) for spill in spills.values()]
+
+
+def _pooled_groups(spills: dict[int, PooledSpill]) -> list[dict[int, PooledSpill]]:
+    """One image-score candidate's levels as groups fitted in parallel: each level alone where all are fitted
+    from samples, all in one group where any is fitted from sums."""
+    if any(spill.streamed for spill in spills.values()):
+        return [spills]
+    return [{level: spill} for level, spill in spills.items()]
 
 
 def _label_free_thresholds(

@@ -18,8 +18,9 @@ from gaussad.accumulate import LevelAccumulator
 from gaussad.cluster.session import import_ray, ray_cluster
 from gaussad.cluster.sharing import share_cluster, worker_failure
 from gaussad.errors import GaussADError
-from gaussad.fitpass import Extractor, FitPlan, HeldLevel, PassResult, run_pass
+from gaussad.fitpass import Extractor, FitPlan, HeldLevel, HeldPooled, PassResult, run_pass
 from gaussad.images import ImageInput
+from gaussad.pooled import PooledSpill
 
 # Batches per shard: large enough that a shard's result is worth a round trip, small enough that the
 # feature vectors an actor holds stay small (tiles: about 30 MB per shard of 4 x 16 images).
@@ -49,13 +50,21 @@ class ShardWorker:
         plan = self.plan
         levels = {level: HeldLevel(plan.per_position_maps, plan.n_folds) for level in plan.map_levels}
         position = HeldLevel(True, plan.n_folds) if plan.position_levels else None
+        pooled = {name: {level: HeldPooled() for level in lvs} for name, (lvs, _) in plan.pooled_sets.items()}
         try:
             passed = run_pass(
-                plan, self.runner, self.items[start:stop], levels, position, start, skip_errors=self.skip
+                plan,
+                self.runner,
+                self.items[start:stop],
+                levels,
+                position,
+                pooled,
+                start,
+                skip_errors=self.skip,
             )
         except GaussADError as error:  # the user's error (an unreadable image), for the driver to raise
             return pickle.dumps(error)
-        return pickle.dumps((passed, levels, position), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((passed, levels, position, pooled), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def ray_pass(
@@ -64,14 +73,15 @@ def ray_pass(
     items: Sequence[ImageInput],
     accumulators: dict[int, LevelAccumulator],
     position: LevelAccumulator | None,
+    pooled: dict[str, dict[int, PooledSpill]],
     address: str | None = None,
     actors: int | None = None,
     progress: str | None = None,
     skip_errors: bool = False,
 ) -> PassResult:
     """`run_pass` over `items` on a Ray cluster (the one at `address`, or a local one for this call) with
-    `actors` actors (default: one per CPU of the cluster, GPU actors on a CUDA device): the accumulators
-    end as the local pass leaves them, up to the order of float64 sums."""
+    `actors` actors (default: one per CPU of the cluster, per GPU on a CUDA device): the accumulators and
+    spills end as the local pass leaves them, up to the order of float64 sums."""
     ray = import_ray()
     shard_size = BATCHES_PER_SHARD * extractor.batch_size
     starts = list(range(0, len(items), shard_size))
@@ -102,8 +112,11 @@ def ray_pass(
                 shard = pickle.loads(row["result"])
                 if isinstance(shard, GaussADError):
                     raise shard
-                passed, levels, held_position = shard
+                passed, levels, held_position, held_pooled = shard
                 result.extend(passed)
+                for name, by_level in held_pooled.items():
+                    for level, held in by_level.items():
+                        held.hand_over(pooled[name][level])
                 for level, held in levels.items():
                     held.hand_over(accumulators[level])
                 if held_position is not None:

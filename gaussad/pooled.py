@@ -1,0 +1,133 @@
+"""One level's pooled image features over the training images: the image score's Gaussians, full and per fold.
+
+The features are spilled to disk (float32, exactly as pooled) as the images pass. Where there are no more
+images than dimensions, they are read back whole and fitted as samples (`fit_gaussian`: the Gram matrix
+is then the smaller problem); beyond that, holding them would grow the fit's memory with every image, so
+each Gaussian is fitted from sums read back in chunks: the covariance from the outer sums of all images less
+those of the held-out fold, then the fourth moment in the reduced space. Memory is then bounded by a few
+dimension x dimension matrices, whatever the number of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, fit_projection, gaussian_from_moments
+
+_READ_CHUNK_VALUES = 1 << 20  # float32 values per read (4 MiB)
+
+
+class PooledSpill:
+    """Pooled features (n, D) of one level, appended batch by batch to a float32 file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self.dims = 0
+
+    def add(self, values: np.ndarray) -> None:
+        """Append the pooled features (b, D) of the next images."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        self.dims = values.shape[1]
+        with self.path.open("ab") as spill:
+            values.tofile(spill)
+        self.count += len(values)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the Gaussians are fitted from sums (more images than dimensions) rather than samples."""
+        return self.count > self.dims
+
+    def load(self) -> np.ndarray:
+        """All features (n, D), float32."""
+        return np.fromfile(self.path, dtype=np.float32).reshape(self.count, self.dims)
+
+    def chunks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """Float64 features of the images where `rows` (bool, n) is true (default: all), in order, a chunk
+        at a time."""
+        per_chunk = max(1, _READ_CHUNK_VALUES // max(self.dims, 1))
+        with self.path.open("rb") as spill:
+            for start in range(0, self.count, per_chunk):
+                chunk = np.fromfile(
+                    spill, dtype=np.float32, count=min(per_chunk, self.count - start) * self.dims
+                )
+                chunk = chunk.reshape(-1, self.dims)
+                if rows is not None:
+                    chunk = chunk[rows[start : start + len(chunk)]]
+                yield chunk.astype(np.float64)
+
+
+def fit_level(
+    spill: PooledSpill, fold_of: np.ndarray, n_folds: int, reduction: Reduction, variance: float
+) -> tuple[Gaussian, list[Gaussian], np.ndarray]:
+    """The Gaussian of all images, one per fold fitted without that fold's images, and each image's
+    component distance under the Gaussian of its fold (zeros without folds)."""
+    if not spill.streamed:
+        samples = spill.load()
+        full = fit_gaussian(samples, reduction, variance)
+        folds, distances = [], np.zeros(len(samples) if n_folds else 0)
+        for fold in range(n_folds):
+            held = fold_of == fold
+            folds.append(fit_gaussian(samples[~held], reduction, variance))
+            distances[held] = folds[-1].component_distances(samples[held])
+        return full, folds, distances
+    shift = next(spill.chunks()).mean(axis=0)  # sums about a point near the mean: no cancellation
+    total, outer = _sums(spill, None, shift)
+    full = _fit_from_sums(spill, None, spill.count, total, outer, shift, reduction, variance)
+    folds, distances = [], np.zeros(spill.count if n_folds else 0)
+    for fold in range(n_folds):
+        held = fold_of == fold
+        held_total, held_outer = _sums(spill, held, shift)
+        held_outer = np.subtract(outer, held_outer, out=held_outer)  # in place: one matrix less
+        gaussian = _fit_from_sums(
+            spill, ~held, int((~held).sum()), total - held_total, held_outer, shift, reduction, variance, True
+        )
+        distances[held] = np.concatenate(
+            [gaussian.component_distances(chunk) for chunk in spill.chunks(held)]
+        )
+        # Kept only to score synthetic defects (auto options): float32 halves five models whose size
+        # grows with the images until there are as many as dimensions.
+        folds.append(gaussian.astype(np.float32))
+    return full, folds, distances
+
+
+def _sums(spill: PooledSpill, rows: np.ndarray | None, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and outer-product sum (D, D) of the selected images' features less `shift`."""
+    total = np.zeros(spill.dims)
+    outer = np.zeros((spill.dims, spill.dims))
+    for chunk in spill.chunks(rows):
+        chunk -= shift
+        total += chunk.sum(axis=0)
+        outer += chunk.T @ chunk
+    return total, outer
+
+
+def _fit_from_sums(
+    spill: PooledSpill,
+    rows: np.ndarray | None,
+    count: int,
+    total: np.ndarray,
+    outer: np.ndarray,
+    shift: np.ndarray,
+    reduction: Reduction,
+    variance: float,
+    overwrite: bool = False,
+) -> Gaussian:
+    """The Gaussian of `count` images from their sums about `shift`, and one more read for the fourth
+    moment in the reduced space (what Ledoit-Wolf shrinkage needs). `overwrite`: the covariance is built
+    in place of `outer`."""
+    offset = total / count
+    covariance = np.divide(outer, count, out=outer if overwrite else None)
+    covariance -= np.outer(offset, offset)
+    projection = fit_projection(covariance, reduction, variance)
+    reduced = projection.T @ covariance @ projection
+    del covariance
+    mean = shift + offset
+    quartic = 0.0
+    for chunk in spill.chunks(rows):
+        coordinates = (chunk - mean) @ projection
+        quartic += float(np.sum(np.sum(coordinates**2, axis=1) ** 2))
+    return gaussian_from_moments(count, mean, reduced, quartic, projection)
