@@ -144,3 +144,17 @@ def test_ray_fit_equals_the_local_fit_on_bottle(ray_local, torch_threads) -> Non
     local = GaussAD(**settings).fit(images)
     on_ray = GaussAD(**{**settings, "engine": "ray", "actors": 2}).fit(images)
     assert_same_model(on_ray, local, tests)
+
+
+def test_gaussad_fit_on_ray_writes_the_model(ray_local, widgets, tmp_path) -> None:
+    from gaussad.cli import main
+
+    output = tmp_path / "model"
+    options = ["--image-size", "64", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    status = main(
+        ["fit", str(widgets / "train"), "-o", str(output), "--engine", "ray", "--actors", "1", *options]
+    )
+    assert status == 0
+    model = GaussAD.load(output, device="cpu")
+    assert model.n_train_ == len(training_images(widgets))
+    assert model.image_threshold_ is not None

@@ -16,15 +16,11 @@ import numpy as np
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.cluster.session import import_ray, ray_cluster
-from gaussad.cluster.sharing import share_cluster, worker_failure
+from gaussad.cluster.sharing import BATCHES_PER_SHARD, share_cluster, worker_failure
 from gaussad.errors import GaussADError
 from gaussad.fitpass import Extractor, FitPlan, HeldLevel, HeldPooled, PassResult, run_pass
 from gaussad.images import ImageInput
 from gaussad.pooled import PooledSpill
-
-# Batches per shard: large enough that a shard's result is worth a round trip, small enough that the
-# feature vectors an actor holds stay small (tiles: about 30 MB per shard of 4 x 16 images).
-BATCHES_PER_SHARD = 4
 
 
 class ShardWorker:

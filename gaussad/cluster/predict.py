@@ -29,7 +29,7 @@ from gaussad.cluster.parts import (
     write_part,
 )
 from gaussad.cluster.session import import_ray, ray_cluster
-from gaussad.cluster.sharing import Sharing, share_cluster, worker_failure
+from gaussad.cluster.sharing import BATCHES_PER_SHARD, Sharing, share_cluster, worker_failure
 from gaussad.decisions import PREDICTIONS_FILE, PredictionRow, predictions_csv
 from gaussad.decoding import ImageError
 from gaussad.errors import GaussADError
@@ -37,8 +37,6 @@ from gaussad.fileio import check_destination, staging_prefix, swap_in, write_byt
 from gaussad.outputs import PredictionWriter, overall_range
 from gaussad.persistence import load_model
 
-# Batches per shard: a shard's part file and its retry after a lost worker cost a few batches at most.
-BATCHES_PER_SHARD = 4
 # Restarts of an actor whose worker died, each running its shard again: enough for a node lost now and
 # then, not endless for an image that crashes its decoder every time.
 RESTARTS = 4

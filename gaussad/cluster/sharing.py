@@ -1,4 +1,4 @@
-"""How the Ray engine's predict and evaluate use a cluster: how many workers, what each asks for, and a
+"""How the Ray engine uses a cluster: the shards of work, how many workers, what each asks for, and a
 worker's failure told in one line."""
 
 from __future__ import annotations
@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gaussad.errors import GaussADError
+
+# Batches of consecutive images per shard, the unit of work of fit and predict: a shard's round trip and its
+# retry after a lost worker cost a few batches, and the feature vectors a fit's actor holds stay small
+# (tiles: about 30 MB per shard of 4 x 16 images).
+BATCHES_PER_SHARD = 4
 
 
 @dataclass(frozen=True)

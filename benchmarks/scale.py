@@ -1,0 +1,284 @@
+"""Scale: fit and predict with the local engine and on Ray (one worker, two), the fit's peak memory against
+the number of training images, and projections to 100,000 training images and 10 million scored ones.
+
+Speed (`speed`): fits the default model on a category's training images in this process, with the local
+engine and with `engine="ray"` on a local cluster of 1 and 2 workers (the fit starts and stops the cluster,
+as `gaussad fit --engine ray` does), alternating the engines over `--rounds`; then scores the test images
+with `gaussad predict` and `gaussad predict --engine ray --actors 1|2`. Ray's overhead on one machine is the
+difference from the local engine. The projection takes, from the measured runs, the backbone pass's cost per
+image on one worker, the driver's cost per image (spilling and merging each shard, then the statistics) and
+the fixed start-up, and the bytes a shard sends to the driver (moments plus feature vectors); it assumes
+workers add up linearly, as the shards are independent, and says so.
+
+Memory (`memory`): writes N training images made from the category's own (random 90-100% crops and
+flips, seeded) under --cache, then runs `gaussad fit` on the first 500 and on all N, reading each run's peak
+resident memory (the fitting process; Ray workers are other processes) and the feature store's size on disk.
+
+    python benchmarks/scale.py speed ../shared/datasets/magnetic_tile --out benchmarks/results/scale.md
+    python benchmarks/scale.py memory ../shared/datasets/magnetic_tile --images 5000 \
+        --out benchmarks/results/scale-memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from machine import cpu_description
+from PIL import Image
+
+from gaussad import GaussAD, __version__
+from gaussad.evaluation import list_test_images, training_images
+
+GAUSSAD = [sys.executable, "-m", "gaussad.cli"]
+FIT_TARGET, SCORE_TARGET = 100_000, 10_000_000
+NODES = (1, 4, 16, 64)
+WORKERS_PER_NODE = 8  # CPU workers per node in the projection (one per core of an 8-core node)
+NETWORK_BYTES_PER_S = 1.0e9  # driver's network intake in the projection (10 GbE, about 1 GB/s)
+
+
+def run(command: list[str]) -> tuple[float, int]:
+    """Run a command; its wall seconds and its own peak resident memory in bytes (Linux: os.wait4)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def level_shapes(model: GaussAD) -> list[tuple[int, int, bool]]:
+    """(positions, channels, per position) of what the fit accumulates: each map level, then the stacked
+    position levels of hybrid maps."""
+    grids = model.scorer_.features.grids(model.state_.input_size)
+    shapes = []
+    for level, gaussian in zip(model.state_.map_levels, model.state_.map_gaussians, strict=True):
+        height, width = grids[level]
+        shapes.append((height * width, gaussian.mean.shape[-1], gaussian.mean.ndim == 2))
+    if model.state_.position_gaussian is not None:
+        positions, channels = model.state_.position_gaussian.mean.shape
+        shapes.append((positions, channels, True))
+    return shapes
+
+
+def shard_bytes(model: GaussAD, shard_images: int) -> int:
+    """Bytes one shard sends to the driver: per accumulated level its float64 moments (per fold: sums and
+    outer sums; per position: outer sums) and its images' float32 feature vectors; the pooled features."""
+    folds = max(model.folds, 1)
+    total = 4 * shard_images * sum(g.mean.shape[-1] for g in model.state_.image_gaussians)
+    for positions, channels, per_position in level_shapes(model):
+        sums = folds * (positions if per_position else 1) * channels
+        outer = folds * channels**2 + (positions * channels**2 if per_position else 0)
+        total += 8 * (sums + outer) + 4 * shard_images * positions * channels
+    return total
+
+
+def speed(args: argparse.Namespace) -> str:
+    from gaussad.cluster.sharing import BATCHES_PER_SHARD
+
+    category = Path(args.category)
+    train = training_images(category)
+    tests = [item.path for item in list_test_images(category)]
+    engines = {"local": {}, "ray, 1 worker": {"engine": "ray", "actors": 1}}
+    engines["ray, 2 workers"] = {"engine": "ray", "actors": 2}
+    fits: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    model = None
+    for _ in range(args.rounds):
+        for name, options in engines.items():
+            model = GaussAD(device="cpu", **options).fit(train)
+            fits[name].append((model.fit_seconds_, model.pass_seconds_))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "model"
+        model.save(folder)
+        predicts: dict[str, list[float]] = {name: [] for name in engines}
+        for round_ in range(args.rounds):
+            for name, options in engines.items():
+                extra = ["--engine", "ray", "--actors", str(options["actors"])] if options else []
+                output = Path(scratch) / f"out-{round_}-{len(extra)}-{options.get('actors', 0)}"
+                command = [*GAUSSAD, "predict", str(folder), *map(str, tests), "-o", str(output)]
+                predicts[name].append(run([*command, "--quiet", *extra])[0])
+    median = {
+        name: tuple(statistics.median(v[i] for v in runs) for i in (0, 1)) for name, runs in fits.items()
+    }
+    n_train, n_test = len(train), len(tests)
+    local_fit, local_pass = median["local"]
+    one_fit, one_pass = median["ray, 1 worker"]
+    two_fit, two_pass = median["ray, 2 workers"]
+    statistics_per_image = (local_fit - local_pass) / n_train
+    worker_pass_per_image = local_pass / n_train  # one process's backbone pass
+    ray_fixed = one_pass - local_pass  # start-up, actors loading the backbone, the driver's intake
+    predict_local = statistics.median(predicts["local"])
+    predict_one = statistics.median(predicts["ray, 1 worker"])
+    predict_per_image = predict_local / n_test
+    predict_fixed = predict_one - predict_local
+    shard_images = BATCHES_PER_SHARD * model.batch_size
+    per_shard = shard_bytes(model, shard_images)
+    lines = [
+        "# Scale: the local engine and Ray on one machine, and projections",
+        "",
+        f"gaussad {__version__}, {cpu_description()}; category `{category.name}`: fit on {n_train} training "
+        f"images, predict on {n_test} test images; default model, CPU; medians of {args.rounds} "
+        "alternating rounds.",
+        "",
+        "    " + " ".join(["python benchmarks/scale.py speed", str(category), "--rounds", str(args.rounds)]),
+        "",
+        "| engine | fit (s) | of which the images' pass (s) | fit images/s | predict (s, CLI) | "
+        "predict images/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in engines:
+        fit_seconds, pass_seconds = median[name]
+        predict_seconds = statistics.median(predicts[name])
+        lines.append(
+            f"| {name} | {fit_seconds:.1f} | {pass_seconds:.1f} | {n_train / fit_seconds:.1f} | "
+            f"{predict_seconds:.1f} | {n_test / predict_seconds:.1f} |"
+        )
+    lines += [
+        "",
+        f"Ray's overhead on one machine: fit {one_fit - local_fit:+.1f} s with one worker and "
+        f"{two_fit - local_fit:+.1f} s with two; predict {predict_one - predict_local:+.1f} s and "
+        f"{statistics.median(predicts['ray, 2 workers']) - predict_local:+.1f} s (start-up of the local "
+        "cluster, actors loading the backbone, shards' round trips). This machine has "
+        f"{os.cpu_count()} cores: two workers share them with the driver, so they cannot be twice as fast.",
+        "",
+        "## Projection",
+        "",
+        f"From the runs above: the backbone pass costs {1000 * worker_pass_per_image:.1f} ms per training "
+        f"image on one process, the statistics after it {1000 * statistics_per_image:.2f} ms per image on "
+        f"the driver (reading the feature store back), Ray adds {ray_fixed:.1f} s once; predict costs "
+        f"{1000 * predict_per_image:.1f} ms per image (decode, model, map, outputs), Ray adds "
+        f"{predict_fixed:.1f} s once. A shard of {shard_images} images sends the driver "
+        f"{per_shard / 1e6:.1f} MB (moments and feature vectors), "
+        f"{per_shard / shard_images / 1e3:.0f} kB per image. Assumed: {WORKERS_PER_NODE} CPU workers per "
+        "node, each as fast as one process here; workers add up linearly (shards are independent); the "
+        f"driver takes in shards at {NETWORK_BYTES_PER_S / 1e9:.0f} GB/s and spends the measured driver "
+        "cost per image; scoring needs no driver (each worker writes its own outputs).",
+        "",
+        f"| nodes | workers | fit {FIT_TARGET:,} images | of which the driver "
+        f"| score {SCORE_TARGET:,} images |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for nodes in NODES:
+        workers = nodes * WORKERS_PER_NODE
+        intake = FIT_TARGET * per_shard / shard_images / NETWORK_BYTES_PER_S
+        driver = FIT_TARGET * statistics_per_image + intake
+        fit_time = ray_fixed + max(FIT_TARGET * worker_pass_per_image / workers, intake) + driver - intake
+        score_time = predict_fixed + SCORE_TARGET * predict_per_image / workers
+        lines.append(
+            f"| {nodes} | {workers} | {_duration(fit_time)} | {_duration(driver)} | {_duration(score_time)} |"
+        )
+    lines += [
+        "",
+        "The fit's driver work grows with the images and does not shrink with nodes: past a few dozen "
+        "workers it is the bound. Scoring has no such bound.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def write_training_set(category: Path, count: int, folder: Path) -> list[Path]:
+    """`count` training images made from the category's own by a random 90-100% crop and a flip (seeded);
+    kept across runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = training_images(category)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        shrink, left, top, flip = rng.uniform(0.9, 1.0), rng.random(), rng.random(), rng.random() < 0.5
+        path = folder / f"{index:06d}.png"
+        paths.append(path)
+        if path.exists():
+            continue
+        image = Image.open(sources[index % len(sources)]).convert("RGB")
+        width, height = image.size
+        crop_width, crop_height = int(width * shrink), int(height * shrink)
+        x, y = int(left * (width - crop_width)), int(top * (height - crop_height))
+        image = image.crop((x, y, x + crop_width, y + crop_height))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image.save(path)
+    return paths
+
+
+def memory(args: argparse.Namespace) -> str:
+    category = Path(args.category)
+    paths = write_training_set(category, args.images, Path(args.cache) / f"{category.name}-{args.images}")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for count in (500, args.images):
+            inputs = Path(scratch) / f"train-{count}"
+            inputs.mkdir()
+            for path in paths[:count]:
+                (inputs / path.name).symlink_to(path)
+            seconds, peak = run(
+                [*GAUSSAD, "fit", str(inputs), "-o", str(Path(scratch) / f"m{count}"), "--quiet"]
+            )
+            rows.append((count, seconds, peak))
+    store = _feature_store_bytes_per_image(category)
+    base = rows[0][2]
+    lines = [
+        "# Scale: the fit's peak memory against the number of training images",
+        "",
+        f"gaussad {__version__}, {cpu_description()}; `gaussad fit` (default model, CPU) on images made from "
+        f"`{category.name}`'s training images (random 90-100% crops and flips, seeded).",
+        "",
+        "    " + " ".join(["python benchmarks/scale.py memory", str(category), "--images", str(args.images)]),
+        "",
+        "| training images | fit (s) | peak resident memory (MB) | against 500 "
+        "| feature store on disk (MB) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for count, seconds, peak in rows:
+        lines.append(
+            f"| {count} | {seconds:.0f} | {peak / 1e6:.0f} | {peak / base - 1:+.1%} "
+            f"| {count * store / 1e6:.0f} |"
+        )
+    lines += [
+        "",
+        f"The feature store (the spilled feature vectors of the map levels, float32) takes "
+        f"{store / 1e3:.0f} kB per training image in the temporary folder (`--tmp-dir`) while the fit "
+        "runs, and is removed after.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _feature_store_bytes_per_image(category: Path) -> int:
+    """Float32 bytes spilled per training image: each map level's vectors, the stacked position levels'."""
+    model = GaussAD(device="cpu", folds=0).fit(training_images(category)[:4])
+    return 4 * sum(positions * channels for positions, channels, _ in level_shapes(model))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=("speed", "memory"))
+    parser.add_argument("category", help="a category folder in MVTec AD layout")
+    parser.add_argument("--rounds", type=int, default=2, help="speed: alternating rounds (default: 2)")
+    parser.add_argument("--images", type=int, default=5000, help="memory: training images (default: 5000)")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "gaussad" / "scale"))
+    parser.add_argument("--out", help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    text = speed(args) if args.mode == "speed" else memory(args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
