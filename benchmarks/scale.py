@@ -11,8 +11,8 @@ the fixed start-up, and the bytes a shard sends to the driver (moments plus feat
 workers add up linearly, as the shards are independent, and says so.
 
 Memory (`memory`): writes N training images made from the category's own (random 90-100% crops and
-flips, seeded) under --cache, then runs `gaussad fit` on the first 500 and on all N, reading each run's peak
-resident memory (the fitting process; Ray workers are other processes) and the feature store's size on disk.
+flips, seeded) under --cache, then runs `gaussad fit` on the first 500, N / 2 and all N, reading each run's
+peak resident memory (the fitting process; Ray workers are other processes) and the feature store's size.
 
     python benchmarks/scale.py speed ../shared/datasets/magnetic_tile --out benchmarks/results/scale.md
     python benchmarks/scale.py memory ../shared/datasets/magnetic_tile --images 5000 \
@@ -220,7 +220,7 @@ def memory(args: argparse.Namespace) -> str:
     paths = write_training_set(category, args.images, Path(args.cache) / f"{category.name}-{args.images}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for count in (500, args.images):
+        for count in (500, args.images // 2, args.images):
             inputs = Path(scratch) / f"train-{count}"
             inputs.mkdir()
             for path in paths[:count]:

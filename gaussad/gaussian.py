@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.linalg import lapack
 
@@ -148,6 +149,17 @@ def fit_projection(covariance: np.ndarray, reduction: Reduction, variance: float
     if kept.size == covariance.shape[0]:
         return np.eye(kept.size)
     return eigenvectors[:, kept]
+
+
+def reduce_in_place(
+    covariance: np.ndarray, reduction: Reduction, variance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kept eigenvectors (C, d) of a large covariance and the covariance in their basis (diagonal: their
+    eigenvalues), from one decomposition that overwrites the covariance. MRRR needs a workspace of a few
+    vectors where the default divide and conquer holds two more C x C matrices: 50 MB at C = 1,792."""
+    eigenvalues, vectors = scipy.linalg.eigh(covariance, overwrite_a=True, driver="evr", check_finite=False)
+    kept = select_components(eigenvalues, reduction, variance)
+    return vectors[:, kept], np.diag(eigenvalues[kept])
 
 
 def is_identity(projection: np.ndarray) -> bool:

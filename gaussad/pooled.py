@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, fit_projection, gaussian_from_moments
+from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, gaussian_from_moments, reduce_in_place
 
 _READ_CHUNK_VALUES = 1 << 20  # float32 values per read (4 MiB)
 
@@ -98,10 +99,12 @@ def _sums(spill: PooledSpill, rows: np.ndarray | None, shift: np.ndarray) -> tup
     """Sum and outer-product sum (D, D) of the selected images' features less `shift`."""
     total = np.zeros(spill.dims)
     outer = np.zeros((spill.dims, spill.dims))
+    accumulated = torch.from_numpy(outer)  # shares its memory: each chunk's product added in place
     for chunk in spill.chunks(rows):
         chunk -= shift
         total += chunk.sum(axis=0)
-        outer += chunk.T @ chunk
+        values = torch.from_numpy(chunk)
+        accumulated.addmm_(values.T, values)
     return total, outer
 
 
@@ -122,9 +125,7 @@ def _fit_from_sums(
     offset = total / count
     covariance = np.divide(outer, count, out=outer if overwrite else None)
     covariance -= np.outer(offset, offset)
-    projection = fit_projection(covariance, reduction, variance)
-    reduced = projection.T @ covariance @ projection
-    del covariance
+    projection, reduced = reduce_in_place(covariance, reduction, variance)
     mean = shift + offset
     quartic = 0.0
     for chunk in spill.chunks(rows):

@@ -193,3 +193,20 @@ def test_cholesky_whitening_in_place_and_on_a_copy() -> None:
     np.testing.assert_array_equal(in_place, copied)
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         _cholesky_whitening(np.diag([1.0, -1.0])[None])
+
+
+@pytest.mark.parametrize(("reduction", "variance"), [("opca", 0.05), ("pca", 0.9), ("none", 1.0)])
+def test_reduce_in_place_keeps_what_fit_projection_keeps(reduction, variance) -> None:
+    from gaussad.gaussian import fit_projection, reduce_in_place
+
+    rng = np.random.default_rng(7)
+    samples = rng.normal(size=(200, 30)) @ (rng.normal(size=(30, 30)) * np.linspace(0.1, 3.0, 30))
+    covariance = np.cov(samples.T, bias=True)
+    expected = fit_projection(covariance, reduction, variance)
+    expected_reduced = expected.T @ covariance @ expected
+    projection, reduced = reduce_in_place(covariance.copy(), reduction, variance)
+    assert projection.shape == expected.shape
+    np.testing.assert_allclose(projection @ projection.T, expected @ expected.T, atol=1e-9)
+    # The same Mahalanobis distances: the reduced covariances are one rotation apart.
+    rotation = expected.T @ projection
+    np.testing.assert_allclose(rotation @ reduced @ rotation.T, expected_reduced, atol=1e-9)
