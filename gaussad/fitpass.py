@@ -69,8 +69,13 @@ class FitPlan:
     pooled_sets: dict[str, tuple[tuple[int, ...], int]]
     per_position_maps: bool
     n_folds: int
-    fold_of: np.ndarray  # each input image's fold
+    n_images: int  # the inputs, in contiguous folds (as scikit-learn's KFold)
     sampled: frozenset[int]
+
+    def folds_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The folds of the inputs at `indices`: a batch then spans one or two folds, and per-position sums
+        take one in-place product per fold present."""
+        return np.asarray(indices, dtype=np.int64) * self.n_folds // self.n_images
 
 
 @dataclass
@@ -144,7 +149,7 @@ def run_pass(
             continue
         indices = [first + index for index in batch.indices]
         result.kept += indices
-        folds = plan.fold_of[indices].tolist()
+        folds = plan.folds_of(indices).tolist()
         by_level = dict(zip(plan.extracted, batch.outputs, strict=True))
         for name, (lvs, grid) in plan.pooled_sets.items():
             for level in lvs:
@@ -154,8 +159,8 @@ def run_pass(
         if position is not None:
             position.add(stack_levels([by_level[lv] for lv in plan.position_levels]), folds)
         result.samples += [
-            (int(plan.fold_of[index]), batch.pixels[row])
-            for row, index in enumerate(indices)
+            (fold, batch.pixels[row])
+            for row, (index, fold) in enumerate(zip(indices, folds, strict=True))
             if index in plan.sampled
         ]
     return result

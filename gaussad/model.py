@@ -207,8 +207,6 @@ class GaussAD:
         )
         runner = extractor.runner(backbone)
         features = runner.model
-        # Contiguous folds (as scikit-learn's KFold): a batch then spans one or two folds, and per-position
-        # sums take one in-place product per fold present.
         plan = FitPlan(
             extracted,
             map_levels,
@@ -216,7 +214,7 @@ class GaussAD:
             pooled_sets,
             config.localization == "per-position",
             max(n_folds, 1),
-            np.arange(len(items)) * max(n_folds, 1) // len(items),
+            len(items),
             frozenset(synthetic_sample(len(items)).tolist()) if auto else frozenset(),
         )
         # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
@@ -261,7 +259,7 @@ class GaussAD:
             pass_seconds = time.perf_counter() - started
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
-            fold_of = plan.fold_of[kept]
+            fold_of = plan.folds_of(kept)
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the image score's, each level's full and fold models together). Each
             # level's map Gaussians, the full model's and each fold model's, take one read of its spill.

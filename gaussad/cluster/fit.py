@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gaussad.accumulate import LevelAccumulator
-from gaussad.cluster.session import import_ray, ray_cluster
+from gaussad.cluster.session import import_ray, quiet_ray_data, ray_cluster
 from gaussad.cluster.sharing import BATCHES_PER_SHARD, share_cluster, worker_failure
 from gaussad.errors import GaussADError
 from gaussad.fitpass import Extractor, FitPlan, HeldLevel, HeldPooled, PassResult, run_pass
@@ -26,23 +26,20 @@ from gaussad.pooled import PooledSpill
 class ShardWorker:
     """An actor of the pool: the backbone, loaded once, and the plan; called with one shard at a time."""
 
-    def __init__(
-        self, plan: FitPlan, extractor: Extractor, items: Sequence[ImageInput], threads: int, skip: bool
-    ) -> None:
+    def __init__(self, plan: FitPlan, extractor: Extractor, threads: int, skip: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)  # explicit: results depend on it in the last bits
         self.plan = plan
         self.runner = extractor.runner()
-        self.items = items
         self.skip = skip
 
     def __call__(self, shards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        bounds = zip(shards["start"], shards["stop"], strict=True)
-        results = [self._shard(int(start), int(stop)) for start, stop in bounds]
+        bounds = zip(shards["start"], shards["items"], strict=True)
+        results = [self._shard(int(start), pickle.loads(items)) for start, items in bounds]
         return {"start": shards["start"], "result": np.array(results, dtype=object)}
 
-    def _shard(self, start: int, stop: int) -> bytes:
+    def _shard(self, start: int, items: Sequence[ImageInput]) -> bytes:
         plan = self.plan
         levels = {level: HeldLevel(plan.per_position_maps, plan.n_folds) for level in plan.map_levels}
         position = HeldLevel(True, plan.n_folds) if plan.position_levels else None
@@ -51,7 +48,7 @@ class ShardWorker:
             passed = run_pass(
                 plan,
                 self.runner,
-                self.items[start:stop],
+                items,
                 levels,
                 position,
                 pooled,
@@ -81,23 +78,23 @@ def ray_pass(
     ray = import_ray()
     shard_size = BATCHES_PER_SHARD * extractor.batch_size
     starts = list(range(0, len(items), shard_size))
-    with ray_cluster(address):
+    with ray_cluster(address), quiet_ray_data():
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards come back in input order
         context.enable_progress_bars = progress is not None
         sharing = share_cluster(ray, extractor.device, actors, len(starts))
         shards = ray.data.from_items(
-            [{"start": start, "stop": min(start + shard_size, len(items))} for start in starts],
+            # Each shard carries its own images (any input gaussad reads), the actors only the plan.
+            [{"start": start, "items": pickle.dumps(items[start : start + shard_size])} for start in starts],
             override_num_blocks=len(starts),
         ).map_batches(
             ShardWorker,
             batch_size=1,
-            concurrency=sharing.count,
+            compute=ray.data.ActorPoolStrategy(size=sharing.count),
             **sharing.options,
             fn_constructor_kwargs={
                 "plan": plan,
                 "extractor": extractor,
-                "items": list(items),
                 "threads": sharing.threads,
                 "skip": skip_errors,
             },

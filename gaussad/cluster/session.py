@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -30,9 +31,13 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield
         return
-    # Nothing is sent anywhere: a production line's machines are often offline.
+    # Nothing is sent anywhere: a production line's machines are often offline. Ray's own notices stay in
+    # its session logs (its C++ core's too, which would warn that Ray Data's actors may fail to restart
+    # once their driver is gone): the command's output is gaussad's lines, and a failure reaches the user
+    # as one line all the same.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    options = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    options = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         _check_answers(address)
     try:
@@ -61,3 +66,17 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
         reason = error.strerror or str(error)
         message = f"cannot connect to the Ray cluster at {address}: nothing answers ({reason})"
         raise GaussADError(message) from None
+
+
+@contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data's progress notices (which dataset starts, where its logs are) off while inside."""
+    import ray.data  # noqa: F401  (importing it sets up its loggers, which would undo the level)
+
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
