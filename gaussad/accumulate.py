@@ -1,11 +1,12 @@
 """Streaming the training feature maps of one level into its Gaussian.
 
 Fitting must not hold every training feature map in memory. The first pass accumulates float64 moments
-batch by batch and appends the float32 features to a temporary file on disk; once the covariance (and so
-the PCA) is known, one sequential read of that file gives the fourth-moment sum that Ledoit-Wolf shrinkage
-needs in the reduced space. Per position, outer sums are kept for all images together, and those of a fold
-are read back from the file when calibration needs the Gaussian without it. The result equals fitting on
-all features at once, without a second forward pass of the backbone.
+(`gaussad.moments.Moments`, mergeable across shards of the images) batch by batch and appends the float32
+features to a temporary file on disk, the feature store; once the covariance (and so the PCA) is known,
+one sequential read of that file gives the fourth-moment sum that Ledoit-Wolf shrinkage needs in the
+reduced space. Per position, outer sums are kept for all images together, and those of a fold are read
+back from the file, a batch at a time, when calibration needs the Gaussian without it. The result equals
+fitting on all features at once, without a second forward pass of the backbone.
 """
 
 from __future__ import annotations
