@@ -187,18 +187,28 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _model_params(args: argparse.Namespace) -> dict[str, Any]:
+    """`GaussAD`'s keyword arguments from a command's model and run-time options."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS} | _runtime(args)
+
+
 def _model_from_args(args: argparse.Namespace, **engine: Any) -> GaussAD:
     from gaussad.model import GaussAD
 
-    return GaussAD(**{name: getattr(args, name) for name in MODEL_OPTIONS}, **_runtime(args), **engine)
+    return GaussAD(**_model_params(args), **engine)
+
+
+def _exported(args: argparse.Namespace) -> bool:
+    """Whether MODEL_DIR is an exported `.onnx` file; `--runtime` other than onnxruntime runs only those."""
+    exported = Path(args.model_dir).suffix.lower() == ".onnx"
+    if getattr(args, "runtime", "onnxruntime") != "onnxruntime" and not exported:
+        raise GaussADError(f"--runtime {args.runtime}: runs exported .onnx files, not a model folder")
+    return exported
 
 
 def _load_model(args: argparse.Namespace) -> GaussAD | OnnxModel:
     """The model folder, or an exported `.onnx` file (scored without PyTorch by gaussad.runtime)."""
-    exported = Path(args.model_dir).suffix.lower() == ".onnx"
-    if getattr(args, "runtime", "onnxruntime") != "onnxruntime" and not exported:
-        raise GaussADError(f"--runtime {args.runtime}: runs exported .onnx files, not a model folder")
-    if exported:
+    if _exported(args):
         from gaussad.runtime import OnnxModel
 
         runtime = {key: value for key, value in _runtime(args).items() if key != "progress"}
@@ -296,10 +306,8 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
     from gaussad.decisions import output_names
     from gaussad.fileio import output_folders
 
-    if Path(args.model_dir).suffix.lower() == ".onnx":
+    if _exported(args):
         raise GaussADError(f"{args.model_dir}: --engine ray scores model folders; run exported files locally")
-    if args.runtime != "onnxruntime":
-        raise GaussADError(f"--runtime {args.runtime}: runs exported .onnx files, not a model folder")
     pairs = output_names(args.paths, exclude=output_folders(args.output))
     run = ray_predict(
         args.model_dir,
@@ -398,7 +406,7 @@ def _evaluate_on_ray(
     """evaluate --engine ray (gaussad.cluster.evaluate): the model's arguments as a worker needs them."""
     from gaussad.cluster.evaluate import ray_evaluate
 
-    params = {name: getattr(args, name) for name in MODEL_OPTIONS} | _runtime(args)
+    params = _model_params(args)
     if params["weights"]:  # relative to this folder, not to a worker's
         params["weights"] = str(Path(params["weights"]).absolute())
     tmp_dir = args.tmp_dir and str(Path(args.tmp_dir).absolute())
