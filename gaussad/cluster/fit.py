@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gaussad.accumulate import LevelAccumulator
-from gaussad.cluster.session import import_ray, quiet_ray_data, ray_cluster
+from gaussad.cluster.session import import_ray, ray_cluster, ray_data_settings
 from gaussad.cluster.sharing import BATCHES_PER_SHARD, share_cluster, worker_failure
 from gaussad.errors import GaussADError
 from gaussad.fitpass import Extractor, FitPlan, HeldLevel, HeldPooled, PassResult, run_pass
@@ -78,10 +78,7 @@ def ray_pass(
     ray = import_ray()
     shard_size = BATCHES_PER_SHARD * extractor.batch_size
     starts = list(range(0, len(items), shard_size))
-    with ray_cluster(address), quiet_ray_data():
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # shards come back in input order
-        context.enable_progress_bars = progress is not None
+    with ray_cluster(address), ray_data_settings(progress is not None):  # shards back in input order
         sharing = share_cluster(ray, extractor.device, actors, len(starts))
         shards = ray.data.from_items(
             # Each shard carries its own images (any input gaussad reads), the actors only the plan.

@@ -69,14 +69,20 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
 
 
 @contextmanager
-def quiet_ray_data() -> Iterator[None]:
-    """Ray Data's progress notices (which dataset starts, where its logs are) off while inside."""
-    import ray.data  # noqa: F401  (importing it sets up its loggers, which would undo the level)
+def ray_data_settings(progress: bool) -> Iterator[None]:
+    """Ray Data's settings for a run in input order while inside: results in the order of their inputs,
+    progress bars only when asked, and its progress notices (which dataset starts, where its logs are)
+    off. They are process-wide, so the ones found are put back on the way out."""
+    import ray.data  # importing it sets up its loggers, which would undo the level set here
 
+    context = ray.data.DataContext.get_current()
     logger = logging.getLogger("ray.data")
-    level = logger.level
+    found = (context.execution_options.preserve_order, context.enable_progress_bars, logger.level)
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = progress
     logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        context.execution_options.preserve_order, context.enable_progress_bars, level = found
         logger.setLevel(level)
