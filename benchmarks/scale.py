@@ -11,12 +11,13 @@ the fixed start-up, and the bytes a shard sends to the driver (moments plus feat
 workers add up linearly, as the shards are independent, and says so.
 
 Memory (`memory`): writes N training images made from the category's own (random 90-100% crops and
-flips, seeded) under --cache, then runs `gaussad fit` on the first 500, N / 2 and all N, reading each run's
-peak resident memory (the fitting process; Ray workers are other processes) and the feature store's size.
+flips, seeded) under --cache, then runs `gaussad fit --feature-store S` on the first 500, N / 2 and all N
+for each store S, reading each run's peak resident memory (the fitting process; Ray workers are other
+processes) and the disk store's size.
 
     python benchmarks/scale.py speed ../shared/datasets/magnetic_tile --out benchmarks/results/scale.md
     python benchmarks/scale.py memory ../shared/datasets/magnetic_tile --images 5000 \
-        --out benchmarks/results/scale-memory.md
+        --feature-stores disk memory none --out benchmarks/results/scale-memory.md
 """
 
 from __future__ import annotations
@@ -225,34 +226,42 @@ def memory(args: argparse.Namespace) -> str:
             inputs.mkdir()
             for path in paths[:count]:
                 (inputs / path.name).symlink_to(path)
-            seconds, peak = run(
-                [*GAUSSAD, "fit", str(inputs), "-o", str(Path(scratch) / f"m{count}"), "--quiet"]
-            )
-            rows.append((count, seconds, peak))
-    store = _feature_store_bytes_per_image(category)
-    base = rows[0][2]
+        for store in args.feature_stores:
+            for count in (500, args.images // 2, args.images):
+                output = str(Path(scratch) / f"m-{store}-{count}")
+                command = ["fit", str(Path(scratch) / f"train-{count}"), "-o", output, "--quiet"]
+                seconds, peak = run([*GAUSSAD, *command, "--feature-store", store])
+                rows.append((store, count, seconds, peak))
+    per_image = _feature_store_bytes_per_image(category)
+    stores = " ".join(args.feature_stores)
     lines = [
         "# Scale: the fit's peak memory against the number of training images",
         "",
         f"gaussad {__version__}, {cpu_description()}; `gaussad fit` (default model, CPU) on images made from "
         f"`{category.name}`'s training images (random 90-100% crops and flips, seeded).",
         "",
-        "    " + " ".join(["python benchmarks/scale.py memory", str(category), "--images", str(args.images)]),
+        "    "
+        + " ".join(
+            ["python benchmarks/scale.py memory", str(category), "--images", str(args.images)]
+            + ["--feature-stores", stores]
+        ),
         "",
-        "| training images | fit (s) | peak resident memory (MB) | against 500 "
-        "| feature store on disk (MB) |",
-        "|---:|---:|---:|---:|---:|",
+        "| feature store | training images | fit (s) | peak resident memory (MB) | against 500 "
+        "| on disk (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for count, seconds, peak in rows:
-        lines.append(
-            f"| {count} | {seconds:.0f} | {peak / 1e6:.0f} | {peak / base - 1:+.1%} "
-            f"| {count * store / 1e6:.0f} |"
-        )
+    for store, count, seconds, peak in rows:
+        base = next(peak for name, _, _, peak in rows if name == store)
+        on_disk = count * per_image / 1e6 if store == "disk" else 0
+        growth = peak / base - 1
+        cells = [store, str(count), f"{seconds:.0f}", f"{peak / 1e6:.0f}", f"{growth:+.1%}", f"{on_disk:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"The feature store (the spilled feature vectors of the map levels, float32) takes "
-        f"{store / 1e3:.0f} kB per training image in the temporary folder (`--tmp-dir`) while the fit "
-        "runs, and is removed after.",
+        f"The disk store (the map levels' feature vectors, float32) takes {per_image / 1e3:.0f} kB per "
+        "training image in the temporary folder (`--tmp-dir`) while the fit runs, and is removed after. "
+        "`memory` holds the same bytes in the fitting process; `none` keeps no features and runs the "
+        "backbone over the training images twice more (the fourth moments, the held-out maps).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -271,6 +280,13 @@ def main() -> None:
     parser.add_argument("category", help="a category folder in MVTec AD layout")
     parser.add_argument("--rounds", type=int, default=2, help="speed: alternating rounds (default: 2)")
     parser.add_argument("--images", type=int, default=5000, help="memory: training images (default: 5000)")
+    parser.add_argument(
+        "--feature-stores",
+        nargs="+",
+        choices=("disk", "memory", "none"),
+        default=["disk", "memory", "none"],
+        help="memory: the fit's feature stores to measure (default: all three)",
+    )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "gaussad" / "scale"))
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from gaussad import __version__
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig, describe_size
 from gaussad.errors import GaussADError
 from gaussad.serve.commands import add_commands as add_serve_commands
+from gaussad.store import FEATURE_STORES
 
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.
@@ -73,8 +74,8 @@ def _positive_int(text: str) -> int:
 def _add_runtime_options(
     parser: argparse.ArgumentParser, on_error: str | None = None, tmp_dir: bool = False
 ) -> None:
-    """The run-time options; `--on-error` (with that default) where a run may skip images, `--tmp-dir`
-    where it fits."""
+    """The run-time options; `--on-error` (with that default) where a run may skip images, the feature
+    store and `--tmp-dir` where it fits."""
     group = parser.add_argument_group("run-time options")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     group.add_argument(
@@ -106,9 +107,18 @@ def _add_runtime_options(
         )
     if tmp_dir:
         group.add_argument(
+            "--feature-store",
+            choices=FEATURE_STORES,
+            default="disk",
+            help="where the fit keeps the training features until its Gaussians are finished: disk (0.4 MB "
+            "per image with the defaults, in --tmp-dir), memory, or none (the backbone runs over the "
+            "training images again instead; not with --engine ray) (default: %(default)s)",
+        )
+        group.add_argument(
             "--tmp-dir",
             metavar="DIR",
-            help="where the fit spills features (default: TMPDIR, else the system's temporary folder)",
+            help="where the fit's disk feature store goes (default: TMPDIR, else the system's temporary "
+            "folder)",
         )
 
 
@@ -189,7 +199,8 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
 
 def _model_params(args: argparse.Namespace) -> dict[str, Any]:
     """`GaussAD`'s keyword arguments from a command's model and run-time options."""
-    return {name: getattr(args, name) for name in MODEL_OPTIONS} | _runtime(args)
+    fitting = {"feature_store": args.feature_store} if "feature_store" in args else {}
+    return {name: getattr(args, name) for name in MODEL_OPTIONS} | _runtime(args) | fitting
 
 
 def _model_from_args(args: argparse.Namespace, **engine: Any) -> GaussAD:

@@ -3,12 +3,13 @@
 The pass is the same wherever it runs: in the fitting process, where each level's features go straight into
 its `LevelAccumulator`, or on a worker that holds one shard of the images (`gaussad.cluster.fit`), where
 they are held as `HeldLevel`s and handed over to the fit's accumulators in input order. `FitPlan` says what
-to keep, `Extractor` how to build the backbone's runner; both travel to workers as they are.
+to keep, `Extractor` how to build the backbone's runner; both travel to workers as they are. A fit that
+keeps no feature store runs the backbone again (`replayed`) where it would have read the store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,10 +19,11 @@ from gaussad.accumulate import LevelAccumulator, positional_values
 from gaussad.backbones import TappedBackbone, load_backbone
 from gaussad.config import ImageSize
 from gaussad.decoding import ImageError
+from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
 from gaussad.images import ImageInput
 from gaussad.moments import Moments
-from gaussad.pooled import PooledSpill
+from gaussad.pooled import PooledFeatures
 from gaussad.scorer import LevelFeatures
 
 
@@ -107,14 +109,14 @@ class HeldLevel:
         self.moments.add(values, features.shape[-2:], folds)
 
     def hand_over(self, accumulator: LevelAccumulator) -> None:
-        """Spill the held values and merge the moments into `accumulator` (after the images before them)."""
+        """Store the held values and merge the moments into `accumulator` (after the images before them)."""
         if self.values:
-            accumulator.spill_values(torch.from_numpy(np.concatenate(self.values)))
+            accumulator.store_values(torch.from_numpy(np.concatenate(self.values)))
         accumulator.add_moments(self.moments)
 
 
 class HeldPooled:
-    """One level's pooled features over a shard of images, held until they join the fit's spill: fewer
+    """One level's pooled features over a shard of images, held until they join the fit's store: fewer
     bytes than their sums (the dimension is in the thousands, a shard's images in the tens)."""
 
     def __init__(self) -> None:
@@ -123,9 +125,9 @@ class HeldPooled:
     def add(self, values: np.ndarray) -> None:
         self.values.append(values)
 
-    def hand_over(self, spill: PooledSpill) -> None:
+    def hand_over(self, features: PooledFeatures) -> None:
         if self.values:
-            spill.add(np.concatenate(self.values))
+            features.add(np.concatenate(self.values))
 
 
 def run_pass(
@@ -134,7 +136,7 @@ def run_pass(
     items: Sequence[ImageInput],
     levels: dict[int, LevelAccumulator | HeldLevel],
     position: LevelAccumulator | HeldLevel | None,
-    pooled: dict[str, dict[int, PooledSpill | HeldPooled]],
+    pooled: dict[str, dict[int, PooledFeatures | HeldPooled]],
     first: int = 0,
     progress: str | None = None,
     skip_errors: bool = False,
@@ -164,3 +166,67 @@ def run_pass(
             if index in plan.sampled
         ]
     return result
+
+
+def replayed(
+    plan: FitPlan, runner: BatchRunner, items: Sequence[ImageInput], kept: Sequence[int], progress: str | None
+) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+    """The backbone run again over `items` in the same batches as the pass: per batch, the row of its first
+    kept image (its place among the `kept` inputs, the accumulators' order) and the float32 feature maps of
+    its kept images by extracted level. A kept image that cannot be read again is an error naming it."""
+    rows = {index: row for row, index in enumerate(kept)}
+    expected = 0
+    for batch in runner.batches(items, progress, skip_errors=True):
+        lost = [error for error in batch.errors if error.index in rows]
+        if lost:
+            raise GaussADError(f"{lost[0].message} (read once already: it changed during the fit)")
+        if batch.outputs is None:
+            continue
+        selected = [position for position, index in enumerate(batch.indices) if index in rows]
+        if not selected:
+            continue
+        if rows[batch.indices[selected[0]]] != expected:  # an image read in the pass is missing
+            raise GaussADError("the training images changed during the fit")
+        expected += len(selected)
+        take = torch.tensor(selected, device=batch.outputs[0].device)
+        yield (
+            expected - len(selected),
+            {
+                level: output.index_select(0, take).float()
+                for level, output in zip(plan.extracted, batch.outputs, strict=True)
+            },
+        )
+    if expected != len(kept):
+        raise GaussADError("the training images changed during the fit")
+
+
+class ReplayedFolds:
+    """`replayed` batches served fold by fold in increasing order (folds are contiguous runs of the
+    images): `batches(fold)` yields each batch's part of that fold, keeping a batch's next fold for later."""
+
+    def __init__(self, batches: Iterator[tuple[int, dict[int, torch.Tensor]]], fold_of: np.ndarray) -> None:
+        self._batches = batches
+        self._fold_of = fold_of
+        self._pending: tuple[int, dict[int, torch.Tensor]] | None = None
+
+    def batches(self, fold: int) -> Iterator[dict[int, torch.Tensor]]:
+        """The feature maps by level of fold `fold`'s images, in order, a batch (or its part) at a time."""
+        while True:
+            if self._pending is None:
+                self._pending = next(self._batches, None)
+                if self._pending is None:
+                    return
+            start, by_level = self._pending
+            folds = self._fold_of[start : start + len(next(iter(by_level.values())))]
+            if folds[0] > fold:
+                return
+            end = int(np.searchsorted(folds, fold, side="right"))  # earlier folds' rows are passed over
+            inside = by_level if end == len(folds) else {lv: values[:end] for lv, values in by_level.items()}
+            self._pending = (
+                None
+                if end == len(folds)
+                else (start + end, {level: values[end:] for level, values in by_level.items()})
+            )
+            first = int(np.searchsorted(folds, fold, side="left"))
+            if first < end:
+                yield {level: values[first:] for level, values in inside.items()}

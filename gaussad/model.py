@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.accumulate import LevelAccumulator
+from gaussad.accumulate import Finishing, LevelAccumulator, positional_values
 from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.config import (
@@ -33,11 +34,11 @@ from gaussad.config import (
 )
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
-from gaussad.fitpass import Extractor, FitPlan, run_pass
+from gaussad.fitpass import Extractor, FitPlan, ReplayedFolds, replayed, run_pass
 from gaussad.gaussian import Gaussian, Reduction
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
-from gaussad.pooled import PooledSpill
+from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer, combined_scores
 from gaussad.scratch import scratch_folder
@@ -50,6 +51,7 @@ from gaussad.selection import (
     synthetic_sample,
 )
 from gaussad.state import BackboneInfo, FittedState
+from gaussad.store import FEATURE_STORES, open_store
 from gaussad.synthetic import synthetic_defects
 from gaussad.tuning import one_blas_thread
 
@@ -58,8 +60,8 @@ from gaussad.tuning import one_blas_thread
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
-# Where the fit runs (run-time settings that only `fit` reads).
-ENGINE_OPTIONS = ("engine", "address", "actors")
+# Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
+FIT_OPTIONS = ("engine", "address", "actors", "feature_store")
 ON_ERRORS = ("stop", "skip")
 # Image-score candidates of `auto` in the order they are weighed: a later one must beat the best so far
 # beyond the proxy's noise. The combination first: across the development data it never loses much, where
@@ -103,7 +105,9 @@ class GaussAD:
     (scikit-learn convention); device, batch_size, workers, progress, on_error and the engine are run-time
     settings: on_error "stop" ends a run at the first unreadable image, "skip" leaves such images out
     (`fit` lists them in `skipped_`, `iter_predict` in each batch's `errors`); engine "ray" runs the fit's
-    backbone pass on a Ray cluster (`address`, or a local one; `actors` workers), with the same result.
+    backbone pass on a Ray cluster (`address`, or a local one; `actors` workers), with the same result;
+    feature_store says where the fit keeps the training features until its Gaussians are finished ("disk",
+    "memory", or "none": the backbone runs over the images again instead; `gaussad.store`).
     What `fit` learns ends in `_`: `state_` holds all of it, and the properties below read it.
     """
 
@@ -133,6 +137,7 @@ class GaussAD:
         engine: str = "local",
         address: str | None = None,
         actors: int | None = None,
+        feature_store: str = "disk",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -158,6 +163,7 @@ class GaussAD:
         self.engine = engine
         self.address = address
         self.actors = actors
+        self.feature_store = feature_store
 
     @property
     def config(self) -> ModelConfig:
@@ -217,22 +223,27 @@ class GaussAD:
             len(items),
             frozenset(synthetic_sample(len(items)).tolist()) if auto else frozenset(),
         )
-        # Spilled features go to the temporary folder (TMPDIR), in a folder a later run removes if this
-        # process is killed.
-        with scratch_folder(SPILL_PREFIX) as spill_dir:
+        # A disk store goes to the temporary folder (TMPDIR), in a folder a later run removes if this
+        # process is killed. Without a store, the pooled features (a few kB per image) are kept in memory.
+        kind = self.feature_store
+        with scratch_folder(SPILL_PREFIX) if kind == "disk" else nullcontext() as spill_dir:
             accumulators = {
                 level: LevelAccumulator(
-                    Path(spill_dir) / f"level{level}.f32", plan.per_position_maps, plan.n_folds
+                    open_store(kind, spill_dir, f"level{level}"), plan.per_position_maps, plan.n_folds
                 )
                 for level in map_levels
             }
             position_accumulator = (
-                LevelAccumulator(Path(spill_dir) / "position.f32", True, plan.n_folds)
+                LevelAccumulator(open_store(kind, spill_dir, "position"), True, plan.n_folds)
                 if position_levels
                 else None
             )
+            pooled_kind = "memory" if kind == "none" else kind
             pooled = {
-                name: {level: PooledSpill(Path(spill_dir) / f"{name}{level}.f32") for level in lvs}
+                name: {
+                    level: PooledFeatures(open_store(pooled_kind, spill_dir, f"{name}{level}"))
+                    for level in lvs
+                }
                 for name, (lvs, _) in pooled_sets.items()
             }
             progress = "fit" if self.progress else None
@@ -260,17 +271,30 @@ class GaussAD:
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
             fold_of = plan.folds_of(kept)
+            again = "fit, again" if progress else None  # a pass without a feature store
+            folds = [None, *range(n_folds)]
+            finish = {"release": True, "fold_dtype": np.float32}  # fold models only score held-out images
+            # Each level's map Gaussians, the full model's and each fold model's, take one reading of every
+            # image's features: its store's, or (without one) the backbone's again, for every level at once.
+            finishers = (
+                {
+                    key: partial(finishing.gaussians, **finish)
+                    for key, finishing in _replayed_finishings(
+                        plan,
+                        replayed(plan, runner, items, kept, again),
+                        accumulators,
+                        position_accumulator,
+                        config,
+                        folds,
+                    ).items()
+                }
+                if kind == "none"
+                else _stored_finishers(accumulators, position_accumulator, config, folds, finish)
+            )
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
-            # per-position ones, then the image score's, each level's full and fold models together). Each
-            # level's map Gaussians, the full model's and each fold model's, take one read of its spill.
+            # per-position ones, then the image score's, each level's full and fold models together).
             with one_blas_thread(), ThreadPoolExecutor(max_workers=2) as pool:
-                folds = [None, *range(n_folds)]
-                finish = {"release": True, "fold_dtype": np.float32}  # fold models only score held-out images
-                position_job = (
-                    pool.submit(position_accumulator.finish_many, *POSITION_REDUCTION, folds, **finish)
-                    if position_accumulator is not None
-                    else None
-                )
+                position_job = pool.submit(finishers[None]) if None in finishers else None
                 # A job per level; fitted from sums (many images), a level holds a few dimension x dimension
                 # matrices, and a candidate's levels then go in turn so as not to double the peak memory.
                 image_jobs = {
@@ -282,12 +306,7 @@ class GaussAD:
                     ]
                     for name in pooled_sets
                 }
-                map_jobs = [
-                    pool.submit(
-                        accumulators[level].finish_many, config.reduction, config.variance, folds, **finish
-                    )
-                    for level in map_levels
-                ]
+                map_jobs = [pool.submit(finishers[level]) for level in map_levels]
                 image_fits = {
                     name: [fit for job in jobs for fit in job.result()] for name, jobs in image_jobs.items()
                 }
@@ -322,12 +341,26 @@ class GaussAD:
             )
             localizations = ["hybrid", "shared"] if config.localization == "auto" else [config.localization]
             synthetic = _synthetic_defects(samples, runner, features) if auto else None
+            fold_features = (
+                partial(
+                    _replayed_fold_features,
+                    plan,
+                    ReplayedFolds(replayed(plan, runner, items, kept, again), fold_of),
+                )
+                if kind == "none"
+                else partial(
+                    _stored_fold_features,
+                    [accumulators[level] for level in map_levels],
+                    position_accumulator,
+                    self.batch_size,
+                )
+            )
             folded = self._fold_results(
                 state,
                 grids,
-                [accumulators[level] for level in map_levels],
+                fold_features,
                 [fits[1:] for fits in map_fits],
-                (position_accumulator, position_fits[1:]) if position_fits else None,
+                position_fits[1:] if position_fits else None,
                 fold_of,
                 n_folds,
                 device,
@@ -362,9 +395,9 @@ class GaussAD:
         self,
         state: FittedState,
         grids: dict[int, Grid],
-        accumulators: list[LevelAccumulator],
+        fold_features: Callable[[int], Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]],
         fold_map_gaussians: list[list[Gaussian]],
-        fold_position: tuple[LevelAccumulator, list[Gaussian]] | None,
+        fold_position: list[Gaussian] | None,
         fold_of: np.ndarray,
         n_folds: int,
         device: torch.device,
@@ -373,12 +406,13 @@ class GaussAD:
         synthetic: SyntheticDefects | None,
     ) -> FoldResults:
         """What the fold models say about images they were not fitted on, scored by the same `MapHead` as
-        predictions, without a backbone pass for the training images (their features were kept from the
-        fit): each training image's map maximum, median and top share per candidate localization, and,
-        for synthetic defects, their maps per localization and image scores per pooled candidate.
+        predictions, from the training images' features by fold (`fold_features(fold)`: batches of the map
+        levels' features and the stacked position levels', kept from the fit or extracted again): each
+        training image's map maximum, median and top share per candidate localization, and, for synthetic
+        defects, their maps per localization and image scores per pooled candidate.
 
         fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold; fold_position the
-        position accumulator and its fold Gaussians (hybrid maps); pooled_models per image-score candidate
+        position Gaussians by fold (hybrid maps); pooled_models per image-score candidate
         its (levels, grid) and its fold Gaussians [fold][level]. Empty without calibration."""
         n_images = len(fold_of) if n_folds else 0
         results = FoldResults(
@@ -389,21 +423,18 @@ class GaussAD:
         for fold in range(n_folds):
             head = _map_head(
                 [gaussians[fold] for gaussians in fold_map_gaussians],
-                fold_position[1][fold] if fold_position else None,
+                fold_position[fold] if fold_position else None,
                 state,
                 grids,
                 self.blur_sigma,
             ).to(device)
-            # A batch at a time, read back from the spill: a whole fold's features or full-size maps would
-            # make the fit's peak memory grow with the training images.
-            sources = [accumulator.fold_batches(fold, self.batch_size) for accumulator in accumulators]
-            if fold_position:
-                sources.append(fold_position[0].fold_batches(fold, self.batch_size))
+            # A batch at a time: a whole fold's features or full-size maps would make the fit's peak memory
+            # grow with the training images.
             rows = np.flatnonzero(fold_of == fold)
             start = 0
-            for batch in zip(*sources, strict=True):
-                level_features = [values.to(device) for values in batch[: len(accumulators)]]
-                stacked = batch[-1].to(device) if fold_position else None
+            for level_features, stacked in fold_features(fold):
+                level_features = [values.to(device) for values in level_features]
+                stacked = stacked.to(device) if stacked is not None and fold_position else None
                 maps = _candidate_maps(head, level_features, stacked, localizations)
                 for name, values in maps.items():
                     results.held_out[name].record(rows[start : start + len(level_features[0])], values)
@@ -441,6 +472,17 @@ class GaussAD:
             raise GaussADError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.actors is not None and self.actors < 1:
             raise GaussADError(f"--actors {self.actors}: expected at least 1")
+        if self.feature_store not in FEATURE_STORES:
+            raise GaussADError(
+                f"--feature-store {self.feature_store!r}: expected one of {', '.join(FEATURE_STORES)}"
+            )
+        if self.feature_store == "none" and self.engine == "ray":
+            # The workers send every image's features to the driver anyway; running the backbone again
+            # would then be the driver's alone.
+            raise GaussADError(
+                "--feature-store none runs the backbone again in this process: use disk or "
+                "memory with --engine ray"
+            )
 
     def _skip_errors(self) -> bool:
         if self.on_error not in ON_ERRORS:
@@ -697,6 +739,71 @@ def _synthetic_defects(
     return SyntheticDefects(folds, masks, kinds, stacked)
 
 
+def _replayed_finishings(
+    plan: FitPlan,
+    batches: Iterator[tuple[int, dict[int, torch.Tensor]]],
+    accumulators: dict[int, LevelAccumulator],
+    position: LevelAccumulator | None,
+    config: ModelConfig,
+    folds: Sequence[int | None],
+) -> dict[int | None, Finishing]:
+    """Without a feature store: every map level's `Finishing` (and the position levels', under None) fed
+    from one more backbone pass over the kept images."""
+    finishings: dict[int | None, Finishing] = {
+        level: accumulator.finishing(config.reduction, config.variance, folds)
+        for level, accumulator in accumulators.items()
+    }
+    if position is not None:
+        finishings[None] = position.finishing(*POSITION_REDUCTION, folds)
+    for start, by_level in batches:
+        for level, finishing in finishings.items():
+            features = by_level[level] if level is not None else _stacked(plan, by_level)
+            finishing.add(start, positional_values(features).numpy())
+    return finishings
+
+
+def _stored_finishers(
+    accumulators: dict[int, LevelAccumulator],
+    position: LevelAccumulator | None,
+    config: ModelConfig,
+    folds: Sequence[int | None],
+    finish: dict,
+) -> dict[int | None, Callable[[], list[Gaussian]]]:
+    """With a feature store: each map level's Gaussians (and the position levels', under None) as a job
+    that reads its store."""
+    finishers: dict[int | None, Callable[[], list[Gaussian]]] = {
+        level: partial(accumulator.finish_many, config.reduction, config.variance, folds, **finish)
+        for level, accumulator in accumulators.items()
+    }
+    if position is not None:
+        finishers[None] = partial(position.finish_many, *POSITION_REDUCTION, folds, **finish)
+    return finishers
+
+
+def _stacked(plan: FitPlan, by_level: dict[int, torch.Tensor]) -> torch.Tensor:
+    return stack_levels([by_level[level] for level in plan.position_levels])
+
+
+def _stored_fold_features(
+    accumulators: list[LevelAccumulator], position: LevelAccumulator | None, batch_size: int, fold: int
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+    """A fold's map-level and stacked position features, read back from the feature stores."""
+    sources = [accumulator.fold_batches(fold, batch_size) for accumulator in accumulators]
+    if position is not None:
+        sources.append(position.fold_batches(fold, batch_size))
+    for batch in zip(*sources, strict=True):
+        yield list(batch[: len(accumulators)]), batch[-1] if position is not None else None
+
+
+def _replayed_fold_features(
+    plan: FitPlan, replay: ReplayedFolds, fold: int
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+    """A fold's map-level and stacked position features, from the backbone run again."""
+    for by_level in replay.batches(fold):
+        stacked = _stacked(plan, by_level) if plan.position_levels else None
+        yield [by_level[level] for level in plan.map_levels], stacked
+
+
 def _candidate_maps(
     head: MapHead,
     level_features: Sequence[torch.Tensor],
@@ -825,18 +932,22 @@ def _score_scales(pooled: np.ndarray, tops: np.ndarray) -> tuple[float, float]:
 
 
 def _fit_pooled_levels(
-    spills: dict[int, PooledSpill], fold_of: np.ndarray, n_folds: int, reduction: Reduction, variance: float
+    features: dict[int, PooledFeatures],
+    fold_of: np.ndarray,
+    n_folds: int,
+    reduction: Reduction,
+    variance: float,
 ) -> list[tuple[Gaussian, list[Gaussian], np.ndarray]]:
     """`gaussad.pooled.fit_level` for each of the levels, one after the other."""
-    return [fit_pooled(spill, fold_of, n_folds, reduction, variance) for spill in spills.values()]
+    return [fit_pooled(pooled, fold_of, n_folds, reduction, variance) for pooled in features.values()]
 
 
-def _pooled_groups(spills: dict[int, PooledSpill]) -> list[dict[int, PooledSpill]]:
+def _pooled_groups(features: dict[int, PooledFeatures]) -> list[dict[int, PooledFeatures]]:
     """One image-score candidate's levels as groups fitted in parallel: each level alone where all are fitted
     from samples, all in one group where any is fitted from sums."""
-    if any(spill.streamed for spill in spills.values()):
-        return [spills]
-    return [{level: spill} for level, spill in spills.items()]
+    if any(pooled.streamed for pooled in features.values()):
+        return [features]
+    return [{level: pooled} for level, pooled in features.items()]
 
 
 def _label_free_thresholds(

@@ -1,41 +1,43 @@
 """One level's pooled image features over the training images: the image score's Gaussians, full and per fold.
 
-The features are spilled to disk (float32, exactly as pooled) as the images pass. Where there are no more
-images than dimensions, they are read back whole and fitted as samples (`fit_gaussian`: the Gram matrix
-is then the smaller problem); beyond that, holding them would grow the fit's memory with every image, so
-each Gaussian is fitted from sums read back in chunks: the covariance from the outer sums of all images less
-those of the held-out fold, then the fourth moment in the reduced space. Memory is then bounded by a few
+The features are kept in a feature store (float32, exactly as pooled) as the images pass. Where there are
+no more images than dimensions, they are read back whole and fitted as samples (`fit_gaussian`: the Gram
+matrix is then the smaller problem); beyond that, holding them would grow the fit's memory with every image,
+so each Gaussian is fitted from sums read back in chunks: the covariance from the outer sums of all images
+less those of the held-out fold, then the fourth moment in the reduced space. Memory is then bounded by a few
 dimension x dimension matrices, whatever the number of images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian, gaussian_from_moments, reduce_in_place
+from gaussad.store import FeatureStore
 
 _READ_CHUNK_VALUES = 1 << 20  # float32 values per read (4 MiB)
 
 
-class PooledSpill:
-    """Pooled features (n, D) of one level, appended batch by batch to a float32 file."""
+class PooledFeatures:
+    """Pooled features (n, D) of one level, added batch by batch to a feature store."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.count = 0
-        self.dims = 0
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+
+    @property
+    def count(self) -> int:
+        return self.store.count
+
+    @property
+    def dims(self) -> int:
+        return self.store.row_values
 
     def add(self, values: np.ndarray) -> None:
-        """Append the pooled features (b, D) of the next images."""
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        self.dims = values.shape[1]
-        with self.path.open("ab") as spill:
-            values.tofile(spill)
-        self.count += len(values)
+        """Add the pooled features (b, D) of the next images."""
+        self.store.append(values)
 
     @property
     def streamed(self) -> bool:
@@ -44,30 +46,27 @@ class PooledSpill:
 
     def load(self) -> np.ndarray:
         """All features (n, D), float32."""
-        return np.fromfile(self.path, dtype=np.float32).reshape(self.count, self.dims)
+        return next(self.store.read(0, self.count, max(self.count, 1)))
 
     def chunks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Float64 features of the images where `rows` (bool, n) is true (default: all), in order, a chunk
         at a time."""
         per_chunk = max(1, _READ_CHUNK_VALUES // max(self.dims, 1))
-        with self.path.open("rb") as spill:
-            for start in range(0, self.count, per_chunk):
-                chunk = np.fromfile(
-                    spill, dtype=np.float32, count=min(per_chunk, self.count - start) * self.dims
-                )
-                chunk = chunk.reshape(-1, self.dims)
-                if rows is not None:
-                    chunk = chunk[rows[start : start + len(chunk)]]
-                yield chunk.astype(np.float64)
+        for start, chunk in zip(
+            range(0, self.count, per_chunk), self.store.read(0, self.count, per_chunk), strict=True
+        ):
+            if rows is not None:
+                chunk = chunk[rows[start : start + len(chunk)]]
+            yield chunk.astype(np.float64)
 
 
 def fit_level(
-    spill: PooledSpill, fold_of: np.ndarray, n_folds: int, reduction: Reduction, variance: float
+    features: PooledFeatures, fold_of: np.ndarray, n_folds: int, reduction: Reduction, variance: float
 ) -> tuple[Gaussian, list[Gaussian], np.ndarray]:
     """The Gaussian of all images, one per fold fitted without that fold's images, and each image's
     component distance under the Gaussian of its fold (zeros without folds)."""
-    if not spill.streamed:
-        samples = spill.load()
+    if not features.streamed:
+        samples = features.load()
         full = fit_gaussian(samples, reduction, variance)
         folds, distances = [], np.zeros(len(samples) if n_folds else 0)
         for fold in range(n_folds):
@@ -75,19 +74,20 @@ def fit_level(
             folds.append(fit_gaussian(samples[~held], reduction, variance))
             distances[held] = folds[-1].component_distances(samples[held])
         return full, folds, distances
-    shift = next(spill.chunks()).mean(axis=0)  # sums about a point near the mean: no cancellation
-    total, outer = _sums(spill, None, shift)
-    full = _fit_from_sums(spill, None, spill.count, total, outer, shift, reduction, variance)
-    folds, distances = [], np.zeros(spill.count if n_folds else 0)
+    shift = next(features.chunks()).mean(axis=0)  # sums about a point near the mean: no cancellation
+    total, outer = _sums(features, None, shift)
+    full = _fit_from_sums(features, None, features.count, total, outer, shift, reduction, variance)
+    folds, distances = [], np.zeros(features.count if n_folds else 0)
     for fold in range(n_folds):
         held = fold_of == fold
-        held_total, held_outer = _sums(spill, held, shift)
+        held_total, held_outer = _sums(features, held, shift)
         held_outer = np.subtract(outer, held_outer, out=held_outer)  # in place: one matrix less
+        count = int((~held).sum())
         gaussian = _fit_from_sums(
-            spill, ~held, int((~held).sum()), total - held_total, held_outer, shift, reduction, variance, True
+            features, ~held, count, total - held_total, held_outer, shift, reduction, variance, True
         )
         distances[held] = np.concatenate(
-            [gaussian.component_distances(chunk) for chunk in spill.chunks(held)]
+            [gaussian.component_distances(chunk) for chunk in features.chunks(held)]
         )
         # Kept only to score synthetic defects (auto options): float32 halves five models whose size
         # grows with the images until there are as many as dimensions.
@@ -95,12 +95,14 @@ def fit_level(
     return full, folds, distances
 
 
-def _sums(spill: PooledSpill, rows: np.ndarray | None, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sums(
+    features: PooledFeatures, rows: np.ndarray | None, shift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Sum and outer-product sum (D, D) of the selected images' features less `shift`."""
-    total = np.zeros(spill.dims)
-    outer = np.zeros((spill.dims, spill.dims))
+    total = np.zeros(features.dims)
+    outer = np.zeros((features.dims, features.dims))
     accumulated = torch.from_numpy(outer)  # shares its memory: each chunk's product added in place
-    for chunk in spill.chunks(rows):
+    for chunk in features.chunks(rows):
         chunk -= shift
         total += chunk.sum(axis=0)
         values = torch.from_numpy(chunk)
@@ -109,7 +111,7 @@ def _sums(spill: PooledSpill, rows: np.ndarray | None, shift: np.ndarray) -> tup
 
 
 def _fit_from_sums(
-    spill: PooledSpill,
+    features: PooledFeatures,
     rows: np.ndarray | None,
     count: int,
     total: np.ndarray,
@@ -128,7 +130,7 @@ def _fit_from_sums(
     projection, reduced = reduce_in_place(covariance, reduction, variance)
     mean = shift + offset
     quartic = 0.0
-    for chunk in spill.chunks(rows):
+    for chunk in features.chunks(rows):
         coordinates = (chunk - mean) @ projection
         quartic += float(np.sum(np.sum(coordinates**2, axis=1) ** 2))
     return gaussian_from_moments(count, mean, reduced, quartic, projection)

@@ -1,5 +1,5 @@
 """Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, PyTorch's
-thread count for one test, and a local Ray cluster."""
+thread count for one test, a local Ray cluster, and the check that two fits gave the same model."""
 
 import os
 from pathlib import Path
@@ -12,6 +12,32 @@ from PIL import Image
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = REAL_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = REAL_DATA / "magnetic_tile"
+
+
+def relative(found: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(found - expected)) / np.max(np.abs(expected)))
+
+
+def assert_same_model(found, expected, tests: list[Path]) -> None:
+    """Two fitted `GaussAD`s are the same model (the engines' and feature stores' promise): means and
+    whitenings to 1e-9 relative, held-out results and thresholds, test scores to 1e-6."""
+    pairs = [
+        *zip(found.state_.image_gaussians, expected.state_.image_gaussians, strict=True),
+        *zip(found.state_.map_gaussians, expected.state_.map_gaussians, strict=True),
+    ]
+    if expected.state_.position_gaussian is not None:
+        pairs.append((found.state_.position_gaussian, expected.state_.position_gaussian))
+    for got, want in pairs:
+        assert relative(got.mean, want.mean) <= 1e-9
+        assert relative(got.whitening, want.whitening) <= 1e-9
+    assert found.n_train_ == expected.n_train_
+    np.testing.assert_allclose(found.held_out_scores_, expected.held_out_scores_, rtol=1e-6)
+    assert found.image_threshold_.value == pytest.approx(expected.image_threshold_.value, rel=1e-6)
+    assert (found.state_.image_score, found.state_.localization) == (
+        expected.state_.image_score,
+        expected.state_.localization,
+    )
+    np.testing.assert_allclose(found.score_samples(tests), expected.score_samples(tests), rtol=1e-6)
 
 
 def texture(rng: np.random.Generator, size: int = 96) -> np.ndarray:

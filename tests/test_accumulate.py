@@ -6,8 +6,9 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from gaussad import accumulate
-from gaussad.accumulate import LevelAccumulator
+from gaussad.accumulate import LevelAccumulator, positional_values
 from gaussad.gaussian import fit_gaussian, fit_projection
+from gaussad.store import DiskStore, MemoryStore
 
 
 def feature_maps(seed: int, n: int = 24, channels: int = 6, height: int = 3, width: int = 4) -> torch.Tensor:
@@ -20,7 +21,7 @@ def feature_maps(seed: int, n: int = 24, channels: int = 6, height: int = 3, wid
 
 
 def stream(tmp_path, maps: torch.Tensor, per_position: bool, batch: int = 5):
-    accumulator = LevelAccumulator(tmp_path / "spill.f32", per_position=per_position)
+    accumulator = LevelAccumulator(DiskStore(tmp_path / "spill.f32"), per_position=per_position)
     for start in range(0, len(maps), batch):
         accumulator.add(maps[start : start + batch])
     return accumulator
@@ -79,7 +80,7 @@ def test_constant_position_keeps_a_finite_precision(tmp_path) -> None:
 def test_excluding_a_fold_equals_fitting_without_it(tmp_path) -> None:
     maps = feature_maps(4, n=20)
     folds = [i % 4 for i in range(20)]
-    accumulator = LevelAccumulator(tmp_path / "all.f32", per_position=True, n_folds=4)
+    accumulator = LevelAccumulator(DiskStore(tmp_path / "all.f32"), per_position=True, n_folds=4)
     for start in range(0, 20, 6):
         accumulator.add(maps[start : start + 6], folds[start : start + 6])
     without = accumulator.finish("opca", 0.4, exclude_fold=1)
@@ -106,7 +107,7 @@ def test_one_pass_for_many_folds_equals_one_pass_each(
 ) -> None:
     maps = feature_maps(5, n=15)
     folds = [i % 3 for i in range(15)]
-    accumulator = LevelAccumulator(tmp_path / "all.f32", per_position=per_position, n_folds=3)
+    accumulator = LevelAccumulator(DiskStore(tmp_path / "all.f32"), per_position=per_position, n_folds=3)
     for start in range(0, 15, 4):
         accumulator.add(maps[start : start + 4], folds[start : start + 4])
     cases = [None, 0, 1, 2]
@@ -125,7 +126,7 @@ def test_reading_the_spill_in_small_chunks_changes_nothing(tmp_path, monkeypatch
     folds = [i * 4 // 16 for i in range(16)]
 
     def fit(name: str, release: bool) -> list:
-        accumulator = LevelAccumulator(tmp_path / name, per_position=per_position, n_folds=4)
+        accumulator = LevelAccumulator(DiskStore(tmp_path / name), per_position=per_position, n_folds=4)
         for start in range(0, 16, 5):
             accumulator.add(maps[start : start + 5], folds[start : start + 5])
         return accumulator.finish_many("opca", 0.3, [None, 0, 1, 2, 3], release=release)
@@ -138,3 +139,34 @@ def test_reading_the_spill_in_small_chunks_changes_nothing(tmp_path, monkeypatch
         np.testing.assert_allclose(gaussian.mean, expected.mean, rtol=1e-12)
         np.testing.assert_allclose(gaussian.shrinkage, expected.shrinkage, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(gaussian.whitening, expected.whitening, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_every_feature_store_gives_the_same_gaussians(tmp_path, per_position: bool) -> None:
+    """Memory and disk stores hold the same values (the same Gaussians to the bit); without a store, the
+    features fed again to a `Finishing` (in other batches) give them to rounding."""
+    maps = feature_maps(6, n=16)
+    folds = [i * 4 // 16 for i in range(16)]
+    cases = [None, 0, 1, 2, 3]
+
+    def accumulated(store) -> LevelAccumulator:
+        accumulator = LevelAccumulator(store, per_position=per_position, n_folds=4)
+        for start in range(0, 16, 5):
+            accumulator.add(maps[start : start + 5], folds[start : start + 5])
+        return accumulator
+
+    on_disk = accumulated(DiskStore(tmp_path / "level.f32")).finish_many("opca", 0.3, cases, release=True)
+    in_memory = accumulated(MemoryStore()).finish_many("opca", 0.3, cases, release=True)
+    unstored = accumulated(None)
+    finishing = unstored.finishing("opca", 0.3, cases)
+    for start in range(0, 16, 3):
+        finishing.add(start, positional_values(maps[start : start + 3]).numpy())
+    without = finishing.gaussians(release=True)
+    with pytest.raises(ValueError, match="not kept"):
+        next(unstored.fold_batches(0, 4))
+    for disk, memory, replayed in zip(on_disk, in_memory, without, strict=True):
+        np.testing.assert_array_equal(memory.whitening, disk.whitening)
+        np.testing.assert_array_equal(memory.mean, disk.mean)
+        np.testing.assert_allclose(replayed.mean, disk.mean, rtol=1e-12)
+        np.testing.assert_allclose(replayed.shrinkage, disk.shrinkage, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(replayed.whitening, disk.whitening, rtol=1e-9, atol=1e-12)

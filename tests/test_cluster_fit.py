@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BOTTLE, make_category, needs
+from conftest import BOTTLE, assert_same_model, make_category, needs
 
 from gaussad import GaussAD
 from gaussad.errors import GaussADError
@@ -22,31 +22,6 @@ from gaussad.evaluation import list_test_images, training_images
 @pytest.fixture(scope="module")
 def widgets(tmp_path_factory) -> Path:
     return make_category(tmp_path_factory.mktemp("cluster") / "widget", n_train=40, seed=3)
-
-
-def relative(found: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.max(np.abs(found - expected)) / np.max(np.abs(expected)))
-
-
-def assert_same_model(found: GaussAD, expected: GaussAD, tests: list[Path]) -> None:
-    """Means and whitenings to 1e-9 relative, held-out results and thresholds, test scores to 1e-6."""
-    pairs = [
-        *zip(found.state_.image_gaussians, expected.state_.image_gaussians, strict=True),
-        *zip(found.state_.map_gaussians, expected.state_.map_gaussians, strict=True),
-    ]
-    if expected.state_.position_gaussian is not None:
-        pairs.append((found.state_.position_gaussian, expected.state_.position_gaussian))
-    for got, want in pairs:
-        assert relative(got.mean, want.mean) <= 1e-9
-        assert relative(got.whitening, want.whitening) <= 1e-9
-    assert found.n_train_ == expected.n_train_
-    np.testing.assert_allclose(found.held_out_scores_, expected.held_out_scores_, rtol=1e-6)
-    assert found.image_threshold_.value == pytest.approx(expected.image_threshold_.value, rel=1e-6)
-    assert (found.state_.image_score, found.state_.localization) == (
-        expected.state_.image_score,
-        expected.state_.localization,
-    )
-    np.testing.assert_allclose(found.score_samples(tests), expected.score_samples(tests), rtol=1e-6)
 
 
 def fit(images: list, engine: str, **options) -> GaussAD:

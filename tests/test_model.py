@@ -261,13 +261,13 @@ def test_the_constructor_follows_the_config() -> None:
     import inspect
 
     from gaussad.config import MODEL_OPTIONS
-    from gaussad.model import ENGINE_OPTIONS, RUNTIME_OPTIONS
+    from gaussad.model import FIT_OPTIONS, RUNTIME_OPTIONS
 
     signature = inspect.signature(GaussAD.__init__).parameters
     assert [name for name in signature if name != "self"] == [
         *MODEL_OPTIONS,
         *RUNTIME_OPTIONS,
-        *ENGINE_OPTIONS,
+        *FIT_OPTIONS,
     ]
     assert all(signature[name].default == spec["default"] for name, spec in MODEL_OPTIONS.items())
     assert GaussAD(levels=[5, 4, 5]).config.levels == (4, 5)

@@ -7,6 +7,7 @@ import torch
 from gaussad.accumulate import LevelAccumulator, positional_values
 from gaussad.fitpass import HeldLevel
 from gaussad.moments import Moments
+from gaussad.store import DiskStore
 
 
 def values(seed: int, n: int = 12, positions: int = 6, channels: int = 5) -> torch.Tensor:
@@ -71,8 +72,8 @@ def test_held_shards_handed_over_give_the_same_gaussians(tmp_path, per_position:
     """A level's Gaussians, full and per fold, from shards accumulated apart equal those of one pass."""
     maps = [part.permute(0, 2, 1).reshape(12, 5, 2, 3) for part in (values(6), values(7), values(8))]
     folds = [[0] * 12, [1] * 6 + [2] * 6, [2] * 12]
-    local = LevelAccumulator(tmp_path / "local.f32", per_position, n_folds=3)
-    sharded = LevelAccumulator(tmp_path / "sharded.f32", per_position, n_folds=3)
+    local = LevelAccumulator(DiskStore(tmp_path / "local.f32"), per_position, n_folds=3)
+    sharded = LevelAccumulator(DiskStore(tmp_path / "sharded.f32"), per_position, n_folds=3)
     for part, part_folds in zip(maps, folds, strict=True):
         local.add(part, part_folds)
         held = HeldLevel(per_position, n_folds=3)

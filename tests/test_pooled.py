@@ -1,15 +1,16 @@
-"""The image score's Gaussians from spilled pooled features: from samples or from sums, the same models."""
+"""The image score's Gaussians from stored pooled features: from samples or from sums, the same models."""
 
 import numpy as np
 import pytest
 
 from gaussad import pooled
 from gaussad.gaussian import fit_gaussian
-from gaussad.pooled import PooledSpill, fit_level
+from gaussad.pooled import PooledFeatures, fit_level
+from gaussad.store import DiskStore
 
 
-def spilled(tmp_path, samples: np.ndarray, batch: int = 7) -> PooledSpill:
-    spill = PooledSpill(tmp_path / "pooled.f32")
+def spilled(tmp_path, samples: np.ndarray, batch: int = 7) -> PooledFeatures:
+    spill = PooledFeatures(DiskStore(tmp_path / "pooled.f32"))
     for start in range(0, len(samples), batch):
         spill.add(samples[start : start + batch])
     return spill

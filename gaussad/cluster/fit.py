@@ -3,7 +3,7 @@
 Ray Data feeds shards (consecutive images, whole batches) to a pool of actors, each holding the backbone;
 an actor runs `gaussad.fitpass.run_pass` over its shard and returns each level's mergeable moments and
 feature vectors, the pooled features and the synthetic-defect samples. The driver takes the shards in input
-order: it spills their vectors, merges their moments into the fit's accumulators, and the fit goes on as on
+order: it stores their vectors, merges their moments into the fit's accumulators, and the fit goes on as on
 one machine. A worker that dies is replaced and its shard run again (Ray's retries).
 """
 
@@ -20,7 +20,7 @@ from gaussad.cluster.sharing import BATCHES_PER_SHARD, share_cluster, worker_fai
 from gaussad.errors import GaussADError
 from gaussad.fitpass import Extractor, FitPlan, HeldLevel, HeldPooled, PassResult, run_pass
 from gaussad.images import ImageInput
-from gaussad.pooled import PooledSpill
+from gaussad.pooled import PooledFeatures
 
 
 class ShardWorker:
@@ -66,7 +66,7 @@ def ray_pass(
     items: Sequence[ImageInput],
     accumulators: dict[int, LevelAccumulator],
     position: LevelAccumulator | None,
-    pooled: dict[str, dict[int, PooledSpill]],
+    pooled: dict[str, dict[int, PooledFeatures]],
     address: str | None = None,
     actors: int | None = None,
     progress: str | None = None,
@@ -74,7 +74,7 @@ def ray_pass(
 ) -> PassResult:
     """`run_pass` over `items` on a Ray cluster (the one at `address`, or a local one for this call) with
     `actors` actors (default: one per CPU of the cluster, per GPU on a CUDA device): the accumulators and
-    spills end as the local pass leaves them, up to the order of float64 sums."""
+    pooled features end as the local pass leaves them, up to the order of float64 sums."""
     ray = import_ray()
     shard_size = BATCHES_PER_SHARD * extractor.batch_size
     starts = list(range(0, len(items), shard_size))
