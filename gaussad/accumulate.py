@@ -97,11 +97,11 @@ class LevelAccumulator:
     ) -> list[Gaussian]:
         """One Gaussian per entry of `exclude_folds` (None: all images; f: all outside fold f), with a single
         read of the store for all their fourth moments: the full model and its fold models cost one pass, not
-        one each (see `Finishing.gaussians` for `release` and `fold_dtype`)."""
+        one each (see `finished` for `release` and `fold_dtype`)."""
         finishing = self.finishing(reduction, variance, exclude_folds)
         for start, values in self._chunks(images_per_chunk=finishing.images_per_chunk):
             finishing.add(start, values)
-        return finishing.gaussians(release, fold_dtype)
+        return self.finished(finishing, release, fold_dtype)
 
     def finishing(
         self, reduction: Reduction, variance: float, exclude_folds: Sequence[int | None]
@@ -109,7 +109,49 @@ class LevelAccumulator:
         """What the Gaussians of `exclude_folds` still need, to be fed every image's features in order."""
         if self.moments.shift is None:
             raise ValueError("no features were accumulated")
-        return Finishing(self, [self._case(reduction, variance, exclude) for exclude in exclude_folds])
+        return Finishing(
+            [self._case(reduction, variance, exclude) for exclude in exclude_folds],
+            np.array(self.folds),
+            self.per_position,
+            self.grid[0] * self.grid[1],
+            self.moments.shift,
+            fold_sums=self.store is None and self.per_position,
+        )
+
+    def finished(
+        self, finishing: Finishing, release: bool = False, fold_dtype: type = np.float64
+    ) -> list[Gaussian]:
+        """The Gaussians of `finishing`'s cases, in order, once it has every image's features. `release` frees
+        the accumulated sums as they are used: the accumulator then serves only `fold_batches`. `fold_dtype`
+        stores the fold models (which only score held-out images, in float32) in that precision; they are
+        fitted in float64 all the same."""
+        cases = finishing.cases
+        gaussians: list[Gaussian | None] = [None] * len(cases)
+        order = sorted(range(len(cases)), key=lambda index: cases[index].exclude_fold is None)
+        for index in order:  # all images last: with `release`, their sums are then used in place
+            case = cases[index]
+            covariance = (
+                self._position_covariance(case, release, finishing.fold_outer.pop(case.exclude_fold, None))
+                if self.per_position
+                else case.shared_covariance
+            )
+            if not is_identity(case.projection):
+                covariance = case.projection.T @ covariance @ case.projection
+            quartic = finishing.quartics[index] if self.per_position else finishing.quartics[index][0]
+            gaussian = gaussian_from_moments(
+                case.count,
+                case.mean,
+                covariance,
+                quartic,
+                case.projection,
+                case.variance_scale,
+                overwrite=self.per_position,
+            )
+            del covariance
+            gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)
+        if release:
+            self.moments.release()
+        return gaussians
 
     def _case(self, reduction: Reduction, variance: float, exclude_fold: int | None) -> _Case:
         """Count, mean and projection of the images outside `exclude_fold`, from the accumulated sums."""
@@ -183,8 +225,10 @@ class LevelAccumulator:
 class Finishing:
     """What a level's Gaussians (one per case: all images, or all outside one fold) still need once the
     moments are known, summed from one reading of every image's features in order (`add`): per case the
-    fourth-moment sum ||(x - mean) @ projection||^4 that Ledoit-Wolf shrinkage needs, and, where the
-    accumulator keeps no store, each excluded fold's per-position outer sums (which a store would give back).
+    fourth-moment sum ||(x - mean) @ projection||^4 that Ledoit-Wolf shrinkage needs, and, with
+    `fold_sums` (per position, where no store can give them back), each excluded fold's per-position outer
+    sums about `shift`. Sums over disjoint images add up (`add_sums`), so a finishing travels to the
+    workers of a cluster as it is (`empty` gives a copy without sums) and their shards' sums join.
 
     The projections sit side by side, so each chunk takes one GEMM for every case:
     (x - m) @ P = x @ P - m @ P, and one more product sums each case's squared coordinates. Cases that
@@ -192,10 +236,20 @@ class Finishing:
     ||r - o||^2 = ||r||^2 - 2 r.o + ||o||^2 then gives every case's squared norm from one small product.
     """
 
-    def __init__(self, accumulator: LevelAccumulator, cases: Sequence[_Case]) -> None:
-        self.accumulator = accumulator
+    def __init__(
+        self,
+        cases: Sequence[_Case],
+        folds: np.ndarray,
+        per_position: bool,
+        positions: int,
+        shift: torch.Tensor,
+        fold_sums: bool,
+    ) -> None:
         self.cases = list(cases)
-        self._folds = np.array(accumulator.folds)
+        self.folds = folds  # each image's fold, in order
+        self.per_position = per_position
+        self.shift = shift
+        self.fold_sums = fold_sums
         projections = [case.projection for case in cases]
         widths = [projection.shape[1] for projection in projections]
         self._same_projection = all(np.array_equal(p, projections[0]) for p in projections)
@@ -207,29 +261,48 @@ class Finishing:
             self._offset_norms = np.sum(self._case_offsets**2, axis=-2)  # ([P,] cases)
         case_of_column = np.repeat(np.arange(len(widths)), widths)
         self._summing = (case_of_column[:, None] == np.arange(len(widths))).astype(np.float64)
-        self._positions = accumulator.grid[0] * accumulator.grid[1]
-        self.quartics = np.zeros((len(widths), self._positions if accumulator.per_position else 1))
-        product_bytes_per_image = np.dtype(np.float64).itemsize * self._positions * self._stacked.shape[1]
+        self._positions = positions
+        product_bytes_per_image = np.dtype(np.float64).itemsize * positions * self._stacked.shape[1]
         # Fewer images at a time than a read: the float64 products (rows x projected widths) stay in cache.
         self.images_per_chunk = max(1, _QUARTIC_BLOCK_BYTES // product_bytes_per_image)
-        excluded = [case.exclude_fold for case in cases if case.exclude_fold is not None]
-        self.fold_outer = (
-            {fold: torch.zeros_like(accumulator.moments.position_outer) for fold in excluded}
-            if accumulator.store is None and accumulator.per_position
-            else {}
-        )
+        self._excluded = {case.exclude_fold for case in cases if case.exclude_fold is not None}
+        self._clear()
+
+    def _clear(self) -> None:
+        self.quartics = np.zeros((len(self.cases), self._positions if self.per_position else 1))
+        self.fold_outer: dict[int, torch.Tensor] = {}  # (P, C, C) per excluded fold met so far
+
+    def empty(self) -> Finishing:
+        """A copy without sums, for the features of other images."""
+        copy = object.__new__(Finishing)
+        copy.__dict__.update(self.__dict__)
+        copy._clear()
+        return copy
+
+    def add_sums(self, quartics: np.ndarray, fold_outer: dict[int, torch.Tensor]) -> None:
+        """Add the sums of other images (another's `quartics` and `fold_outer`)."""
+        self.quartics += quartics
+        for fold, outer in fold_outer.items():
+            if fold in self.fold_outer:
+                self.fold_outer[fold] += outer
+            else:
+                self.fold_outer[fold] = outer
 
     def add(self, start: int, values: np.ndarray) -> None:
         """Add the float32 features (b, P, C) of images start..start+b-1."""
         for offset in range(0, len(values), self.images_per_chunk):
             self._add_quartics(start + offset, values[offset : offset + self.images_per_chunk])
-        if self.fold_outer:
-            chunk_folds = self._folds[start : start + len(values)]
-            shifted = torch.from_numpy(values).to(torch.float64).sub_(self.accumulator.moments.shift)
-            for fold, outer in self.fold_outer.items():
+        if self.fold_sums:
+            chunk_folds = self.folds[start : start + len(values)]
+            shifted = torch.from_numpy(values).to(torch.float64).sub_(self.shift)
+            for fold in self._excluded.intersection(chunk_folds.tolist()):
                 rows = shifted[torch.from_numpy(chunk_folds == fold)].transpose(0, 1)  # (P, b', C)
-                if rows.shape[1]:
-                    outer.baddbmm_(rows.transpose(1, 2), rows)
+                if fold not in self.fold_outer:
+                    channels = rows.shape[-1]
+                    self.fold_outer[fold] = torch.zeros(
+                        (rows.shape[0], channels, channels), dtype=torch.float64
+                    )
+                self.fold_outer[fold].baddbmm_(rows.transpose(1, 2), rows)
 
     def _add_quartics(self, start: int, values: np.ndarray) -> None:
         batch = len(values)
@@ -243,42 +316,10 @@ class Finishing:
         else:  # in place: each temporary of this size is 4 bytes per input value and projected width
             reduced -= self._offsets  # offsets: (sum of d) or (P, sum of d)
             squared = np.square(reduced, out=reduced) @ self._summing
-        chunk_folds = self._folds[start : start + batch]
+        chunk_folds = self.folds[start : start + batch]
         for index, case in enumerate(self.cases):
             kept = squared[chunk_folds != case.exclude_fold, :, index] ** 2  # (b', P)
-            self.quartics[index] += kept.sum(axis=0) if self.accumulator.per_position else kept.sum()
-
-    def gaussians(self, release: bool = False, fold_dtype: type = np.float64) -> list[Gaussian]:
-        """The cases' Gaussians, in order. `release` frees the accumulated sums as they are used: the
-        accumulator then serves only `fold_batches`. `fold_dtype` stores the fold models (which only score
-        held-out images, in float32) in that precision; they are fitted in float64 all the same."""
-        accumulator = self.accumulator
-        gaussians: list[Gaussian | None] = [None] * len(self.cases)
-        order = sorted(range(len(self.cases)), key=lambda index: self.cases[index].exclude_fold is None)
-        for index in order:  # all images last: with `release`, their sums are then used in place
-            case = self.cases[index]
-            covariance = (
-                accumulator._position_covariance(case, release, self.fold_outer.pop(case.exclude_fold, None))
-                if accumulator.per_position
-                else case.shared_covariance
-            )
-            if not is_identity(case.projection):
-                covariance = case.projection.T @ covariance @ case.projection
-            quartic = self.quartics[index] if accumulator.per_position else self.quartics[index][0]
-            gaussian = gaussian_from_moments(
-                case.count,
-                case.mean,
-                covariance,
-                quartic,
-                case.projection,
-                case.variance_scale,
-                overwrite=accumulator.per_position,
-            )
-            del covariance
-            gaussians[index] = gaussian if case.exclude_fold is None else gaussian.astype(fold_dtype)
-        if release:
-            accumulator.moments.release()
-        return gaussians
+            self.quartics[index] += kept.sum(axis=0) if self.per_position else kept.sum()
 
 
 def positional_values(features: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ def _add_runtime_options(
             default="disk",
             help="where the fit keeps the training features until its Gaussians are finished: disk (0.4 MB "
             "per image with the defaults, in --tmp-dir), memory, or none (the backbone runs over the "
-            "training images again instead; not with --engine ray) (default: %(default)s)",
+            "training images again instead) (default: %(default)s)",
         )
         group.add_argument(
             "--tmp-dir",

@@ -73,6 +73,14 @@ class FitPlan:
     n_folds: int
     n_images: int  # the inputs, in contiguous folds (as scikit-learn's KFold)
     sampled: frozenset[int]
+    stored: bool = True  # whether the fit keeps the feature vectors (a worker then sends them)
+
+    def level_values(self, by_level: dict[int, torch.Tensor], level: int | None) -> torch.Tensor:
+        """The feature maps a level's accumulator takes: a map level's own, or (None) the position levels'
+        stacked."""
+        if level is None:
+            return stack_levels([by_level[lv] for lv in self.position_levels])
+        return by_level[level]
 
     def folds_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """The folds of the inputs at `indices`: a batch then spans one or two folds, and per-position sums
@@ -96,16 +104,18 @@ class PassResult:
 
 
 class HeldLevel:
-    """One level's moments and float32 feature vectors over a shard of images, held in memory until they
-    join the fit's `LevelAccumulator` (`hand_over`)."""
+    """One level's moments and (where the fit stores them) float32 feature vectors over a shard of images,
+    held in memory until they join the fit's `LevelAccumulator` (`hand_over`)."""
 
-    def __init__(self, per_position: bool, n_folds: int) -> None:
+    def __init__(self, per_position: bool, n_folds: int, stored: bool = True) -> None:
         self.moments = Moments(per_position, n_folds)
+        self.stored = stored
         self.values: list[np.ndarray] = []
 
     def add(self, features: torch.Tensor, folds: Sequence[int]) -> None:
         values = positional_values(features)
-        self.values.append(values.numpy())
+        if self.stored:
+            self.values.append(values.numpy())
         self.moments.add(values, features.shape[-2:], folds)
 
     def hand_over(self, accumulator: LevelAccumulator) -> None:
@@ -159,7 +169,7 @@ def run_pass(
         for level, sink in levels.items():
             sink.add(by_level[level], folds)
         if position is not None:
-            position.add(stack_levels([by_level[lv] for lv in plan.position_levels]), folds)
+            position.add(plan.level_values(by_level, None), folds)
         result.samples += [
             (fold, batch.pixels[row])
             for row, (index, fold) in enumerate(zip(indices, folds, strict=True))
@@ -169,23 +179,30 @@ def run_pass(
 
 
 def replayed(
-    plan: FitPlan, runner: BatchRunner, items: Sequence[ImageInput], kept: Sequence[int], progress: str | None
+    plan: FitPlan,
+    runner: BatchRunner,
+    items: Sequence[ImageInput],
+    kept: np.ndarray,
+    progress: str | None = None,
+    first: int = 0,
 ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
-    """The backbone run again over `items` in the same batches as the pass: per batch, the row of its first
-    kept image (its place among the `kept` inputs, the accumulators' order) and the float32 feature maps of
-    its kept images by extracted level. A kept image that cannot be read again is an error naming it."""
-    rows = {index: row for row, index in enumerate(kept)}
-    expected = 0
+    """The backbone run again over `items` (inputs first, first + 1, ...) in the batches of the pass: per
+    batch, the row of its first kept image (its place among the `kept` inputs, sorted, which is the
+    accumulators' order) and the float32 feature maps of its kept images by extracted level. A kept image
+    that cannot be read again is an error naming it."""
+    low, high = np.searchsorted(kept, [first, first + len(items)])
+    rows = dict(zip(kept[low:high].tolist(), range(low, high), strict=True))
+    expected = int(low)
     for batch in runner.batches(items, progress, skip_errors=True):
-        lost = [error for error in batch.errors if error.index in rows]
+        lost = [error for error in batch.errors if first + error.index in rows]
         if lost:
             raise GaussADError(f"{lost[0].message} (read once already: it changed during the fit)")
         if batch.outputs is None:
             continue
-        selected = [position for position, index in enumerate(batch.indices) if index in rows]
+        selected = [position for position, index in enumerate(batch.indices) if first + index in rows]
         if not selected:
             continue
-        if rows[batch.indices[selected[0]]] != expected:  # an image read in the pass is missing
+        if rows[first + batch.indices[selected[0]]] != expected:  # an image read in the pass is missing
             raise GaussADError("the training images changed during the fit")
         expected += len(selected)
         take = torch.tensor(selected, device=batch.outputs[0].device)
@@ -196,7 +213,7 @@ def replayed(
                 for level, output in zip(plan.extracted, batch.outputs, strict=True)
             },
         )
-    if expected != len(kept):
+    if expected != high:
         raise GaussADError("the training images changed during the fit")
 
 

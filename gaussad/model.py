@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.accumulate import Finishing, LevelAccumulator, positional_values
+from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.config import (
@@ -34,13 +34,15 @@ from gaussad.config import (
 )
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
-from gaussad.fitpass import Extractor, FitPlan, ReplayedFolds, replayed, run_pass
+from gaussad.fitpass import Extractor, FitPlan, run_pass
 from gaussad.gaussian import Gaussian, Reduction
+from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
 from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
-from gaussad.scorer import Grid, ImageHead, LevelFeatures, MapHead, Scorer, combined_scores
+from gaussad.rereading import Levels, Replayed, Stored
+from gaussad.scorer import Grid, ImageHead, LevelFeatures, Scorer, combined_scores
 from gaussad.scratch import scratch_folder
 from gaussad.selection import (
     PROXY,
@@ -222,11 +224,15 @@ class GaussAD:
             max(n_folds, 1),
             len(items),
             frozenset(synthetic_sample(len(items)).tolist()) if auto else frozenset(),
+            stored=self.feature_store != "none",
         )
         # A disk store goes to the temporary folder (TMPDIR), in a folder a later run removes if this
         # process is killed. Without a store, the pooled features (a few kB per image) are kept in memory.
         kind = self.feature_store
-        with scratch_folder(SPILL_PREFIX) if kind == "disk" else nullcontext() as spill_dir:
+        with (
+            self._cluster(),  # one cluster for every pass of a Ray fit
+            scratch_folder(SPILL_PREFIX) if kind == "disk" else nullcontext() as spill_dir,
+        ):
             accumulators = {
                 level: LevelAccumulator(
                     open_store(kind, spill_dir, f"level{level}"), plan.per_position_maps, plan.n_folds
@@ -271,26 +277,16 @@ class GaussAD:
             if len(kept) < 2:
                 raise GaussADError(f"need at least 2 readable training images, got {len(kept)}")
             fold_of = plan.folds_of(kept)
-            again = "fit, again" if progress else None  # a pass without a feature store
             folds = [None, *range(n_folds)]
             finish = {"release": True, "fold_dtype": np.float32}  # fold models only score held-out images
+            levels: Levels = dict(accumulators)
+            if position_accumulator is not None:
+                levels[None] = position_accumulator
+            rereading = self._rereading(levels, plan, runner, extractor, items, kept, progress)
             # Each level's map Gaussians, the full model's and each fold model's, take one reading of every
             # image's features: its store's, or (without one) the backbone's again, for every level at once.
-            finishers = (
-                {
-                    key: partial(finishing.gaussians, **finish)
-                    for key, finishing in _replayed_finishings(
-                        plan,
-                        replayed(plan, runner, items, kept, again),
-                        accumulators,
-                        position_accumulator,
-                        config,
-                        folds,
-                    ).items()
-                }
-                if kind == "none"
-                else _stored_finishers(accumulators, position_accumulator, config, folds, finish)
-            )
+            reductions = {level: (config.reduction, config.variance) for level in map_levels}
+            finishers = rereading.finishers({**reductions, None: POSITION_REDUCTION}, folds, **finish)
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the image score's, each level's full and fold models together).
             with one_blas_thread(), ThreadPoolExecutor(max_workers=2) as pool:
@@ -341,32 +337,26 @@ class GaussAD:
             )
             localizations = ["hybrid", "shared"] if config.localization == "auto" else [config.localization]
             synthetic = _synthetic_defects(samples, runner, features) if auto else None
-            fold_features = (
-                partial(
-                    _replayed_fold_features,
-                    plan,
-                    ReplayedFolds(replayed(plan, runner, items, kept, again), fold_of),
-                )
-                if kind == "none"
-                else partial(
-                    _stored_fold_features,
-                    [accumulators[level] for level in map_levels],
-                    position_accumulator,
-                    self.batch_size,
-                )
-            )
-            folded = self._fold_results(
+            heads = FoldHeads(
                 state,
                 grids,
-                fold_features,
+                self.blur_sigma,
                 [fits[1:] for fits in map_fits],
                 position_fits[1:] if position_fits else None,
-                fold_of,
-                n_folds,
                 device,
-                localizations,
-                {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets},
-                synthetic,
+            )
+            folded = FoldResults(
+                rereading.held_out(heads, localizations, fold_of)
+                if n_folds
+                else {name: HeldOutMaps.empty(0) for name in localizations},
+                *_synthetic_results(
+                    heads,
+                    state,
+                    localizations,
+                    {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets},
+                    synthetic,
+                    n_folds,
+                ),
             )
         state = _finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
         if fallback:
@@ -391,73 +381,34 @@ class GaussAD:
             return 0
         return min(self.folds, n_images) if n_images >= 3 else 0
 
-    def _fold_results(
-        self,
-        state: FittedState,
-        grids: dict[int, Grid],
-        fold_features: Callable[[int], Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]],
-        fold_map_gaussians: list[list[Gaussian]],
-        fold_position: list[Gaussian] | None,
-        fold_of: np.ndarray,
-        n_folds: int,
-        device: torch.device,
-        localizations: Sequence[str],
-        pooled_models: dict[str, tuple[tuple[Sequence[int], int], list[list[Gaussian]]]],
-        synthetic: SyntheticDefects | None,
-    ) -> FoldResults:
-        """What the fold models say about images they were not fitted on, scored by the same `MapHead` as
-        predictions, from the training images' features by fold (`fold_features(fold)`: batches of the map
-        levels' features and the stacked position levels', kept from the fit or extracted again): each
-        training image's map maximum, median and top share per candidate localization, and, for synthetic
-        defects, their maps per localization and image scores per pooled candidate.
+    def _cluster(self) -> AbstractContextManager:
+        """The Ray cluster of a fit with engine "ray" (connected, or started and stopped with the fit)."""
+        if self.engine != "ray":
+            return nullcontext()
+        from gaussad.cluster.session import ray_cluster
 
-        fold_map_gaussians[i][fold] is map level i's Gaussian fitted without that fold; fold_position the
-        position Gaussians by fold (hybrid maps); pooled_models per image-score candidate
-        its (levels, grid) and its fold Gaussians [fold][level]. Empty without calibration."""
-        n_images = len(fold_of) if n_folds else 0
-        results = FoldResults(
-            {name: HeldOutMaps.empty(n_images) for name in localizations},
-            {name: {} for name in localizations},
-            {name: {} for name in pooled_models},
-        )
-        for fold in range(n_folds):
-            head = _map_head(
-                [gaussians[fold] for gaussians in fold_map_gaussians],
-                fold_position[fold] if fold_position else None,
-                state,
-                grids,
-                self.blur_sigma,
-            ).to(device)
-            # A batch at a time: a whole fold's features or full-size maps would make the fit's peak memory
-            # grow with the training images.
-            rows = np.flatnonzero(fold_of == fold)
-            start = 0
-            for level_features, stacked in fold_features(fold):
-                level_features = [values.to(device) for values in level_features]
-                stacked = stacked.to(device) if stacked is not None and fold_position else None
-                maps = _candidate_maps(head, level_features, stacked, localizations)
-                for name, values in maps.items():
-                    results.held_out[name].record(rows[start : start + len(level_features[0])], values)
-                start += len(level_features[0])
-            if synthetic is None:
-                continue
-            members = np.flatnonzero(synthetic.folds == fold)
-            by_level = {level: values[members].to(device) for level, values in synthetic.features.items()}
-            stacked = (
-                stack_levels([by_level[lv] for lv in state.position_levels])
-                if state.position_levels
-                else None
-            )
-            maps = _candidate_maps(head, [by_level[lv] for lv in state.map_levels], stacked, localizations)
-            for name, values in maps.items():
-                results.synthetic_maps[name][fold] = values.cpu().numpy()
-            for name, ((levels, grid), fold_gaussians) in pooled_models.items():
-                pooled = [pool_features(by_level[lv], grid).to("cpu", torch.float64).numpy() for lv in levels]
-                results.synthetic_pooled[name][fold] = sum(
-                    gaussian.component_distances(values)
-                    for gaussian, values in zip(fold_gaussians[fold], pooled, strict=True)
-                )
-        return results
+        return ray_cluster(self.address)
+
+    def _rereading(
+        self,
+        levels: Levels,
+        plan: FitPlan,
+        runner: BatchRunner,
+        extractor: Extractor,
+        items: Sequence[ImageInput],
+        kept: Sequence[int],
+        progress: str | None,
+    ) -> Stored | Replayed:
+        """How the fit reads the features again after its pass: from the stores, or from the backbone run
+        again here or on the cluster."""
+        if self.feature_store != "none":
+            return Stored(levels, self.batch_size)
+        again = "fit, again" if progress else None
+        if self.engine == "ray":
+            from gaussad.cluster.fit import ClusterReplayed
+
+            return ClusterReplayed(levels, plan, extractor, items, kept, self.address, self.actors, again)
+        return Replayed(levels, plan, runner, items, kept, again)
 
     def label_free_thresholds(self, rate: float | None = None) -> tuple[Threshold | None, Threshold | None]:
         """Thresholds for a target false-alarm rate (default: the model's) from the held-out normal results
@@ -475,13 +426,6 @@ class GaussAD:
         if self.feature_store not in FEATURE_STORES:
             raise GaussADError(
                 f"--feature-store {self.feature_store!r}: expected one of {', '.join(FEATURE_STORES)}"
-            )
-        if self.feature_store == "none" and self.engine == "ray":
-            # The workers send every image's features to the driver anyway; running the backbone again
-            # would then be the driver's alone.
-            raise GaussADError(
-                "--feature-store none runs the backbone again in this process: use disk or "
-                "memory with --engine ray"
             )
 
     def _skip_errors(self) -> bool:
@@ -683,26 +627,6 @@ class GaussAD:
 
 
 @dataclass
-class HeldOutMaps:
-    """Per training image, under the map models fitted without its fold: its map's maximum, median and
-    mean of the top share (the map-based image score)."""
-
-    maxima: np.ndarray
-    medians: np.ndarray
-    tops: np.ndarray
-
-    @classmethod
-    def empty(cls, n_images: int) -> HeldOutMaps:
-        return cls(np.zeros(n_images), np.zeros(n_images), np.zeros(n_images))
-
-    def record(self, rows: np.ndarray, maps: torch.Tensor) -> None:
-        flat = maps.flatten(1)
-        self.maxima[rows] = flat.amax(dim=1).cpu().numpy()
-        self.medians[rows] = flat.median(dim=1).values.cpu().numpy()
-        self.tops[rows] = top_share_mean(maps).cpu().numpy()
-
-
-@dataclass
 class SyntheticDefects:
     """Synthetic defects in training images: the fold of the image each was made from, its mask and kind,
     and its backbone features (N, C, H, W) per level (one backbone pass)."""
@@ -715,7 +639,7 @@ class SyntheticDefects:
 
 @dataclass
 class FoldResults:
-    """`GaussAD._fold_results`: held-out maps per localization; synthetic defects' maps per localization
+    """What the fold models say: held-out maps per localization; synthetic defects' maps per localization
     and pooled scores per image-score candidate, each by fold."""
 
     held_out: dict[str, HeldOutMaps]
@@ -739,84 +663,37 @@ def _synthetic_defects(
     return SyntheticDefects(folds, masks, kinds, stacked)
 
 
-def _replayed_finishings(
-    plan: FitPlan,
-    batches: Iterator[tuple[int, dict[int, torch.Tensor]]],
-    accumulators: dict[int, LevelAccumulator],
-    position: LevelAccumulator | None,
-    config: ModelConfig,
-    folds: Sequence[int | None],
-) -> dict[int | None, Finishing]:
-    """Without a feature store: every map level's `Finishing` (and the position levels', under None) fed
-    from one more backbone pass over the kept images."""
-    finishings: dict[int | None, Finishing] = {
-        level: accumulator.finishing(config.reduction, config.variance, folds)
-        for level, accumulator in accumulators.items()
-    }
-    if position is not None:
-        finishings[None] = position.finishing(*POSITION_REDUCTION, folds)
-    for start, by_level in batches:
-        for level, finishing in finishings.items():
-            features = by_level[level] if level is not None else _stacked(plan, by_level)
-            finishing.add(start, positional_values(features).numpy())
-    return finishings
-
-
-def _stored_finishers(
-    accumulators: dict[int, LevelAccumulator],
-    position: LevelAccumulator | None,
-    config: ModelConfig,
-    folds: Sequence[int | None],
-    finish: dict,
-) -> dict[int | None, Callable[[], list[Gaussian]]]:
-    """With a feature store: each map level's Gaussians (and the position levels', under None) as a job
-    that reads its store."""
-    finishers: dict[int | None, Callable[[], list[Gaussian]]] = {
-        level: partial(accumulator.finish_many, config.reduction, config.variance, folds, **finish)
-        for level, accumulator in accumulators.items()
-    }
-    if position is not None:
-        finishers[None] = partial(position.finish_many, *POSITION_REDUCTION, folds, **finish)
-    return finishers
-
-
-def _stacked(plan: FitPlan, by_level: dict[int, torch.Tensor]) -> torch.Tensor:
-    return stack_levels([by_level[level] for level in plan.position_levels])
-
-
-def _stored_fold_features(
-    accumulators: list[LevelAccumulator], position: LevelAccumulator | None, batch_size: int, fold: int
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
-    """A fold's map-level and stacked position features, read back from the feature stores."""
-    sources = [accumulator.fold_batches(fold, batch_size) for accumulator in accumulators]
-    if position is not None:
-        sources.append(position.fold_batches(fold, batch_size))
-    for batch in zip(*sources, strict=True):
-        yield list(batch[: len(accumulators)]), batch[-1] if position is not None else None
-
-
-def _replayed_fold_features(
-    plan: FitPlan, replay: ReplayedFolds, fold: int
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
-    """A fold's map-level and stacked position features, from the backbone run again."""
-    for by_level in replay.batches(fold):
-        stacked = _stacked(plan, by_level) if plan.position_levels else None
-        yield [by_level[level] for level in plan.map_levels], stacked
-
-
-def _candidate_maps(
-    head: MapHead,
-    level_features: Sequence[torch.Tensor],
-    stacked: torch.Tensor | None,
+def _synthetic_results(
+    heads: FoldHeads,
+    state: FittedState,
     localizations: Sequence[str],
-) -> dict[str, torch.Tensor]:
-    """Maps (B, H, W) per candidate localization from one set of level maps: "hybrid" mixes in the
-    position map, any other name (shared, per-position) is the level maps alone."""
-    level_maps = head.level_maps(level_features)
-    position_map = head.position_map(stacked) if stacked is not None and "hybrid" in localizations else None
-    return {
-        name: head.combine(level_maps, position_map if name == "hybrid" else None) for name in localizations
-    }
+    pooled_models: dict[str, tuple[tuple[Sequence[int], int], list[list[Gaussian]]]],
+    synthetic: SyntheticDefects | None,
+    n_folds: int,
+) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]]:
+    """What the fold models say about the synthetic defects made from their held-out images: maps per
+    candidate localization and, per image-score candidate (pooled_models: its (levels, grid) and fold
+    Gaussians [fold][level]), image scores; each by fold. Empty without synthetic defects."""
+    maps_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in localizations}
+    pooled_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in pooled_models}
+    if synthetic is None:
+        return maps_by_fold, pooled_by_fold
+    for fold in range(n_folds):
+        members = np.flatnonzero(synthetic.folds == fold)
+        by_level = {level: values[members] for level, values in synthetic.features.items()}
+        stacked = (
+            stack_levels([by_level[lv] for lv in state.position_levels]) if state.position_levels else None
+        )
+        level_features = [by_level[lv] for lv in state.map_levels]
+        for name, values in heads.maps(fold, level_features, stacked, localizations).items():
+            maps_by_fold[name][fold] = values.cpu().numpy()
+        for name, ((levels, grid), fold_gaussians) in pooled_models.items():
+            pooled = [pool_features(by_level[lv], grid).to("cpu", torch.float64).numpy() for lv in levels]
+            pooled_by_fold[name][fold] = sum(
+                gaussian.component_distances(values)
+                for gaussian, values in zip(fold_gaussians[fold], pooled, strict=True)
+            )
+    return maps_by_fold, pooled_by_fold
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:
@@ -969,43 +846,19 @@ def _label_free_thresholds(
     return image, pixel
 
 
-def _position_grid(state: FittedState, grids: dict[int, Grid]) -> Grid | None:
-    """The coarsest grid of the position levels: where their stacked features sit (None without them)."""
-    if not state.position_levels:
-        return None
-    return min((grids[level] for level in state.position_levels), key=lambda grid: grid[0] * grid[1])
-
-
-def _map_head(
-    gaussians: Sequence[Gaussian],
-    position: Gaussian | None,
-    state: FittedState,
-    grids: dict[int, Grid],
-    blur_sigma: float,
-) -> MapHead:
-    return MapHead(
-        gaussians,
-        [grids[level] for level in state.map_levels],
-        position,
-        _position_grid(state, grids),
-        state.input_size,
-        blur_sigma,
-    )
-
-
 def _build_scorer(
     features: LevelFeatures, state: FittedState, grids: dict[int, Grid], config: ModelConfig
 ) -> Scorer:
     """The scorer of a fitted state: the backbone's levels, the image head and the map head."""
     image_head = ImageHead(state.image_gaussians, [grids[level] for level in state.levels], state.image_grid)
-    map_head = _map_head(state.map_gaussians, state.position_gaussian, state, grids, config.blur_sigma)
+    head = map_head(state.map_gaussians, state.position_gaussian, state, grids, config.blur_sigma)
     return Scorer(
         features,
         state.levels,
         state.map_levels,
         state.position_levels,
         image_head,
-        map_head,
+        head,
         state.image_score,
         state.score_scales,
     )

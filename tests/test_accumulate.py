@@ -144,7 +144,7 @@ def test_reading_the_spill_in_small_chunks_changes_nothing(tmp_path, monkeypatch
 @pytest.mark.parametrize("per_position", [False, True])
 def test_every_feature_store_gives_the_same_gaussians(tmp_path, per_position: bool) -> None:
     """Memory and disk stores hold the same values (the same Gaussians to the bit); without a store, the
-    features fed again to a `Finishing` (in other batches) give them to rounding."""
+    features fed again to a `Finishing` (in other batches, on two shards) give them to rounding."""
     maps = feature_maps(6, n=16)
     folds = [i * 4 // 16 for i in range(16)]
     cases = [None, 0, 1, 2, 3]
@@ -159,9 +159,12 @@ def test_every_feature_store_gives_the_same_gaussians(tmp_path, per_position: bo
     in_memory = accumulated(MemoryStore()).finish_many("opca", 0.3, cases, release=True)
     unstored = accumulated(None)
     finishing = unstored.finishing("opca", 0.3, cases)
+    shards = [finishing.empty(), finishing.empty()]  # as on two workers, their sums added
     for start in range(0, 16, 3):
-        finishing.add(start, positional_values(maps[start : start + 3]).numpy())
-    without = finishing.gaussians(release=True)
+        shards[start >= 8].add(start, positional_values(maps[start : start + 3]).numpy())
+    for shard in shards:
+        finishing.add_sums(shard.quartics, shard.fold_outer)
+    without = unstored.finished(finishing, release=True)
     with pytest.raises(ValueError, match="not kept"):
         next(unstored.fold_batches(0, 4))
     for disk, memory, replayed in zip(on_disk, in_memory, without, strict=True):

@@ -43,6 +43,18 @@ def test_ray_fit_equals_the_local_fit(ray_local, widgets, torch_threads, options
     assert_same_model(on_ray, local, tests)
 
 
+def test_ray_fit_without_a_feature_store_equals_the_local_fit(ray_local, widgets, torch_threads) -> None:
+    """Without a store, the workers run the backbone again for the fourth moments, the fold sums and the
+    held-out maps, and send back only those: the model is the local one's."""
+    torch_threads(1)
+    images = training_images(widgets)
+    tests = [item.path for item in list_test_images(widgets)][:4]
+    local = fit(images, "local", localization="per-position")
+    on_ray = fit(images, "ray", localization="per-position", feature_store="none", actors=2)
+    assert_same_model(on_ray, local, tests)
+    np.testing.assert_allclose(on_ray.held_out_map_maxima_, local.held_out_map_maxima_, rtol=1e-6)
+
+
 def shard_worker_pids() -> list[int]:
     """Processes of the fit's actors, found by the title Ray gives them."""
     pids = []

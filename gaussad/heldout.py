@@ -1,0 +1,139 @@
+"""Held-out maps: each training image's anomaly map under the map models fitted without its fold, reduced to
+what label-free calibration and `auto` need (maximum, median, mean of the top share) per candidate
+localization. Scored by the same `MapHead` as predictions, a batch at a time, wherever the features are:
+in the fitting process (from the feature store, or the backbone again) or on a cluster's workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gaussad.gaussian import Gaussian
+from gaussad.maps import top_share_mean
+from gaussad.scorer import Grid, MapHead
+from gaussad.state import FittedState
+
+# A fold's batches: the map levels' feature maps and the stacked position levels' (None without them).
+FoldFeatures = Callable[[int], Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]]
+
+
+@dataclass
+class HeldOutMaps:
+    """Per training image, under the map models fitted without its fold: its map's maximum, median and
+    mean of the top share (the map-based image score)."""
+
+    maxima: np.ndarray
+    medians: np.ndarray
+    tops: np.ndarray
+
+    @classmethod
+    def empty(cls, n_images: int) -> HeldOutMaps:
+        return cls(np.zeros(n_images), np.zeros(n_images), np.zeros(n_images))
+
+    def record(self, rows: np.ndarray, maps: torch.Tensor) -> None:
+        flat = maps.flatten(1)
+        self.maxima[rows] = flat.amax(dim=1).cpu().numpy()
+        self.medians[rows] = flat.median(dim=1).values.cpu().numpy()
+        self.tops[rows] = top_share_mean(maps).cpu().numpy()
+
+    def place(self, start: int, other: HeldOutMaps) -> None:
+        """Take the values of images start.. from `other` (a shard's)."""
+        stop = start + len(other.maxima)
+        self.maxima[start:stop], self.medians[start:stop], self.tops[start:stop] = (
+            other.maxima,
+            other.medians,
+            other.tops,
+        )
+
+
+def position_grid(state: FittedState, grids: dict[int, Grid]) -> Grid | None:
+    """The coarsest grid of the position levels: where their stacked features sit (None without them)."""
+    if not state.position_levels:
+        return None
+    return min((grids[level] for level in state.position_levels), key=lambda grid: grid[0] * grid[1])
+
+
+def map_head(
+    gaussians: Sequence[Gaussian],
+    position: Gaussian | None,
+    state: FittedState,
+    grids: dict[int, Grid],
+    blur_sigma: float,
+) -> MapHead:
+    """The map head of these Gaussians (the model's own, or a fold model's) for the model's levels."""
+    return MapHead(
+        gaussians,
+        [grids[level] for level in state.map_levels],
+        position,
+        position_grid(state, grids),
+        state.input_size,
+        blur_sigma,
+    )
+
+
+@dataclass
+class FoldHeads:
+    """The fold models' map heads, built when a fold is first asked for; one is held at a time (each holds
+    float32 copies of its Gaussians). fold_map_gaussians[i][fold] is map level i's Gaussian fitted without
+    that fold; fold_position the position Gaussians by fold (hybrid maps)."""
+
+    state: FittedState
+    grids: dict[int, Grid]
+    blur_sigma: float
+    fold_map_gaussians: list[list[Gaussian]]
+    fold_position: list[Gaussian] | None
+    device: torch.device | str = "cpu"
+    _held: tuple[int, MapHead] | None = field(default=None, repr=False)
+
+    def head(self, fold: int) -> MapHead:
+        if self._held is None or self._held[0] != fold:
+            self._held = None  # the last fold's head goes before the next is built
+            head = map_head(
+                [gaussians[fold] for gaussians in self.fold_map_gaussians],
+                self.fold_position[fold] if self.fold_position else None,
+                self.state,
+                self.grids,
+                self.blur_sigma,
+            )
+            self._held = (fold, head.to(self.device))
+        return self._held[1]
+
+    def maps(
+        self,
+        fold: int,
+        level_features: Sequence[torch.Tensor],
+        stacked: torch.Tensor | None,
+        localizations: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """Maps (B, H, W) per candidate localization of images in `fold` under that fold's models: "hybrid"
+        mixes in the position map, any other name (shared, per-position) is the level maps alone."""
+        head = self.head(fold)
+        level_maps = head.level_maps([values.to(self.device) for values in level_features])
+        hybrid = stacked is not None and self.fold_position and "hybrid" in localizations
+        position_map = head.position_map(stacked.to(self.device)) if hybrid else None
+        return {
+            name: head.combine(level_maps, position_map if name == "hybrid" else None)
+            for name in localizations
+        }
+
+
+def held_out_maps(
+    heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray, fold_features: FoldFeatures
+) -> dict[str, HeldOutMaps]:
+    """Every image's held-out maps per candidate localization; `fold_of` gives each image's fold (images in
+    order, folds in contiguous runs), `fold_features(fold)` their features a batch at a time: a whole
+    fold's features or full-size maps would make the fit's peak memory grow with the training images."""
+    results = {name: HeldOutMaps.empty(len(fold_of)) for name in localizations}
+    for fold in np.unique(fold_of).tolist():
+        rows = np.flatnonzero(fold_of == fold)
+        start = 0
+        for level_features, stacked in fold_features(fold):
+            count = len(level_features[0])
+            for name, values in heads.maps(fold, level_features, stacked, localizations).items():
+                results[name].record(rows[start : start + count], values)
+            start += count
+    return results
