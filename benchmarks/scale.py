@@ -3,11 +3,11 @@ the number of training images, and projections to 100,000 training images and 10
 
 Speed (`speed`): fits the default model on a category's training images in this process, with the local
 engine and with `engine="ray"` on a local cluster of 1 and 2 workers (the fit starts and stops the cluster,
-as `gaussad fit --engine ray` does), alternating the engines over `--rounds`; then scores the test images
-with `gaussad predict` and `gaussad predict --engine ray --actors 1|2`. Ray's overhead on one machine is the
-difference from the local engine. The projection takes, from the measured runs, the backbone pass's cost per
-image on one worker, the driver's cost per image (spilling and merging each shard, then the statistics) and
-the fixed start-up, and the bytes a shard sends to the driver (moments plus feature vectors); it assumes
+as `gaussad fit --engine ray` does), and with 2 workers and no feature store, alternating over `--rounds`;
+then scores the test images with `gaussad predict` and `gaussad predict --engine ray --actors 1|2`. Ray's
+overhead on one machine is the difference from the local engine. The projection takes, from the measured
+runs, the backbone pass's cost per image on one worker, the driver's cost per image (storing and merging
+each shard, then the statistics) and the fixed start-up, and the bytes a shard sends to the driver; it assumes
 workers add up linearly, as the shards are independent, and says so.
 
 Memory (`memory`): writes N training images made from the category's own (random 90-100% crops and
@@ -70,16 +70,24 @@ def level_shapes(model: GaussAD) -> list[tuple[int, int, bool]]:
     return shapes
 
 
-def shard_bytes(model: GaussAD, shard_images: int) -> int:
+def shard_bytes(model: GaussAD, shard_images: int, stored: bool = True) -> int:
     """Bytes one shard sends to the driver: per accumulated level its float64 moments (per fold: sums and
-    outer sums; per position: outer sums) and its images' float32 feature vectors; the pooled features."""
+    outer sums; per position: outer sums) and its images' float32 feature vectors; the pooled features.
+    Without a store (`stored` False), no vectors but, in the later passes, each level's fourth-moment sums
+    per case, per position the outer sums of the (at most two) folds in the shard, and three float64
+    numbers per image and localization."""
     folds = max(model.folds, 1)
     total = 4 * shard_images * sum(g.mean.shape[-1] for g in model.state_.image_gaussians)
     for positions, channels, per_position in level_shapes(model):
         sums = folds * (positions if per_position else 1) * channels
         outer = folds * channels**2 + (positions * channels**2 if per_position else 0)
-        total += 8 * (sums + outer) + 4 * shard_images * positions * channels
-    return total
+        total += 8 * (sums + outer)
+        if stored:
+            total += 4 * shard_images * positions * channels
+        else:
+            quartics = (folds + 1) * (positions if per_position else 1)
+            total += 8 * (quartics + (2 * positions * channels**2 if per_position else 0))
+    return total + (0 if stored else 8 * 3 * shard_images)
 
 
 def speed(args: argparse.Namespace) -> str:
@@ -90,12 +98,15 @@ def speed(args: argparse.Namespace) -> str:
     tests = [item.path for item in list_test_images(category)]
     engines = {"local": {}, "ray, 1 worker": {"engine": "ray", "actors": 1}}
     engines["ray, 2 workers"] = {"engine": "ray", "actors": 2}
-    fits: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    # Fitted only: without a feature store the workers run the backbone three times; prediction is alike.
+    unstored = {"ray, 2 workers, no feature store": {"engine": "ray", "actors": 2, "feature_store": "none"}}
+    fits: dict[str, list[tuple[float, float]]] = {name: [] for name in {**engines, **unstored}}
     model = None
     for _ in range(args.rounds):
-        for name, options in engines.items():
-            model = GaussAD(device="cpu", **options).fit(train)
-            fits[name].append((model.fit_seconds_, model.pass_seconds_))
+        for name, options in {**engines, **unstored}.items():
+            fitted = GaussAD(device="cpu", **options).fit(train)
+            fits[name].append((fitted.fit_seconds_, fitted.pass_seconds_))
+            model = model if options.get("feature_store") else fitted
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "model"
         model.save(folder)
@@ -122,6 +133,7 @@ def speed(args: argparse.Namespace) -> str:
     predict_fixed = predict_one - predict_local
     shard_images = BATCHES_PER_SHARD * model.batch_size
     per_shard = shard_bytes(model, shard_images)
+    per_shard_unstored = shard_bytes(model, shard_images, stored=False)
     lines = [
         "# Scale: the local engine and Ray on one machine, and projections",
         "",
@@ -135,12 +147,14 @@ def speed(args: argparse.Namespace) -> str:
         "predict images/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in engines:
+    for name in {**engines, **unstored}:
         fit_seconds, pass_seconds = median[name]
-        predict_seconds = statistics.median(predicts[name])
+        predicted = "- | -"  # not run: prediction does not depend on the feature store
+        if name in predicts:
+            seconds = statistics.median(predicts[name])
+            predicted = f"{seconds:.1f} | {n_test / seconds:.1f}"
         lines.append(
-            f"| {name} | {fit_seconds:.1f} | {pass_seconds:.1f} | {n_train / fit_seconds:.1f} | "
-            f"{predict_seconds:.1f} | {n_test / predict_seconds:.1f} |"
+            f"| {name} | {fit_seconds:.1f} | {pass_seconds:.1f} | {n_train / fit_seconds:.1f} | {predicted} |"
         )
     lines += [
         "",
@@ -163,23 +177,32 @@ def speed(args: argparse.Namespace) -> str:
         f"driver takes in shards at {NETWORK_BYTES_PER_S / 1e9:.0f} GB/s and spends the measured driver "
         "cost per image; scoring needs no driver (each worker writes its own outputs).",
         "",
+        "Without a feature store (`--feature-store none`) the workers run three backbone passes and the "
+        "statistics the driver ran (fourth moments, held-out maps), and a shard sends "
+        f"{per_shard_unstored / 1e6:.1f} MB over the three passes (moments, pooled features, the fourth-"
+        "moment and fold sums, three numbers per image): assumed the same per-image statistics cost, "
+        "spread over the workers, and three actor start-ups.",
+        "",
         f"| nodes | workers | fit {FIT_TARGET:,} images | of which the driver "
-        f"| score {SCORE_TARGET:,} images |",
-        "|---:|---:|---:|---:|---:|",
+        f"| fit {FIT_TARGET:,}, no feature store | score {SCORE_TARGET:,} images |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for nodes in NODES:
         workers = nodes * WORKERS_PER_NODE
         intake = FIT_TARGET * per_shard / shard_images / NETWORK_BYTES_PER_S
         driver = FIT_TARGET * statistics_per_image + intake
         fit_time = ray_fixed + max(FIT_TARGET * worker_pass_per_image / workers, intake) + driver - intake
+        work_unstored = FIT_TARGET * (3 * worker_pass_per_image + statistics_per_image) / workers
+        intake_unstored = FIT_TARGET * per_shard_unstored / shard_images / NETWORK_BYTES_PER_S
+        unstored_time = 3 * ray_fixed + max(work_unstored, intake_unstored)
         score_time = predict_fixed + SCORE_TARGET * predict_per_image / workers
-        lines.append(
-            f"| {nodes} | {workers} | {_duration(fit_time)} | {_duration(driver)} | {_duration(score_time)} |"
-        )
+        cells = [fit_time, driver, unstored_time, score_time]
+        lines.append(f"| {nodes} | {workers} | " + " | ".join(_duration(cell) for cell in cells) + " |")
     lines += [
         "",
-        "The fit's driver work grows with the images and does not shrink with nodes: past a few dozen "
-        "workers it is the bound. Scoring has no such bound.",
+        "With a feature store, the fit's driver work grows with the images and does not shrink with nodes: "
+        "past a few dozen workers it is the bound. Without one, the workers do that work too, at three "
+        "backbone passes, and the bound is the driver's intake of sums. Scoring has no such bound.",
     ]
     return "\n".join(lines) + "\n"
 
