@@ -14,6 +14,13 @@ BOTTLE = REAL_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = REAL_DATA / "magnetic_tile"
 
 
+def fit_small(images: list, **options):
+    """A `GaussAD` fitted on small inputs (64 px, batches of 4, CPU): the engines' and stores' tests."""
+    from gaussad import GaussAD
+
+    return GaussAD(image_size=64, batch_size=4, device="cpu", **options).fit(images)
+
+
 def relative(found: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(found - expected)) / np.max(np.abs(expected)))
 

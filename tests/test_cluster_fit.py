@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BOTTLE, assert_same_model, make_category, needs
+from conftest import BOTTLE, assert_same_model, fit_small, make_category, needs
 
 from gaussad import GaussAD
 from gaussad.errors import GaussADError
@@ -25,8 +25,7 @@ def widgets(tmp_path_factory) -> Path:
 
 
 def fit(images: list, engine: str, **options) -> GaussAD:
-    settings = {"image_size": 64, "batch_size": 4, "device": "cpu", "engine": engine}
-    return GaussAD(**settings, **options).fit(images)
+    return fit_small(images, engine=engine, **options)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from conftest import assert_same_model, make_category
+from conftest import assert_same_model, fit_small, make_category
 
 from gaussad import GaussAD, model
 from gaussad.cli import main
@@ -18,8 +18,7 @@ def widgets(tmp_path_factory):
 
 
 def fit(images: list, feature_store: str, **options) -> GaussAD:
-    settings = {"image_size": 64, "batch_size": 4, "device": "cpu", "feature_store": feature_store}
-    return GaussAD(**settings, **options).fit(images)
+    return fit_small(images, feature_store=feature_store, **options)
 
 
 @pytest.mark.parametrize(

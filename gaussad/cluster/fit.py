@@ -180,7 +180,7 @@ class HeldOutShard:
         self, runner: BatchRunner, start: int, items: Sequence[ImageInput]
     ) -> tuple[int, dict[str, HeldOutMaps]]:
         low, high = np.searchsorted(self.kept, [start, start + len(items)])
-        heads = replace(self.heads, device=runner.device)
+        heads = replace(self.heads, device=runner.device, _held=None)
         batches = replayed(self.plan, runner, items, self.kept, first=start)
         fold_features = partial(replayed_fold_features, self.plan, ReplayedFolds(batches, self.fold_of))
         return int(low), held_out_maps(heads, self.localizations, self.fold_of[low:high], fold_features)
