@@ -804,8 +804,10 @@ def _finish_state(
 
 
 def _score_scales(pooled: np.ndarray, tops: np.ndarray) -> tuple[float, float]:
-    """The combined score's scales: the typical normal (held-out median) pooled score and map top share."""
-    return float(np.median(pooled)), float(np.median(tops))
+    """The combined score's scales: the spread (standard deviation) of the held-out pooled scores and map
+    top shares, so that each part weighs by how far it moves from normal in its own normal spread (a
+    z-score sum, up to a constant; measured against the medians in docs/design.md)."""
+    return float(np.std(pooled)) or 1.0, float(np.std(tops)) or 1.0
 
 
 def _fit_pooled_levels(

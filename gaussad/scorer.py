@@ -166,7 +166,7 @@ class Scorer(nn.Module):
 
     The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
     of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two summed, each divided
-    by its typical normal value (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves the maps
+    by its spread over normal images (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves the maps
     out (computing them only when the score needs them).
     """
 
@@ -231,5 +231,5 @@ def image_scores(
 
 def combined_scores(pooled: Score, tops: Score, scales: torch.Tensor | Sequence[float]) -> Score:
     """The combined image score from pooled scores and the maps' top-share means (tensors or arrays):
-    each divided by its typical normal value, then summed."""
+    each divided by its scale (its spread over held-out normal images), then summed."""
     return pooled / scales[0] + tops / scales[1]

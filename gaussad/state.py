@@ -53,8 +53,8 @@ class FittedState:
     pixel_threshold: Threshold | None = None
     image_score: str = "pooled"  # "pooled", "map" or "combined": as fitted, after any auto choice
     image_grid: int = 4  # cells per side of the pooled image features
-    # "combined": typical normal values (held-out medians) of the pooled score and of the map's top share,
-    # which divide each before they are summed.
+    # "combined": the spreads (held-out standard deviations) of the pooled score and of the map's top
+    # share, which divide each before they are summed.
     score_scales: tuple[float, float] = (1.0, 1.0)
     selection: dict[str, Any] | None = None  # the evidence of auto options: each candidate's proxy metrics
 
