@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args()
-    lines = ["# The combined image score's scales", "", __doc__.split("\n\n", 2)[2].strip(), ""]
+    _, command, description = __doc__.split("\n\n", 2)
+    lines = ["# The combined image score's scales", "", command, "", description.strip(), ""]
     with cpu_tuning():
         for category in args.categories:
             lines += [f"### {category.name}", "", "| score | image AUROC | false alarms | misses |"]

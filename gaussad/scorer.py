@@ -166,8 +166,8 @@ class Scorer(nn.Module):
 
     The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
     of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two summed, each divided
-    by its spread over normal images (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves the maps
-    out (computing them only when the score needs them).
+    by its spread over normal images (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves
+    the maps out (computing them only when the score needs them).
     """
 
     def __init__(
