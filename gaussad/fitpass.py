@@ -215,35 +215,3 @@ def replayed(
         )
     if expected != high:
         raise GaussADError("the training images changed during the fit")
-
-
-class ReplayedFolds:
-    """`replayed` batches served fold by fold in increasing order (folds are contiguous runs of the
-    images): `batches(fold)` yields each batch's part of that fold, keeping a batch's next fold for later."""
-
-    def __init__(self, batches: Iterator[tuple[int, dict[int, torch.Tensor]]], fold_of: np.ndarray) -> None:
-        self._batches = batches
-        self._fold_of = fold_of
-        self._pending: tuple[int, dict[int, torch.Tensor]] | None = None
-
-    def batches(self, fold: int) -> Iterator[dict[int, torch.Tensor]]:
-        """The feature maps by level of fold `fold`'s images, in order, a batch (or its part) at a time."""
-        while True:
-            if self._pending is None:
-                self._pending = next(self._batches, None)
-                if self._pending is None:
-                    return
-            start, by_level = self._pending
-            folds = self._fold_of[start : start + len(next(iter(by_level.values())))]
-            if folds[0] > fold:
-                return
-            end = int(np.searchsorted(folds, fold, side="right"))  # earlier folds' rows are passed over
-            inside = by_level if end == len(folds) else {lv: values[:end] for lv, values in by_level.items()}
-            self._pending = (
-                None
-                if end == len(folds)
-                else (start + end, {level: values[end:] for level, values in by_level.items()})
-            )
-            first = int(np.searchsorted(folds, fold, side="left"))
-            if first < end:
-                yield {level: values[first:] for level, values in inside.items()}

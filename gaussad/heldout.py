@@ -6,19 +6,21 @@ in the fitting process (from the feature store, or the backbone again) or on a c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from gaussad.features import stack_levels
 from gaussad.gaussian import Gaussian
 from gaussad.maps import top_share_mean
 from gaussad.scorer import Grid, MapHead
 from gaussad.state import FittedState
 
-# A fold's batches: the map levels' feature maps and the stacked position levels' (None without them).
-FoldFeatures = Callable[[int], Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]]
+# Held-out images a batch at a time, each batch within one fold: (its fold, the map levels' feature maps,
+# the stacked position levels' or None without them).
+FoldBatches = Iterable[tuple[int, list[torch.Tensor], torch.Tensor | None]]
 
 
 @dataclass
@@ -121,19 +123,28 @@ class FoldHeads:
         }
 
 
+def level_inputs(
+    by_level: dict[int, torch.Tensor], map_levels: Sequence[int], position_levels: Sequence[int]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """What a map head takes from feature maps by level: the map levels' and the position levels' stacked
+    (None without position levels)."""
+    stacked = stack_levels([by_level[level] for level in position_levels]) if position_levels else None
+    return [by_level[level] for level in map_levels], stacked
+
+
 def held_out_maps(
-    heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray, fold_features: FoldFeatures
+    heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray, batches: FoldBatches
 ) -> dict[str, HeldOutMaps]:
-    """Every image's held-out maps per candidate localization; `fold_of` gives each image's fold (images in
-    order, folds in contiguous runs), `fold_features(fold)` their features a batch at a time: a whole
-    fold's features or full-size maps would make the fit's peak memory grow with the training images."""
+    """Every image's held-out maps per candidate localization; `fold_of` gives each image's fold, `batches`
+    their features in order, a batch at a time: a whole fold's features or full-size maps would make the
+    fit's peak memory grow with the training images."""
     results = {name: HeldOutMaps.empty(len(fold_of)) for name in localizations}
-    for fold in np.unique(fold_of).tolist():
-        rows = np.flatnonzero(fold_of == fold)
-        start = 0
-        for level_features, stacked in fold_features(fold):
-            count = len(level_features[0])
-            for name, values in heads.maps(fold, level_features, stacked, localizations).items():
-                results[name].record(rows[start : start + count], values)
-            start += count
+    rows = {fold: np.flatnonzero(fold_of == fold) for fold in np.unique(fold_of).tolist()}
+    taken = dict.fromkeys(rows, 0)  # per fold, its images recorded so far
+    for fold, level_features, stacked in batches:
+        count = len(level_features[0])
+        at = rows[fold][taken[fold] : taken[fold] + count]
+        taken[fold] += count
+        for name, values in heads.maps(fold, level_features, stacked, localizations).items():
+            results[name].record(at, values)
     return results

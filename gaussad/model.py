@@ -33,10 +33,10 @@ from gaussad.config import (
     size_pair,
 )
 from gaussad.errors import GaussADError
-from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device, stack_levels
+from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device
 from gaussad.fitpass import Extractor, FitPlan, run_pass
 from gaussad.gaussian import Gaussian, Reduction
-from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
+from gaussad.heldout import FoldHeads, HeldOutMaps, level_inputs, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map, top_share_mean
 from gaussad.pooled import PooledFeatures
@@ -681,10 +681,7 @@ def _synthetic_results(
     for fold in range(n_folds):
         members = np.flatnonzero(synthetic.folds == fold)
         by_level = {level: values[members] for level, values in synthetic.features.items()}
-        stacked = (
-            stack_levels([by_level[lv] for lv in state.position_levels]) if state.position_levels else None
-        )
-        level_features = [by_level[lv] for lv in state.map_levels]
+        level_features, stacked = level_inputs(by_level, state.map_levels, state.position_levels)
         for name, values in heads.maps(fold, level_features, stacked, localizations).items():
             maps_by_fold[name][fold] = values.cpu().numpy()
         for name, ((levels, grid), fold_gaussians) in pooled_models.items():

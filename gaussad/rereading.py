@@ -16,9 +16,9 @@ import torch
 
 from gaussad.accumulate import Finishing, LevelAccumulator, positional_values
 from gaussad.features import BatchRunner
-from gaussad.fitpass import FitPlan, ReplayedFolds, replayed
+from gaussad.fitpass import FitPlan, replayed
 from gaussad.gaussian import Gaussian, Reduction
-from gaussad.heldout import FoldHeads, HeldOutMaps, held_out_maps
+from gaussad.heldout import FoldBatches, FoldHeads, HeldOutMaps, held_out_maps, level_inputs
 from gaussad.images import ImageInput
 
 # The map levels' accumulators by level, and the stacked position levels' under None.
@@ -46,16 +46,17 @@ class Stored:
     def held_out(
         self, heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray
     ) -> dict[str, HeldOutMaps]:
-        return held_out_maps(heads, localizations, fold_of, self._fold_features)
+        return held_out_maps(heads, localizations, fold_of, self._fold_batches(np.unique(fold_of).tolist()))
 
-    def _fold_features(self, fold: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+    def _fold_batches(self, folds: Sequence[int]) -> FoldBatches:
         position = self.accumulators.get(None)
         maps = [accumulator for key, accumulator in self.accumulators.items() if key is not None]
-        sources = [accumulator.fold_batches(fold, self.batch_size) for accumulator in maps]
-        if position is not None:
-            sources.append(position.fold_batches(fold, self.batch_size))
-        for batch in zip(*sources, strict=True):
-            yield list(batch[: len(maps)]), batch[-1] if position is not None else None
+        for fold in folds:
+            sources = [accumulator.fold_batches(fold, self.batch_size) for accumulator in maps]
+            if position is not None:
+                sources.append(position.fold_batches(fold, self.batch_size))
+            for batch in zip(*sources, strict=True):
+                yield fold, list(batch[: len(maps)]), batch[-1] if position is not None else None
 
 
 class Replayed:
@@ -103,8 +104,7 @@ class Replayed:
         self, heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray
     ) -> dict[str, HeldOutMaps]:
         batches = replayed(self.plan, self.runner, self.items, self.kept, self.progress)
-        fold_features = partial(replayed_fold_features, self.plan, ReplayedFolds(batches, fold_of))
-        return held_out_maps(heads, localizations, fold_of, fold_features)
+        return held_out_maps(heads, localizations, fold_of, fold_parts(self.plan, batches, fold_of))
 
 
 def feed_finishings(
@@ -118,10 +118,14 @@ def feed_finishings(
             finishing.add(start, positional_values(plan.level_values(by_level, key)).numpy())
 
 
-def replayed_fold_features(
-    plan: FitPlan, replay: ReplayedFolds, fold: int
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
-    """A fold's map-level and stacked position features, from the backbone run again."""
-    for by_level in replay.batches(fold):
-        stacked = plan.level_values(by_level, None) if plan.position_levels else None
-        yield [by_level[level] for level in plan.map_levels], stacked
+def fold_parts(
+    plan: FitPlan, batches: Iterator[tuple[int, dict[int, torch.Tensor]]], fold_of: np.ndarray
+) -> FoldBatches:
+    """Replayed batches (row of the first image, features by level) split where their images' folds
+    change (folds are contiguous runs of the images), as a map head takes them."""
+    for start, by_level in batches:
+        folds = fold_of[start : start + len(next(iter(by_level.values())))]
+        bounds = np.flatnonzero(np.diff(folds)) + 1
+        for low, high in zip([0, *bounds.tolist()], [*bounds.tolist(), len(folds)], strict=True):
+            part = {level: values[low:high] for level, values in by_level.items()}
+            yield int(folds[low]), *level_inputs(part, plan.map_levels, plan.position_levels)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,14 +30,13 @@ from gaussad.fitpass import (
     HeldLevel,
     HeldPooled,
     PassResult,
-    ReplayedFolds,
     replayed,
     run_pass,
 )
 from gaussad.heldout import FoldHeads, HeldOutMaps, held_out_maps
 from gaussad.images import ImageInput
 from gaussad.pooled import PooledFeatures
-from gaussad.rereading import Levels, Replayed, feed_finishings, replayed_fold_features
+from gaussad.rereading import Levels, Replayed, feed_finishings, fold_parts
 
 # A shard's work on an actor: (the actor's runner, the shard's first input, its inputs) -> its result.
 ShardTask = Callable[[BatchRunner, int, Sequence[ImageInput]], Any]
@@ -182,8 +180,8 @@ class HeldOutShard:
         low, high = np.searchsorted(self.kept, [start, start + len(items)])
         heads = replace(self.heads, device=runner.device, _held=None)
         batches = replayed(self.plan, runner, items, self.kept, first=start)
-        fold_features = partial(replayed_fold_features, self.plan, ReplayedFolds(batches, self.fold_of))
-        return int(low), held_out_maps(heads, self.localizations, self.fold_of[low:high], fold_features)
+        parts = fold_parts(self.plan, batches, self.fold_of)
+        return int(low), held_out_maps(heads, self.localizations, self.fold_of[low:high], parts)
 
 
 class ClusterReplayed(Replayed):
