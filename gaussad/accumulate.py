@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gaussad.gaussian import Gaussian, Reduction, fit_projection, gaussian_from_moments, is_identity
-from gaussad.moments import Moments
+from gaussad.moments import Moments, add_position_outer
 from gaussad.store import FeatureStore
 
 _READ_CHUNK_VALUES = 1 << 20  # float32 values per read of the store (4 MiB)
@@ -189,8 +189,8 @@ class LevelAccumulator:
             covariance.add_(fold_outer, alpha=-1 / case.count)
         elif case.exclude_fold is not None:
             for values in self._fold_chunks(case.exclude_fold):
-                rows = torch.from_numpy(values).to(torch.float64).sub_(self.moments.shift).transpose(0, 1)
-                covariance.baddbmm_(rows.transpose(1, 2), rows, alpha=-1 / case.count)
+                shifted = torch.from_numpy(values).to(torch.float64).sub_(self.moments.shift)
+                add_position_outer(covariance, shifted, alpha=-1 / case.count)
         return covariance.numpy()
 
     def _chunks(
@@ -202,9 +202,7 @@ class LevelAccumulator:
             raise ValueError("the features were not kept: the Gaussians finish from a `Finishing`")
         per_image = int(self.moments.shift.numel()) * self.grid[0] * self.grid[1]
         images_per_chunk = images_per_chunk or max(1, _READ_CHUNK_VALUES // per_image)
-        stop = len(self.folds) if stop is None else stop
-        chunks = self.store.read(start, stop, images_per_chunk)
-        yield from zip(range(start, stop, images_per_chunk), chunks, strict=True)
+        yield from self.store.read(start, len(self.folds) if stop is None else stop, images_per_chunk)
 
     def _fold_chunks(self, fold: int, images_per_chunk: int | None = None) -> Iterator[np.ndarray]:
         """Float32 features (b, P, C) of one fold's images in order, reading only their runs of the store
@@ -296,13 +294,10 @@ class Finishing:
             chunk_folds = self.folds[start : start + len(values)]
             shifted = torch.from_numpy(values).to(torch.float64).sub_(self.shift)
             for fold in self._excluded.intersection(chunk_folds.tolist()):
-                rows = shifted[torch.from_numpy(chunk_folds == fold)].transpose(0, 1)  # (P, b', C)
                 if fold not in self.fold_outer:
-                    channels = rows.shape[-1]
-                    self.fold_outer[fold] = torch.zeros(
-                        (rows.shape[0], channels, channels), dtype=torch.float64
-                    )
-                self.fold_outer[fold].baddbmm_(rows.transpose(1, 2), rows)
+                    _, positions, channels = shifted.shape
+                    self.fold_outer[fold] = torch.zeros((positions, channels, channels), dtype=torch.float64)
+                add_position_outer(self.fold_outer[fold], shifted[torch.from_numpy(chunk_folds == fold)])
 
     def _add_quartics(self, start: int, values: np.ndarray) -> None:
         batch = len(values)

@@ -15,6 +15,13 @@ from collections.abc import Sequence
 import torch
 
 
+def add_position_outer(outer: torch.Tensor, shifted: torch.Tensor, alpha: float = 1.0) -> None:
+    """Add `alpha` times the per-position outer-product sums of float64 values (b, P, C) to `outer`
+    (P, C, C), in place: the sums are large, and a temporary would triple the memory traffic."""
+    by_position = shifted.transpose(0, 1)  # (P, b, C)
+    outer.baddbmm_(by_position.transpose(1, 2), by_position, alpha=alpha)
+
+
 class Moments:
     """Moments of feature vectors (b, P, C): P positions of C channels per image, each image in a fold.
 
@@ -45,9 +52,7 @@ class Moments:
             self._start(wide.mean(dim=(0, 1)), positions)
         shifted = wide - self.shift
         if self.per_position:
-            # In place: the sums are (P, C, C), and a temporary would triple the memory traffic.
-            by_position = shifted.transpose(0, 1)  # (P, b, C)
-            self.position_outer.baddbmm_(by_position.transpose(1, 2), by_position)
+            add_position_outer(self.position_outer, shifted)
         fold_index = torch.tensor(list(folds))
         for fold in fold_index.unique().tolist():
             members = shifted[fold_index == fold]

@@ -46,15 +46,13 @@ class PooledFeatures:
 
     def load(self) -> np.ndarray:
         """All features (n, D), float32."""
-        return next(self.store.read(0, self.count, max(self.count, 1)))
+        return next(self.store.read(0, self.count, max(self.count, 1)))[1]
 
     def chunks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Float64 features of the images where `rows` (bool, n) is true (default: all), in order, a chunk
         at a time."""
         per_chunk = max(1, _READ_CHUNK_VALUES // max(self.dims, 1))
-        for start, chunk in zip(
-            range(0, self.count, per_chunk), self.store.read(0, self.count, per_chunk), strict=True
-        ):
+        for start, chunk in self.store.read(0, self.count, per_chunk):
             if rows is not None:
                 chunk = chunk[rows[start : start + len(chunk)]]
             yield chunk.astype(np.float64)

@@ -43,8 +43,11 @@ class FeatureStore(ABC):
     def _append(self, values: np.ndarray) -> None: ...
 
     @abstractmethod
-    def read(self, start: int = 0, stop: int | None = None, per_chunk: int = 1) -> Iterator[np.ndarray]:
-        """The rows of images start..stop-1 (default: to the last) in order, `per_chunk` images at a time."""
+    def read(
+        self, start: int = 0, stop: int | None = None, per_chunk: int = 1
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first image, rows) of images start..stop-1 (default: to the last) in order,
+        `per_chunk` images at a time."""
 
 
 class DiskStore(FeatureStore):
@@ -58,14 +61,16 @@ class DiskStore(FeatureStore):
         with self.path.open("ab") as file:
             values.tofile(file)
 
-    def read(self, start: int = 0, stop: int | None = None, per_chunk: int = 1) -> Iterator[np.ndarray]:
+    def read(
+        self, start: int = 0, stop: int | None = None, per_chunk: int = 1
+    ) -> Iterator[tuple[int, np.ndarray]]:
         stop = self.count if stop is None else stop
         with self.path.open("rb") as file:
             file.seek(start * self.row_values * np.dtype(np.float32).itemsize)
             for first in range(start, stop, per_chunk):
                 count = min(per_chunk, stop - first)
                 chunk = np.fromfile(file, dtype=np.float32, count=count * self.row_values)
-                yield chunk.reshape(count, *self.row_shape)
+                yield first, chunk.reshape(count, *self.row_shape)
 
 
 class MemoryStore(FeatureStore):
@@ -80,7 +85,9 @@ class MemoryStore(FeatureStore):
         self._starts.append(self.count)
         self._parts.append(values)
 
-    def read(self, start: int = 0, stop: int | None = None, per_chunk: int = 1) -> Iterator[np.ndarray]:
+    def read(
+        self, start: int = 0, stop: int | None = None, per_chunk: int = 1
+    ) -> Iterator[tuple[int, np.ndarray]]:
         stop = self.count if stop is None else stop
         for first in range(start, stop, per_chunk):
             last = min(first + per_chunk, stop)
@@ -91,7 +98,7 @@ class MemoryStore(FeatureStore):
                 pieces.append(self._parts[part][offset : offset + last - at])
                 at += len(pieces[-1])
                 part += 1
-            yield pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            yield first, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def open_store(kind: str, folder: Path | None, name: str) -> FeatureStore | None:

@@ -26,7 +26,9 @@ def test_reads_return_the_appended_rows(tmp_path_factory, appends: list[int], da
     per_chunk = data.draw(st.integers(1, 7))
     for store in stores:
         assert store.count == len(rows) and store.row_values == 6
-        chunks = list(store.read(first, stop, per_chunk))
+        starts = [start for start, _ in store.read(first, stop, per_chunk)]
+        assert starts == list(range(first, stop, per_chunk))
+        chunks = [chunk for _, chunk in store.read(first, stop, per_chunk)]
         assert all(len(chunk) <= per_chunk for chunk in chunks)
         read = np.concatenate(chunks) if chunks else np.zeros((0, 2, 3), np.float32)
         np.testing.assert_array_equal(read, rows[first:stop])
