@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gaussad import __version__
-from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, MODEL_OPTIONS, ModelConfig, describe_size
+from gaussad.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WORKERS,
+    FEATURE_STORES,
+    MODEL_OPTIONS,
+    ModelConfig,
+    describe_size,
+)
 from gaussad.errors import GaussADError
 from gaussad.serve.commands import add_commands as add_serve_commands
-from gaussad.store import FEATURE_STORES
 
 # The library (torch, timm, matplotlib, scikit-learn) is imported inside the commands that use it:
 # `gaussad --help` and argument errors answer at once instead of after seconds of imports.

@@ -18,6 +18,9 @@ from gaussad.errors import GaussADError
 REDUCTIONS: tuple[str, ...] = ("opca", "pca", "none")
 LOCALIZATIONS: tuple[str, ...] = ("hybrid", "shared", "per-position", "auto")
 IMAGE_SCORES: tuple[str, ...] = ("pooled", "map", "combined", "auto")
+# Where a fit keeps the training features until its Gaussians are finished (`gaussad.store`): a run-time
+# setting, not a model option.
+FEATURE_STORES: tuple[str, ...] = ("disk", "memory", "none")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096  # far beyond what a 2-core CPU scores in reasonable time; guards saved models

@@ -27,6 +27,7 @@ from gaussad.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_WORKERS,
     DEFAULTS,
+    FEATURE_STORES,
     MODEL_OPTIONS,
     ImageSize,
     ModelConfig,
@@ -53,7 +54,7 @@ from gaussad.selection import (
     synthetic_sample,
 )
 from gaussad.state import BackboneInfo, FittedState
-from gaussad.store import FEATURE_STORES, open_store
+from gaussad.store import open_store
 from gaussad.synthetic import synthetic_defects
 from gaussad.tuning import one_blas_thread
 

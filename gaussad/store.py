@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURE_STORES = ("disk", "memory", "none")
+from gaussad.config import FEATURE_STORES
 
 
 class FeatureStore(ABC):
