@@ -6,9 +6,12 @@ default, written outside the repository.
   part no longer sits in the same place in every image.
 - `crop`: a random window of aspect 2:1 (wide) or 1:2 (tall), chosen per image, holding the whole defect
   where the mask allows; the part is cut differently in every image and the input is no longer square.
+- `small`: the whole image shrunk to 40-60% of its side, turned by a random angle and placed at random on a
+  canvas of its former size, filled with the colour of its border: a small part, anywhere, on a plain
+  background (as a screw on a table, or a tire on a tray), whose defects shrink with it.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop --out ~/.cache/gaussad/stress
+        --variants rotate crop small --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -27,8 +30,9 @@ from scipy import ndimage
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.images import read_image
 
-VARIANTS = ("rotate", "crop")
+VARIANTS = ("rotate", "crop", "small")
 MAX_SHIFT = 0.1  # of the image's side
+SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -47,6 +51,28 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator)
     rotated = np.stack([warp(image[..., c].astype(np.float32), 1) for c in range(3)], axis=-1)
     rotated = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
     return rotated, None if mask is None else warp(mask, 0)
+
+
+def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """Shrink by a random scale, turn by a random angle and place at random inside the frame, on the median
+    colour of the image's border; the mask follows."""
+    scale = rng.uniform(*SMALL_SCALES)
+    angle = math.radians(rng.uniform(0.0, 360.0))
+    height, width = image.shape[:2]
+    size = np.array([height, width], dtype=float)
+    reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner from its centre
+    placed = np.array([rng.uniform(min(reach, side / 2), max(side - 1 - reach, side / 2)) for side in size])
+    matrix = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
+    offset = (size - 1) / 2 - matrix @ placed  # output (y, x) -> input matrix @ (y, x) + offset
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0)
+
+    def warp(values: np.ndarray, order: int, fill: float) -> np.ndarray:
+        return ndimage.affine_transform(values, matrix, offset, order=order, mode="constant", cval=fill)
+
+    channels = [warp(image[..., c].astype(np.float32), 1, background[c]) for c in range(3)]
+    placed_image = np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+    return placed_image, None if mask is None else warp(mask, 0, 0)
 
 
 def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -73,7 +99,7 @@ def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
 
 def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
     """The variant of one category, in MVTec AD layout, under `out`."""
-    transform = {"rotate": rotate, "crop": crop}[variant]
+    transform = {"rotate": rotate, "crop": crop, "small": small}[variant]
     rng = np.random.default_rng(seed)
     target = out / f"{category.name}-{variant}"
     for path in training_images(category):
@@ -109,8 +135,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for category in args.categories:
-        for index, variant in enumerate(args.variants):
-            write_variant(category, variant, args.out, args.seed + index)
+        for variant in args.variants:
+            write_variant(category, variant, args.out, args.seed + VARIANTS.index(variant))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, PyTorch's
 thread count for one test, a local Ray cluster, and the check that two fits gave the same model."""
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,6 +14,15 @@ from PIL import Image
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = REAL_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = REAL_DATA / "magnetic_tile"
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """A script of `benchmarks/` imported as a module (that folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fit_small(images: list, **options):

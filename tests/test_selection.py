@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import benchmark_script, texture
+from PIL import Image
 
 from gaussad import GaussAD
 from gaussad.evaluation import training_images
@@ -78,6 +80,37 @@ def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
     if chosen == "global":
         assert state.image_grid == 1 and state.levels == (3, 4, 5, 6, 7)
     assert auto_model.scorer_.features.levels == state.extracted_levels
+
+
+def _part(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A textured part with a dark disc and a bright bar, each always at the same place."""
+    image = texture(rng, size).astype(np.float64)
+    y, x = np.mgrid[0:size, 0:size]
+    image[(y - 30) ** 2 + (x - 34) ** 2 < 14**2] *= 0.25
+    image[(np.abs(y - 70) < 5) & (x > 20) & (x < 80)] = 240
+    return image.astype(np.uint8)
+
+
+def test_auto_chooses_differently_on_aligned_and_on_rotated_parts(tmp_path: Path) -> None:
+    """The same parts, aligned and then turned and shifted at random as the development data's `rotate`
+    variant does it: on the aligned ones the grid-pooled features separate the synthetic defects and the
+    combined score stays; turned, they separate nothing, and the map's top share alone is chosen."""
+    rotate = benchmark_script("stress_variants").rotate
+    rng, turns = np.random.default_rng(2), np.random.default_rng(3)
+    aligned = [_part(rng) for _ in range(64)]
+    sets = {"aligned": aligned, "rotated": [rotate(part, None, turns)[0] for part in aligned]}
+    chosen, evidence = {}, {}
+    for name, parts in sets.items():
+        paths = []
+        for index, part in enumerate(parts):
+            paths.append(tmp_path / name / f"{index:03d}.png")
+            paths[-1].parent.mkdir(exist_ok=True)
+            Image.fromarray(part).save(paths[-1])
+        selection = GaussAD(**SMALL, **AUTO).fit(paths).state_.selection["image_score"]
+        chosen[name], evidence[name] = selection["chosen"], selection["candidates"]
+    assert evidence["aligned"]["pooled"]["proxy"] > 0.9 > 0.6 > evidence["rotated"]["pooled"]["proxy"]
+    assert evidence["rotated"]["map"]["wins"] >= CONFIDENCE > evidence["aligned"]["map"]["wins"]
+    assert chosen == {"aligned": "combined", "rotated": "map"}
 
 
 def test_info_and_reports_show_the_choice_and_its_evidence(

@@ -1,0 +1,87 @@
+"""The development data's stress variants (`benchmarks/stress_variants.py`): each transform moves the mask
+with the image, repeats by seed, and writes a data set that evaluates as MVTec AD layout."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import benchmark_script
+from PIL import Image
+
+from gaussad.evaluation import list_test_images, training_images
+
+stress_variants = benchmark_script("stress_variants")
+
+RED = (230, 20, 20)
+
+
+def _part_with_defect() -> tuple[np.ndarray, np.ndarray]:
+    """A 90 x 120 image: a plain grey border, a textured part, and a red square defect with its mask."""
+    rng = np.random.default_rng(0)
+    image = np.full((90, 120, 3), 128, np.uint8)
+    image[10:80, 10:110] = rng.integers(40, 200, (70, 100, 1), dtype=np.uint8)  # grey texture
+    mask = np.zeros((90, 120), np.uint8)
+    mask[30:50, 60:80] = 255
+    image[mask > 0] = RED
+    return image, mask
+
+
+def _red(image: np.ndarray) -> np.ndarray:
+    return (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90)
+
+
+@pytest.mark.parametrize("variant", stress_variants.VARIANTS)
+def test_each_variant_moves_the_mask_with_the_image_and_repeats_by_seed(variant: str) -> None:
+    transform = getattr(stress_variants, variant)
+    image, mask = _part_with_defect()
+    for seed in range(5):
+        moved_image, moved_mask = transform(image, mask, np.random.default_rng(seed))
+        assert moved_image.shape[:2] == moved_mask.shape and moved_image.dtype == np.uint8
+        inside, red = moved_mask > 0, _red(moved_image)
+        assert inside.sum() > 0
+        assert red[inside].mean() > 0.85  # the mask lies on the defect...
+        assert inside[red].mean() > 0.85  # ...and the defect in the mask
+        again = transform(image, mask, np.random.default_rng(seed))
+        np.testing.assert_array_equal(again[0], moved_image)
+        np.testing.assert_array_equal(again[1], moved_mask)
+        without_mask, none = transform(image, None, np.random.default_rng(seed))
+        assert none is None
+        if variant != "crop":  # crop places its window by the mask; the others move good images alike
+            np.testing.assert_array_equal(without_mask, moved_image)
+
+
+def test_crop_keeps_the_whole_defect_in_a_two_to_one_window() -> None:
+    image, mask = _part_with_defect()
+    for seed in range(8):
+        cropped, kept = stress_variants.crop(image, mask, np.random.default_rng(seed))
+        height, width = kept.shape
+        assert max(height, width) == 2 * min(height, width)
+        assert (kept > 0).sum() == (mask > 0).sum()
+
+
+def test_small_shrinks_the_part_onto_its_border_colour_inside_the_frame() -> None:
+    image, mask = _part_with_defect()
+    low, high = stress_variants.SMALL_SCALES
+    for seed in range(8):
+        placed, moved = stress_variants.small(image, mask, np.random.default_rng(seed))
+        assert placed.shape == image.shape
+        area = (moved > 0).sum() / (mask > 0).sum()
+        assert 0.8 * low**2 < area < 1.2 * high**2
+        # The frame's corners are background, and all of the part stays inside the frame.
+        for corner in (placed[0, 0], placed[0, -1], placed[-1, 0], placed[-1, -1]):
+            np.testing.assert_array_equal(corner, (128, 128, 128))
+        textured = (np.abs(placed.astype(int) - 128).max(axis=-1) > 0).sum()
+        assert textured > 0.8 * low**2 * 70 * 100
+
+
+def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_path: Path) -> None:
+    source = list_test_images(category)
+    for variant in stress_variants.VARIANTS:
+        written = stress_variants.write_variant(category, variant, tmp_path, seed=0)
+        assert written == tmp_path / f"{category.name}-{variant}"
+        assert len(training_images(written)) == len(training_images(category))
+        tests = list_test_images(written)
+        assert {item.defect for item in tests} == {item.defect for item in source}
+        for item in tests:
+            if item.mask_path is not None:
+                assert Image.open(item.mask_path).size == Image.open(item.path).size
