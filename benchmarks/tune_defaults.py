@@ -26,6 +26,7 @@ from gaussad.tuning import cpu_tuning
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "auto": {"image_score": "auto", "localization": "auto"},
+    "combined, hybrid": {"image_score": "combined", "localization": "hybrid"},
     "pooled, hybrid": {"image_score": "pooled", "localization": "hybrid"},
     "pooled, shared": {"image_score": "pooled", "localization": "shared"},
     "map, hybrid": {"image_score": "map", "localization": "hybrid"},

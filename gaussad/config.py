@@ -60,7 +60,7 @@ class ModelConfig:
     variance: float = _option("share of variance the reduction keeps (opca 0.05, pca 0.95)", 0.05)
     localization: str = _option(
         "anomaly map: hybrid, shared or per-position Gaussians; auto chooses hybrid or shared at fit time",
-        "hybrid",
+        "auto",
         LOCALIZATIONS,
     )
     image_size: int | tuple[int, int] | None = _option(

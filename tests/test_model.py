@@ -20,9 +20,11 @@ SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 
 @pytest.fixture(scope="module")
 def fitted(category: Path) -> GaussAD:
-    """Pooled image scores: several tests check the pooled score's own parts (map-based and combined
-    scores are tested in test_selection.py)."""
-    return GaussAD(**SMALL, map_levels=(2, 3), image_score="pooled").fit(category / "train" / "good")
+    """Pooled image scores and hybrid maps: several tests check their own parts (map-based and combined
+    scores and the auto localization are tested in test_selection.py)."""
+    return GaussAD(**SMALL, map_levels=(2, 3), image_score="pooled", localization="hybrid").fit(
+        category / "train" / "good"
+    )
 
 
 def test_fit_follows_estimator_conventions(fitted: GaussAD) -> None:

@@ -11,12 +11,15 @@ from gaussad.evaluation import evaluate_category, list_test_images, training_ima
 @needs(BOTTLE)
 @pytest.mark.slow
 def test_default_model_on_bottle_meets_the_targets() -> None:
-    evaluation = evaluate_category(lambda: GaussAD(device="cpu"), BOTTLE)
+    fitted: list[GaussAD] = []
+    evaluation = evaluate_category(lambda: fitted.append(GaussAD(device="cpu")) or fitted[-1], BOTTLE)
     result = evaluation.result
     assert (result.n_train, result.n_test) == (209, 83)
-    assert result.image_auroc >= 0.999
+    # The auto localization chooses shared maps on bottle, as real defects would (hybrid: AUPRO 0.927).
+    assert fitted[0].state_.localization == "shared"
+    assert result.image_auroc >= 0.998
     assert result.pixel_auroc >= 0.98
-    assert result.aupro >= 0.92  # hybrid maps: 0.927 (shared maps alone: 0.948, docs/design.md)
+    assert result.aupro >= 0.94
     assert evaluation.predictions.maps == []  # full-size maps are let go once the metrics are computed
 
 

@@ -38,6 +38,21 @@ def test_synthetic_defects_change_exactly_their_masks_and_repeat_by_seed() -> No
     np.testing.assert_array_equal(images, np.random.default_rng(3).integers(0, 256, images.shape, np.uint8))
 
 
+def test_synthetic_defects_land_where_the_image_has_detail() -> None:
+    """A small textured part on a plain background: the defects go on the part, not on the background."""
+    rng = np.random.default_rng(4)
+    images = np.full((40, 64, 64, 3), 200, dtype=np.uint8)
+    images[:, 8:32, 30:54] = rng.integers(0, 256, (40, 24, 24, 3), dtype=np.uint8)
+    _, masks, kinds = synthetic_defects(images, images, seed=0)
+    part = np.zeros((64, 64), dtype=bool)
+    part[4:36, 26:58] = True  # the part and a margin of 4 pixels: a quarter of the image
+    centres = [tuple(np.argwhere(mask).mean(axis=0).round().astype(int)) for mask in masks]
+    on_part = np.array([part[centre] for centre in centres])
+    kinds = np.array(kinds)
+    assert on_part[kinds == "patch"].mean() >= 0.8  # the localization's proxy
+    assert on_part[kinds == "blend"].mean() >= 0.5  # a blob grows from its centre along smoothed noise
+
+
 def test_the_choice_needs_a_margin_and_ties_keep_the_earlier_candidate() -> None:
     evidence = {"pooled": {"proxy": 0.90}, "combined": {"proxy": 0.90 + MARGIN / 2}, "map": {"proxy": 0.85}}
     assert choose(evidence) == "pooled"
@@ -65,6 +80,7 @@ def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
     assert selection["synthetic_images"] == auto_model.n_train_  # fewer images than the cap: all of them
     localizations = selection["localization"]["candidates"]
     assert set(localizations) == {"hybrid", "shared"}
+    assert all(row["proxy"] == row["aupro_patch"] for row in localizations.values())
     assert selection["localization"]["chosen"] == choose(localizations)
     scores = selection["image_score"]["candidates"]
     assert list(scores) == ["combined", "pooled", "map", "global"]
