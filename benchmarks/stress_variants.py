@@ -30,7 +30,6 @@ from scipy import ndimage
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.images import read_image
 
-VARIANTS = ("rotate", "crop", "small")
 MAX_SHIFT = 0.1  # of the image's side
 SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side
 
@@ -40,17 +39,10 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator)
     angle = rng.uniform(0.0, 360.0)
     height, width = image.shape[:2]
     shift = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (height, width)
-    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    matrix = np.array([[cos, -sin], [sin, cos]])
+    matrix = _turn(math.radians(angle))
     centre = np.array([(height - 1) / 2, (width - 1) / 2])
     offset = centre - matrix @ (centre + shift)  # output (y, x) -> input matrix @ (y, x) + offset
-
-    def warp(values: np.ndarray, order: int) -> np.ndarray:
-        return ndimage.affine_transform(values, matrix, offset, order=order, mode="nearest")
-
-    rotated = np.stack([warp(image[..., c].astype(np.float32), 1) for c in range(3)], axis=-1)
-    rotated = np.clip(np.rint(rotated), 0, 255).astype(np.uint8)
-    return rotated, None if mask is None else warp(mask, 0)
+    return _warp(image, mask, matrix, offset, "nearest", np.zeros(3))
 
 
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -62,17 +54,35 @@ def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     size = np.array([height, width], dtype=float)
     reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner from its centre
     placed = np.array([rng.uniform(min(reach, side / 2), max(side - 1 - reach, side / 2)) for side in size])
-    matrix = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
+    matrix = _turn(angle) / scale
     offset = (size - 1) / 2 - matrix @ placed  # output (y, x) -> input matrix @ (y, x) + offset
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    background = np.median(border, axis=0)
+    return _warp(image, mask, matrix, offset, "constant", np.median(border, axis=0))
 
-    def warp(values: np.ndarray, order: int, fill: float) -> np.ndarray:
-        return ndimage.affine_transform(values, matrix, offset, order=order, mode="constant", cval=fill)
 
-    channels = [warp(image[..., c].astype(np.float32), 1, background[c]) for c in range(3)]
-    placed_image = np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
-    return placed_image, None if mask is None else warp(mask, 0, 0)
+def _turn(radians: float) -> np.ndarray:
+    """The 2 x 2 rotation by `radians` of (y, x) coordinates."""
+    cos, sin = math.cos(radians), math.sin(radians)
+    return np.array([[cos, -sin], [sin, cos]])
+
+
+def _warp(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    matrix: np.ndarray,
+    offset: np.ndarray,
+    mode: str,
+    fill: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image (bilinear, per channel) and its mask (nearest) mapped output (y, x) -> input matrix @ (y, x)
+    + offset; outside the input, `mode` as scipy's, with channel c filled by fill[c] and the mask by 0."""
+
+    def warp(values: np.ndarray, order: int, cval: float) -> np.ndarray:
+        return ndimage.affine_transform(values, matrix, offset, order=order, mode=mode, cval=cval)
+
+    channels = [warp(image[..., c].astype(np.float32), 1, fill[c]) for c in range(3)]
+    warped = np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+    return warped, None if mask is None else warp(mask, 0, 0)
 
 
 def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -97,9 +107,13 @@ def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return image[box], None if mask is None else mask[box]
 
 
+TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small}
+VARIANTS = tuple(TRANSFORMS)
+
+
 def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
     """The variant of one category, in MVTec AD layout, under `out`."""
-    transform = {"rotate": rotate, "crop": crop, "small": small}[variant]
+    transform = TRANSFORMS[variant]
     rng = np.random.default_rng(seed)
     target = out / f"{category.name}-{variant}"
     for path in training_images(category):

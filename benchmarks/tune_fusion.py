@@ -129,13 +129,14 @@ def main() -> None:
     with cpu_tuning():
         for category in args.categories:
             results[category.name] = run(category)
+            first = len(lines)
             lines += [f"### {category.name}", ""]
             lines += ["| score | image AUROC | detected at 5% | false alarms | misses |"]
             lines += ["|---|---:|---:|---:|---:|"]
             for name, (auroc, detected, false_alarms, misses) in results[category.name].items():
                 lines.append(f"| {name} | {auroc:.4f} | {detected:.3f} | {false_alarms:.3f} | {misses:.3f} |")
             lines.append("")
-            print("\n".join(lines[-12:]), flush=True)
+            print("\n".join(lines[first:]), flush=True)
     lines += summary(results)
     text = "\n".join(lines)
     if args.out:

@@ -64,13 +64,13 @@ def localization_evidence(
     for name, values in maps.items():
         values = values[:, ::PROXY_STRIDE, ::PROXY_STRIDE]
         auroc, pro = pixel_metrics(masks, values)
-        evidence[name] = {"pixel_auroc": auroc, "aupro": pro, "proxy": pro}
-        for kind in KINDS:
-            if (kinds == kind).any():
-                kind_pro = pixel_metrics(masks[kinds == kind], values[kinds == kind])[1]
-                evidence[name][f"aupro_{kind}"] = kind_pro
-                if kind == LOCALIZATION_KIND:
-                    evidence[name]["proxy"] = kind_pro
+        by_kind = {
+            f"aupro_{kind}": pixel_metrics(masks[kinds == kind], values[kinds == kind])[1]
+            for kind in KINDS
+            if (kinds == kind).any()
+        }
+        proxy = by_kind.get(f"aupro_{LOCALIZATION_KIND}", pro)
+        evidence[name] = {"pixel_auroc": auroc, "aupro": pro, "proxy": proxy, **by_kind}
     return evidence
 
 
