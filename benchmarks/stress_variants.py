@@ -9,9 +9,11 @@ default, written outside the repository.
 - `small`: the whole image shrunk to 40-60% of its side, turned by a random angle and placed at random on a
   canvas of its former size, filled with the colour of its border: a small part, anywhere, on a plain
   background (as a screw on a table, or a tire on a tray), whose defects shrink with it.
+- `scene`: the same small part on a background with texture and uneven light, as a real tray or table
+  has: grain of a pixel or two and a slow change of brightness across the frame, both random per image.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -32,6 +34,9 @@ from gaussad.images import read_image
 
 MAX_SHIFT = 0.1  # of the image's side
 SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side
+SCENE_LIGHT = 20.0  # the `scene` background's largest change of brightness, in grey levels
+SCENE_GRAIN = 6.0  # the standard deviation of its grain, in grey levels
+SCENE_LIGHT_CELLS = 32  # image side / the light's correlation length
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -48,6 +53,25 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator)
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     """Shrink by a random scale, turn by a random angle and place at random inside the frame, on the median
     colour of the image's border; the mask follows."""
+    matrix, offset, border = _placement(image, rng)
+    return _warp(image, mask, matrix, offset, "constant", border)
+
+
+def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """As `small`, on the border's colour with grain and uneven light (`_background`) instead of a plain
+    fill; the mask follows."""
+    matrix, offset, border = _placement(image, rng)
+    part, moved = _warp(image, mask, matrix, offset, "constant", np.zeros(3), rounded=False)
+    coverage = ndimage.affine_transform(
+        np.ones(image.shape[:2], np.float32), matrix, offset, order=1, mode="constant", cval=0.0
+    )
+    composed = part + (1.0 - coverage)[..., None] * _background(image.shape[:2], border, rng)
+    return np.clip(np.rint(composed), 0, 255).astype(np.uint8), moved
+
+
+def _placement(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random shrink, turn and place for `small` and `scene`: the warp's matrix and offset (output (y, x)
+    -> input matrix @ (y, x) + offset), and the median colour of the image's border."""
     scale = rng.uniform(*SMALL_SCALES)
     angle = math.radians(rng.uniform(0.0, 360.0))
     height, width = image.shape[:2]
@@ -55,9 +79,23 @@ def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner from its centre
     placed = np.array([rng.uniform(min(reach, side / 2), max(side - 1 - reach, side / 2)) for side in size])
     matrix = _turn(angle) / scale
-    offset = (size - 1) / 2 - matrix @ placed  # output (y, x) -> input matrix @ (y, x) + offset
+    offset = (size - 1) / 2 - matrix @ placed
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return _warp(image, mask, matrix, offset, "constant", np.median(border, axis=0))
+    return matrix, offset, np.median(border, axis=0)
+
+
+def _background(shape: tuple[int, int], colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A (H, W, 3) float background: `colour`, plus light that changes slowly across the frame (at most
+    `SCENE_LIGHT` grey levels) and grain (`SCENE_GRAIN`), the same in every channel."""
+    height, width = shape
+    coarse = ndimage.gaussian_filter(
+        rng.standard_normal((max(2, height // SCENE_LIGHT_CELLS), max(2, width // SCENE_LIGHT_CELLS))), 1.0
+    )
+    light = ndimage.zoom(coarse, (height / coarse.shape[0], width / coarse.shape[1]), order=1)
+    light = light[:height, :width] * SCENE_LIGHT / (np.abs(light).max() + 1e-9)
+    grain = ndimage.gaussian_filter(rng.standard_normal((height, width)), 1.0)
+    grain *= SCENE_GRAIN / (grain.std() + 1e-9)
+    return colour[None, None, :] + (light + grain)[..., None]
 
 
 def _turn(radians: float) -> np.ndarray:
@@ -73,15 +111,17 @@ def _warp(
     offset: np.ndarray,
     mode: str,
     fill: np.ndarray,
+    rounded: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The image (bilinear, per channel) and its mask (nearest) mapped output (y, x) -> input matrix @ (y, x)
-    + offset; outside the input, `mode` as scipy's, with channel c filled by fill[c] and the mask by 0."""
+    + offset; outside the input, `mode` as scipy's, with channel c filled by fill[c] and the mask by 0. The
+    image comes back as uint8, or as float32 unrounded for further composing."""
 
     def warp(values: np.ndarray, order: int, cval: float) -> np.ndarray:
         return ndimage.affine_transform(values, matrix, offset, order=order, mode=mode, cval=cval)
 
-    channels = [warp(image[..., c].astype(np.float32), 1, fill[c]) for c in range(3)]
-    warped = np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+    channels = np.stack([warp(image[..., c].astype(np.float32), 1, fill[c]) for c in range(3)], axis=-1)
+    warped = np.clip(np.rint(channels), 0, 255).astype(np.uint8) if rounded else channels
     return warped, None if mask is None else warp(mask, 0, 0)
 
 
@@ -107,7 +147,7 @@ def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return image[box], None if mask is None else mask[box]
 
 
-TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small}
+TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene}
 VARIANTS = tuple(TRANSFORMS)
 
 

@@ -59,19 +59,33 @@ def test_crop_keeps_the_whole_defect_in_a_two_to_one_window() -> None:
         assert (kept > 0).sum() == (mask > 0).sum()
 
 
-def test_small_shrinks_the_part_onto_its_border_colour_inside_the_frame() -> None:
+@pytest.mark.parametrize("variant", ["small", "scene"])
+def test_small_and_scene_shrink_the_part_inside_the_frame(variant: str) -> None:
     image, mask = _part_with_defect()
     low, high = stress_variants.SMALL_SCALES
     for seed in range(8):
-        placed, moved = stress_variants.small(image, mask, np.random.default_rng(seed))
+        placed, moved = getattr(stress_variants, variant)(image, mask, np.random.default_rng(seed))
         assert placed.shape == image.shape
         area = (moved > 0).sum() / (mask > 0).sum()
         assert 0.8 * low**2 < area < 1.2 * high**2
-        # The frame's corners are background, and all of the part stays inside the frame.
-        for corner in (placed[0, 0], placed[0, -1], placed[-1, 0], placed[-1, -1]):
-            np.testing.assert_array_equal(corner, (128, 128, 128))
-        textured = (np.abs(placed.astype(int) - 128).max(axis=-1) > 0).sum()
-        assert textured > 0.8 * low**2 * 70 * 100
+        part = _part_region(placed.shape[:2], variant, seed)
+        # All of the part stays inside the frame: its texture spans at least the shrunk part's area.
+        assert part.sum() > 0.8 * low**2 * 70 * 100
+        background = placed[~part].astype(float)
+        if variant == "small":  # on the border's colour alone
+            np.testing.assert_array_equal(background, 128)
+        else:  # on the border's colour with grain and uneven light
+            change = np.abs(background - 128)
+            assert change.mean() > stress_variants.SCENE_GRAIN / 2 and background.std() > 3
+            assert change.max() <= stress_variants.SCENE_LIGHT + 6 * stress_variants.SCENE_GRAIN
+
+
+def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
+    """Where the variant puts the part (a plain white image run through the same transform)."""
+    white = np.full((*shape, 3), 255, np.uint8)
+    white[0], white[-1], white[:, 0], white[:, -1] = 0, 0, 0, 0  # a black border: the fill is black
+    placed, _ = getattr(stress_variants, variant)(white, None, np.random.default_rng(seed))
+    return placed.min(axis=-1) > 192
 
 
 def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_path: Path) -> None:
