@@ -2,7 +2,8 @@
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile
     python benchmarks/tune_defaults.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        ~/.cache/gaussad/stress/*-rotate ~/.cache/gaussad/stress/*-crop --out benchmarks/results/tune_defaults
+        ~/.cache/gaussad/stress/*-rotate ~/.cache/gaussad/stress/*-crop ~/.cache/gaussad/stress/*-small \
+        ~/.cache/gaussad/stress/*-scene --out benchmarks/results/tune_defaults
 
 One `gaussad evaluate` per data set and setting (Lite0 at 224 px otherwise): image AUROC, pixel AUROC and
 AUPRO at full resolution; the share of good test images flagged (false alarms) and of defective ones not
