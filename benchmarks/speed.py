@@ -113,7 +113,9 @@ def main() -> None:
     train, tests = training_images(args.category), [t.path for t in list_test_images(args.category)]
     model = GaussAD(backbone=args.backbone, precision=args.precision, device="cpu")
     backbone = load_backbone(args.backbone)
-    levels = sorted(set().union(*model.config.resolve_levels(backbone)))
+    levels = sorted(
+        set().union(*model.config.resolve_levels(backbone), model.config.resolve_global_levels(backbone))
+    )
     floor_args = (
         args.backbone,
         backbone.preprocessing.image_size,

@@ -24,9 +24,13 @@ from gaussad.evaluation import evaluate_category
 from gaussad.model import GaussAD
 from gaussad.tuning import cpu_tuning
 
+TWO_PARTS = {"image_score": "combined", "global_levels": ()}  # the defaults before the global part
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "auto": {"image_score": "auto", "localization": "auto"},
+    "combined (two parts)": TWO_PARTS,
+    "combined (two parts), hybrid": {**TWO_PARTS, "localization": "hybrid"},
+    "combined (two parts), shared": {**TWO_PARTS, "localization": "shared"},
     "combined, hybrid": {"image_score": "combined", "localization": "hybrid"},
     "pooled, hybrid": {"image_score": "pooled", "localization": "hybrid"},
     "pooled, shared": {"image_score": "pooled", "localization": "shared"},

@@ -80,6 +80,9 @@ EFFICIENTNET_IMAGE_LEVELS = (4, 5)
 # Levels of the hybrid map's per-position Gaussian for 7-stage EfficientNets, measured likewise: 3 and 5
 # side by side on level 5's grid map the tiles' defects as well as 2, 3, 5 with 152 instead of 176 channels.
 EFFICIENTNET_POSITION_LEVELS = (3, 5)
+# Levels of the combined image score's global part for 7-stage EfficientNets: the paper's, stages 3 to 7
+# averaged over the whole image (measured against stages 3-5 alone in benchmarks/results/tune_fusion.md).
+EFFICIENTNET_GLOBAL_LEVELS = (3, 4, 5, 6, 7)
 _EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -145,9 +148,11 @@ class TappedBackbone(torch.nn.Module):
                 self.default_levels = EFFICIENTNET_IMAGE_LEVELS
                 self.default_map_levels = EFFICIENTNET_MAP_LEVELS
                 self.default_position_levels = EFFICIENTNET_POSITION_LEVELS
+                self.default_global_levels = EFFICIENTNET_GLOBAL_LEVELS
             else:
                 self.default_levels = self.default_map_levels = tuple(range(min(3, n_stages), n_stages + 1))
                 self.default_position_levels = self.default_map_levels[-1:]
+                self.default_global_levels = self.default_levels
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
             if fold_norms:
@@ -160,7 +165,7 @@ class TappedBackbone(torch.nn.Module):
                 model.layer4,
             ]
             self.default_levels = (0, 1, 2, 3)
-            self.default_map_levels = self.default_levels
+            self.default_map_levels = self.default_global_levels = self.default_levels
             self.default_position_levels = self.default_map_levels[-1:]
             self.feature_info = self._measure(["act1", "layer1", "layer2", "layer3", "layer4"])
         elif hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
@@ -175,7 +180,7 @@ class TappedBackbone(torch.nn.Module):
                 for i, info in enumerate(model.feature_info)
             ]
             self.default_levels = tuple(range(1, len(self.feature_info))) or (0,)
-            self.default_map_levels = self.default_levels
+            self.default_map_levels = self.default_global_levels = self.default_levels
             self.default_position_levels = self.default_map_levels[-1:]
         else:
             raise GaussADError(f"backbone {name!r}: this timm model exposes no intermediate feature maps")
@@ -237,7 +242,7 @@ class CroppedSameConv2d(torch.nn.Conv2d):
         for size, kernel, stride, dilation in zip(
             x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True
         ):
-            outputs = -(-size // stride)
+            outputs = (size + stride - 1) // stride  # not -(-size // stride): ONNX divides by truncating
             total = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
             pads.append(total // 2 + stride)
             stops.append(outputs + 1)

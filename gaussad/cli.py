@@ -57,6 +57,11 @@ def _levels(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected level numbers such as 3,4,5") from None
 
 
+def _levels_or_none(text: str) -> list[int]:
+    """Levels, or "none" for none at all (an empty list)."""
+    return [] if text.strip().lower() == "none" else _levels(text)
+
+
 def _image_size(text: str) -> int | tuple[int, int] | str:
     """--image-size: a side ("448") or height x width ("320x800"). Other text is passed on as it is, for
     `ModelConfig` to refuse in one line naming the option, as it does sides out of range."""
@@ -163,6 +168,8 @@ def _option_type(name: str, spec: dict[str, Any]) -> Any:
     """How the CLI parses a model option: levels lists, input sizes, file paths, or the type of the field."""
     if spec["kind"] == "levels":
         return _levels
+    if spec["kind"] == "levels or none":
+        return _levels_or_none
     if spec["kind"] == "size":
         return _image_size
     if spec["kind"] == "path" or spec["choices"]:
@@ -557,7 +564,8 @@ def run_info(args: argparse.Namespace) -> None:
     )
     score = state.image_score if config.image_score != "auto" else f"auto, chose {state.image_score}"
     levels = ",".join(map(str, state.levels))
-    print(f"image score: {score}; levels {levels}; grid {state.image_grid} x {state.image_grid}")
+    whole = f"; global levels {','.join(map(str, state.global_levels))}" if state.global_levels else ""
+    print(f"image score: {score}; levels {levels}; grid {state.image_grid} x {state.image_grid}{whole}")
     if state.selection:
         print(describe_selection(state.selection))
     for row in model.describe_levels():

@@ -77,6 +77,11 @@ class ModelConfig:
         "combined",
         IMAGE_SCORES,
     )
+    global_levels: tuple[int, ...] | None = _option(
+        "combined image score: levels pooled over the whole image, its third part; none for two parts "
+        "(default: the backbone's; the paper's 3-7 for EfficientNets)",
+        kind="levels or none",
+    )
     precision: str = _option("bf16 runs the backbone under bfloat16 autocast", "fp32", PRECISIONS)
     folds: int = _option("folds of the training images for label-free thresholds; 0 = none", 5)
     max_false_alarm_rate: float = _option(
@@ -86,6 +91,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("levels", "map_levels", "position_levels"):
             object.__setattr__(self, name, _levels(name, getattr(self, name)))
+        if self.global_levels is not None:  # empty: no global part
+            object.__setattr__(self, "global_levels", _levels("global_levels", self.global_levels) or ())
         if self.weights is not None:
             if not isinstance(self.weights, (str, os.PathLike)):
                 raise GaussADError(f"--weights {self.weights!r}: expected a file path")
@@ -137,6 +144,20 @@ class ModelConfig:
                     f"{name} {unknown} do not exist in {backbone.name}: valid levels are {sorted(valid)}"
                 )
         return tuple(sorted(set(levels))), tuple(sorted(set(map_levels))), tuple(sorted(set(position_levels)))
+
+    def resolve_global_levels(self, backbone: Any) -> tuple[int, ...]:
+        """The levels pooled over the whole image for the combined score's third part (and auto's
+        "global" candidate): as given (none: no such part), else the backbone's default. Raises on levels
+        the backbone does not have."""
+        if self.global_levels is None:
+            return tuple(backbone.default_global_levels)
+        valid = sorted(info["level"] for info in backbone.feature_info)
+        unknown = sorted(set(self.global_levels) - set(valid))
+        if unknown:
+            raise GaussADError(
+                f"global levels {unknown} do not exist in {backbone.name}: valid levels are {valid}"
+            )
+        return self.global_levels
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples as lists."""

@@ -301,6 +301,7 @@ def model_info(model: GaussAD) -> dict:
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
         "levels (position)": list(model.position_levels_),
+        "levels (global)": list(model.state_.global_levels),
         "image score": model.state_.image_score,
         "localization": model.state_.localization,
         "components per level": {

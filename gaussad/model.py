@@ -128,6 +128,7 @@ class GaussAD:
         blur_sigma: float = DEFAULTS.blur_sigma,
         image_grid: int = DEFAULTS.image_grid,
         image_score: str = DEFAULTS.image_score,
+        global_levels: Sequence[int] | None = DEFAULTS.global_levels,
         precision: str = DEFAULTS.precision,
         folds: int = DEFAULTS.folds,
         max_false_alarm_rate: float = DEFAULTS.max_false_alarm_rate,
@@ -154,6 +155,7 @@ class GaussAD:
         self.blur_sigma = blur_sigma
         self.image_grid = image_grid
         self.image_score = image_score
+        self.global_levels = global_levels
         self.precision = precision
         self.folds = folds
         self.max_false_alarm_rate = max_false_alarm_rate
@@ -195,11 +197,12 @@ class GaussAD:
         n_folds = self._n_folds(len(items))
         config, fallback = _without_folds(config, n_folds)
         auto = "auto" in (config.image_score, config.localization)
-        # Image-score candidates, by name: (levels, grid) of pooled features. "global" is the paper's: every
-        # level from the shallowest map level on, averaged over the whole image.
+        # Pooled features, by name: (levels, grid). "global" (by default the paper's: stages 3-7 averaged
+        # over the whole image) is the combined score's third part and an auto candidate of its own.
         pooled_sets = {"pooled": (levels, config.image_grid)}
-        if config.image_score == "auto":
-            pooled_sets["global"] = (_global_levels(backbone, map_levels), 1)
+        global_levels = config.resolve_global_levels(backbone)
+        if config.image_score in ("combined", "auto") and global_levels:
+            pooled_sets["global"] = (global_levels, 1)
         extracted = tuple(
             sorted({*map_levels, *position_levels, *(lv for lvs, _ in pooled_sets.values() for lv in lvs)})
         )
@@ -573,6 +576,7 @@ class GaussAD:
             "levels": list(state.levels),
             "map_levels": list(state.map_levels),
             "position_levels": list(state.position_levels) or None,
+            "global_levels": list(state.global_levels) if state.global_levels else self.config.global_levels,
             "image_size": state.image_size,
             "image_grid": state.image_grid,
         }
@@ -713,11 +717,6 @@ def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str 
     )
 
 
-def _global_levels(backbone, map_levels: Sequence[int]) -> tuple[int, ...]:
-    """The paper's image levels: every level of the backbone from the shallowest map level on."""
-    return tuple(sorted(info["level"] for info in backbone.feature_info if info["level"] >= min(map_levels)))
-
-
 def _finish_state(
     state: FittedState,
     config: ModelConfig,
@@ -752,13 +751,16 @@ def _finish_state(
             Candidate(name, held_out[name][0], joined(folded.synthetic_pooled[name])) for name in pooled_sets
         ]
         pooled_normal, pooled_synthetic = held_out["pooled"][0], joined(folded.synthetic_pooled["pooled"])
-        scales = _score_scales(pooled_normal, normal_tops)
+        global_normal = global_synthetic = None  # the global part, where the configured score has one
+        if "global" in pooled_sets:
+            global_normal, global_synthetic = held_out["global"][0], joined(folded.synthetic_pooled["global"])
+        scales = _score_scales(pooled_normal, normal_tops, global_normal)
         candidates += [
             Candidate("map", normal_tops, tops),
             Candidate(
                 "combined",
-                combined_scores(pooled_normal, normal_tops, scales),
-                combined_scores(pooled_synthetic, tops, scales),
+                combined_scores(pooled_normal, normal_tops, scales, global_normal),
+                combined_scores(pooled_synthetic, tops, scales, global_synthetic),
             ),
         ]
         order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
@@ -778,11 +780,14 @@ def _finish_state(
     levels, grid = pooled_sets[pooled_name]
     pooled_normal = held_out[pooled_name][0]
     kind = "pooled" if image_choice == "global" else image_choice
-    scales = _score_scales(pooled_normal, maps.tops) if kind == "combined" else (1.0, 1.0)
+    combined = kind == "combined"
+    whole = combined and "global" in pooled_sets  # a combined score with its global part
+    global_normal = held_out["global"][0] if whole else None
+    scales = _score_scales(pooled_normal, maps.tops, global_normal) if combined else (1.0, 1.0)
     normal_scores = {
         "pooled": pooled_normal,
         "map": maps.tops,
-        "combined": combined_scores(pooled_normal, maps.tops, scales),
+        "combined": combined_scores(pooled_normal, maps.tops, scales, global_normal),
     }[kind]
     hybrid = localization == "hybrid"
     return replace(
@@ -791,6 +796,8 @@ def _finish_state(
         image_gaussians=image_gaussians[pooled_name],
         image_grid=grid,
         image_score=kind,
+        global_levels=tuple(pooled_sets["global"][0]) if whole else (),
+        global_gaussians=image_gaussians["global"] if whole else [],
         score_scales=scales,
         position_levels=state.position_levels if hybrid else (),
         position_gaussian=state.position_gaussian if hybrid else None,
@@ -801,11 +808,12 @@ def _finish_state(
     )
 
 
-def _score_scales(pooled: np.ndarray, tops: np.ndarray) -> tuple[float, float]:
-    """The combined score's scales: the spread (standard deviation) of the held-out pooled scores and map
-    top shares, so that each part weighs by how far it moves from normal in its own normal spread (a
-    z-score sum, up to a constant; measured against the medians in docs/design.md)."""
-    return float(np.std(pooled)) or 1.0, float(np.std(tops)) or 1.0
+def _score_scales(pooled: np.ndarray, tops: np.ndarray, whole: np.ndarray | None) -> tuple[float, ...]:
+    """The combined score's scales: the spread (standard deviation) of the held-out pooled scores, map top
+    shares and global scores, so that each part weighs by how far it moves from normal in its own normal
+    spread (a z-score sum, up to a constant; measured against other ways in docs/design.md)."""
+    parts = (pooled, tops) if whole is None else (pooled, tops, whole)
+    return tuple(float(np.std(part)) or 1.0 for part in parts)
 
 
 def _fit_pooled_levels(
@@ -852,6 +860,9 @@ def _build_scorer(
     """The scorer of a fitted state: the backbone's levels, the image head and the map head."""
     image_head = ImageHead(state.image_gaussians, [grids[level] for level in state.levels], state.image_grid)
     head = map_head(state.map_gaussians, state.position_gaussian, state, grids, config.blur_sigma)
+    global_head = None
+    if state.global_levels:
+        global_head = ImageHead(state.global_gaussians, [grids[level] for level in state.global_levels], 1)
     return Scorer(
         features,
         state.levels,
@@ -861,4 +872,6 @@ def _build_scorer(
         head,
         state.image_score,
         state.score_scales,
+        state.global_levels,
+        global_head,
     )

@@ -24,10 +24,12 @@ from gaussad.fileio import file_sha256, replace_folder
 from gaussad.state import FittedState
 
 FORMAT = "gaussad-model"
-# 4: the image score's kind, grid and scales, and the evidence of auto options; 3: the hybrid map's
-# position Gaussian; 2: grid-pooled image features (1 is not read)
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # older versions score pooled features; version 2 has no position Gaussian
+# 5: the combined score's global part (its levels, Gaussians and scale); 4: the image score's kind, grid
+# and scales, and the evidence of auto options; 3: the hybrid map's position Gaussian; 2: grid-pooled image
+# features (1 is not read)
+FORMAT_VERSION = 5
+# Versions 2 and 3 score pooled features, 4 a combined score of two parts; 2 has no position Gaussian.
+READABLE_VERSIONS = (2, 3, 4, 5)
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
 

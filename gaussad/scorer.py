@@ -165,9 +165,10 @@ class Scorer(nn.Module):
     """Normalized images (B, 3, H, W) -> image scores (B,) and anomaly maps (B, H, W) at the input size.
 
     The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
-    of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two summed, each divided
-    by its spread over normal images (`score_scales`). The map is `MapHead`'s; `with_maps=False` leaves
-    the maps out (computing them only when the score needs them).
+    of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two and, with a
+    `global_head`, the sum over its levels of the distances of features pooled over the whole image, each
+    divided by its spread over normal images (`score_scales`) and summed. The map is `MapHead`'s;
+    `with_maps=False` leaves the maps out (computing them only when the score needs them).
     """
 
     def __init__(
@@ -179,7 +180,9 @@ class Scorer(nn.Module):
         image_head: ImageHead,
         map_head: MapHead,
         image_score: str = "pooled",
-        score_scales: tuple[float, float] = (1.0, 1.0),
+        score_scales: Sequence[float] = (1.0, 1.0),
+        global_levels: Sequence[int] = (),
+        global_head: ImageHead | None = None,
     ) -> None:
         super().__init__()
         self.image_score = image_score
@@ -190,8 +193,10 @@ class Scorer(nn.Module):
         self.image_indices = [index[level] for level in levels]
         self.map_indices = [index[level] for level in map_levels]
         self.position_indices = [index[level] for level in position_levels]
+        self.global_indices = [index[level] for level in global_levels]
         self.image_head = image_head
         self.map_head = map_head
+        self.global_head = global_head
 
     def forward(self, batch: torch.Tensor, with_maps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score(self.features(batch), with_maps)
@@ -205,7 +210,10 @@ class Scorer(nn.Module):
             return pooled, pooled.new_empty((len(pooled), 0, 0))
         stacked = self.stack_position([features[i] for i in self.position_indices])
         maps = self.map_head([features[i] for i in self.map_indices], stacked)
-        scores = image_scores(self.image_score, pooled, maps, self.score_scales, self.top_count)
+        whole = None
+        if self.global_head is not None:
+            whole = self.global_head([features[i] for i in self.global_indices]).sum(dim=1)
+        scores = image_scores(self.image_score, pooled, maps, self.score_scales, self.top_count, whole)
         return scores, maps if with_maps else maps.new_empty((len(maps), 0, 0))
 
     def stack_position(self, features: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -219,17 +227,21 @@ def image_scores(
     maps: torch.Tensor,
     scales: torch.Tensor | Sequence[float],
     count: int | None = None,
+    whole: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image scores (B,) of one kind from pooled scores (B,) and anomaly maps (B, H, W) (see `Scorer`);
-    `count` values make the map's top share."""
+    """Image scores (B,) of one kind from pooled scores (B,), anomaly maps (B, H, W) and, for a combined
+    score with three parts, global scores (B,) (see `Scorer`); `count` values make the map's top share."""
     if kind == "pooled":
         return pooled
     if kind == "map":
         return top_share_mean(maps, count)
-    return combined_scores(pooled, top_share_mean(maps, count), scales)
+    return combined_scores(pooled, top_share_mean(maps, count), scales, whole)
 
 
-def combined_scores(pooled: Score, tops: Score, scales: torch.Tensor | Sequence[float]) -> Score:
-    """The combined image score from pooled scores and the maps' top-share means (tensors or arrays):
-    each divided by its scale (its spread over held-out normal images), then summed."""
-    return pooled / scales[0] + tops / scales[1]
+def combined_scores(
+    pooled: Score, tops: Score, scales: torch.Tensor | Sequence[float], whole: Score | None = None
+) -> Score:
+    """The combined image score from pooled scores, the maps' top-share means and, if given, global scores
+    (tensors or arrays): each divided by its scale (its spread over held-out normal images), then summed."""
+    combined = pooled / scales[0] + tops / scales[1]
+    return combined if whole is None else combined + whole / scales[2]

@@ -53,9 +53,13 @@ class FittedState:
     pixel_threshold: Threshold | None = None
     image_score: str = "pooled"  # "pooled", "map" or "combined": as fitted, after any auto choice
     image_grid: int = 4  # cells per side of the pooled image features
-    # "combined": the spreads (held-out standard deviations) of the pooled score and of the map's top
-    # share, which divide each before they are summed.
-    score_scales: tuple[float, float] = (1.0, 1.0)
+    # "combined": the levels pooled over the whole image for its third part, and their Gaussians (none in
+    # models saved before it had one).
+    global_levels: tuple[int, ...] = ()
+    global_gaussians: list[Gaussian] = field(default_factory=list)
+    # "combined": the spreads (held-out standard deviations) of the pooled score, of the map's top share
+    # and of the global score, which divide each before they are summed.
+    score_scales: tuple[float, ...] = (1.0, 1.0)
     selection: dict[str, Any] | None = None  # the evidence of auto options: each candidate's proxy metrics
 
     @property
@@ -73,21 +77,26 @@ class FittedState:
     @property
     def extracted_levels(self) -> tuple[int, ...]:
         """Every level the backbone produces for this model: image, map and position levels."""
-        return tuple(sorted({*self.levels, *self.map_levels, *self.position_levels}))
+        return tuple(sorted({*self.levels, *self.map_levels, *self.position_levels, *self.global_levels}))
 
     def with_thresholds(self, image: Threshold | None, pixel: Threshold | None) -> FittedState:
         return replace(self, image_threshold=image, pixel_threshold=pixel)
 
-    def describe_levels(self) -> list[dict[str, Any]]:
-        """Per-Gaussian facts for reports: level, role, channels, components kept, mean shrinkage."""
-        rows = [
-            _level_row(role, level, gaussian)
+    def _level_gaussians(self) -> list[tuple[str, int, Gaussian]]:
+        """(role, level, Gaussian) of every per-level Gaussian: image, map and global."""
+        return [
+            (role, level, gaussian)
             for role, levels, gaussians in (
                 ("image", self.levels, self.image_gaussians),
                 ("map", self.map_levels, self.map_gaussians),
+                ("global", self.global_levels, self.global_gaussians),
             )
             for level, gaussian in zip(levels, gaussians, strict=True)
         ]
+
+    def describe_levels(self) -> list[dict[str, Any]]:
+        """Per-Gaussian facts for reports: level, role, channels, components kept, mean shrinkage."""
+        rows = [_level_row(role, level, gaussian) for role, level, gaussian in self._level_gaussians()]
         if self.position_gaussian is not None:
             rows.append(
                 _level_row("position", "+".join(map(str, self.position_levels)), self.position_gaussian)
@@ -95,10 +104,7 @@ class FittedState:
         return rows
 
     def _named_gaussians(self) -> list[tuple[str, Gaussian]]:
-        named = [
-            *((f"image.{level}", g) for level, g in zip(self.levels, self.image_gaussians, strict=True)),
-            *((f"map.{level}", g) for level, g in zip(self.map_levels, self.map_gaussians, strict=True)),
-        ]
+        named = [(f"{role}.{level}", gaussian) for role, level, gaussian in self._level_gaussians()]
         if self.position_gaussian is not None:
             named.append((POSITION_KEY, self.position_gaussian))
         return named
@@ -122,6 +128,7 @@ class FittedState:
             "n_train": self.n_train,
             "image_score": self.image_score,
             "image_grid": self.image_grid,
+            "global_levels": list(self.global_levels),
             "score_scales": list(self.score_scales),
             "selection": self.selection,
             "gaussians": self.describe_levels(),
@@ -151,6 +158,11 @@ class FittedState:
             levels = _levels(metadata["levels"])
             map_levels = _levels(metadata["map_levels"])
             position_levels = _levels(metadata.get("position_levels", []), allow_empty=True)
+            global_levels = _levels(metadata.get("global_levels", []), allow_empty=True)
+            image_score = _choice(metadata.get("image_score", "pooled"), "image score", IMAGE_SCORES[:-1])
+            parts = 3 if global_levels else 2
+            if global_levels and image_score != "combined":
+                raise ValueError(f"global levels {list(global_levels)} with image score {image_score!r}")
             thresholds = metadata.get("thresholds") or {}
             if not isinstance(thresholds, dict):
                 raise ValueError(f"thresholds {thresholds!r} are not an object")
@@ -167,14 +179,16 @@ class FittedState:
                 **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
                 image_threshold=_threshold(thresholds.get("image")),
                 pixel_threshold=_threshold(thresholds.get("pixel")),
-                image_score=_choice(metadata.get("image_score", "pooled"), "image score", IMAGE_SCORES[:-1]),
+                image_score=image_score,
                 # Models saved before the grid was part of the fitted description: the parameters' grid.
                 image_grid=_whole(
                     metadata.get("image_grid", (metadata.get("params") or {}).get("image_grid", 4)),
                     "image grid",
                     1,
                 ),
-                score_scales=_scales(metadata.get("score_scales", [1.0, 1.0])),
+                global_levels=global_levels,
+                global_gaussians=[gaussian(f"global.{level}") for level in global_levels],
+                score_scales=_scales(metadata.get("score_scales", [1.0] * parts), parts),
                 selection=_selection(metadata.get("selection")),
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -215,17 +229,17 @@ def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _scales(values: Any) -> tuple[float, float]:
+def _scales(values: Any, parts: int) -> tuple[float, ...]:
     if (
         not isinstance(values, list)
-        or len(values) != 2
+        or len(values) != parts
         or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
             for v in values
         )
     ):
-        raise ValueError(f"score scales {values!r} are not two positive numbers")
-    return float(values[0]), float(values[1])
+        raise ValueError(f"score scales {values!r} are not {parts} positive numbers")
+    return tuple(float(v) for v in values)
 
 
 def _selection(values: Any) -> dict[str, Any] | None:

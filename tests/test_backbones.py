@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -284,6 +285,24 @@ def test_cropped_same_convolution_equals_the_padded_one(
     x = torch.randn(2, 4, size, size + 3, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(cropped(x), padded(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(3, 5), (7, 6)])
+def test_cropped_same_convolution_exports_on_odd_sizes(size: tuple[int, int]) -> None:
+    """The output size is a ceiling division, which the exported graph must not turn into a truncating one
+    (one output short on odd sizes: the deepest stages at inputs whose side is an odd multiple of 16)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    conv = backbones.CroppedSameConv2d(4, 4, 5, 2, 0, 1, groups=4, bias=False).eval()
+    x = torch.randn(1, 4, *size)
+    buffer = io.BytesIO()
+    torch.onnx.export(conv, (x,), buffer, dynamo=False, opset_version=17)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.inference_mode():
+        expected = conv(x).numpy()
+    assert exported.shape == expected.shape == (1, 4, (size[0] + 1) // 2, (size[1] + 1) // 2)
+    np.testing.assert_allclose(exported, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tf_efficientnet_b4_from_local_file(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def save_dir(model: GaussAD, folder: Path) -> Path:
 def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     fitted.save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert config["format_version"] == 4 and config["backbone"]["weights_sha256"]
+    assert config["format_version"] == 5 and config["backbone"]["weights_sha256"]
     assert config["params"]["image_grid"] == 4
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
     loaded = GaussAD.load(tmp_path / "model", device="cpu")
@@ -209,6 +209,17 @@ def test_levels_resolve_before_any_fit() -> None:
     assert shared.resolve_levels(backbone) == ((3, 5), (4,), ())  # sorted, repeats dropped, no position
     with pytest.raises(GaussADError, match="map levels \\[9\\] do not exist"):
         ModelConfig(map_levels=(3, 9)).resolve_levels(backbone)
+    # The combined score's global part: the paper's stages 3-7 (not the head's level 8), as given, or none.
+    assert ModelConfig().resolve_global_levels(backbone) == (3, 4, 5, 6, 7)
+    assert ModelConfig(global_levels=[5, 3]).resolve_global_levels(backbone) == (3, 5)
+    assert ModelConfig(global_levels=()).resolve_global_levels(backbone) == ()
+    with pytest.raises(GaussADError, match="global levels \\[9\\] do not exist"):
+        ModelConfig(global_levels=(3, 9)).resolve_global_levels(backbone)
+    from gaussad.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["fit", "d", "-o", "m", "--global-levels", "none"]).global_levels == []
+    assert parse(["fit", "d", "-o", "m", "--global-levels", "3,5"]).global_levels == [3, 5]
 
 
 def test_parameter_and_input_errors(category: Path) -> None:

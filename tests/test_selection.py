@@ -1,5 +1,6 @@
 """Auto options: synthetic defects, the proxy evidence, the choice, and what the fitted model then does."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def test_auto_chooses_differently_on_aligned_and_on_rotated_parts(tmp_path: Path
     combined score stays; turned, they separate nothing, and the map's top share alone is chosen."""
     rotate = benchmark_script("stress_variants").rotate
     rng, turns = np.random.default_rng(2), np.random.default_rng(3)
-    aligned = [_part(rng) for _ in range(64)]
+    aligned = [_part(rng) for _ in range(128)]  # as many as the proxy takes: the choice needs them all
     sets = {"aligned": aligned, "rotated": [rotate(part, None, turns)[0] for part in aligned]}
     chosen, evidence = {}, {}
     for name, parts in sets.items():
@@ -168,14 +169,54 @@ def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, 
         np.testing.assert_allclose(scores, tops, rtol=1e-5)
         assert model.state_.score_scales == (1.0, 1.0)
     else:
+        # Three parts: the grid-pooled score, the map's top share, and the paper's levels pooled globally.
+        assert model.state_.global_levels == (3, 4, 5, 6, 7)
         pooled_model = GaussAD(**SMALL, image_score="pooled").fit(training_images(category))
-        pooled = pooled_model.score_samples(tests)
-        low, high = model.state_.score_scales
-        np.testing.assert_allclose(scores, pooled / low + tops / high, rtol=1e-5)
+        global_model = GaussAD(**SMALL, image_score="pooled", levels=(3, 4, 5, 6, 7), image_grid=1)
+        global_model.fit(training_images(category))
+        pooled, whole = pooled_model.score_samples(tests), global_model.score_samples(tests)
+        low, high, wide = model.state_.score_scales
+        np.testing.assert_allclose(scores, pooled / low + tops / high + whole / wide, rtol=1e-5)
         # The scales are the held-out spreads: each part moves by 1 per standard deviation of normal images.
         assert np.std(pooled_model.held_out_scores_ / low) == pytest.approx(1.0, rel=1e-9)
+        assert np.std(global_model.held_out_scores_ / wide) == pytest.approx(1.0, rel=1e-9)
     np.testing.assert_allclose(model.score_samples(tests), scores, rtol=1e-6)  # no maps asked for
     assert model.image_threshold_.value == pytest.approx(np.quantile(model.held_out_scores_, 0.99))
+
+
+def test_models_saved_with_a_two_part_combined_score_still_load(category: Path, tmp_path: Path) -> None:
+    """Format version 4 wrote a combined score without its global part: it loads and scores as the sum
+    of its two parts, as a model fitted without one does."""
+    from safetensors.numpy import load_file, save_file
+
+    from gaussad.fileio import file_sha256
+    from gaussad.persistence import CONFIG_FILE, TENSORS_FILE
+
+    options = {**SMALL, "localization": "shared"}
+    folder = GaussAD(**options, image_score="combined").fit(training_images(category)).save(tmp_path / "m")
+    tensors = load_file(str(folder / TENSORS_FILE))
+    two_parts = {key: value for key, value in tensors.items() if not key.startswith("global.")}
+    assert len(two_parts) < len(tensors)
+    save_file(two_parts, folder / TENSORS_FILE)
+    document = json.loads((folder / CONFIG_FILE).read_text())
+    document["score_scales"] = document["score_scales"][:2]
+    del document["global_levels"], document["params"]["global_levels"]
+    document |= {"format_version": 4, "tensors_sha256": file_sha256(folder / TENSORS_FILE)}
+    (folder / CONFIG_FILE).write_text(json.dumps(document))
+    loaded = GaussAD.load(folder, device="cpu", batch_size=8)
+    assert loaded.state_.global_levels == () and loaded.scorer_.global_head is None
+    tests = sorted((category / "test").rglob("*.png"))
+    size = (loaded.image_size_, loaded.image_size_)
+    prediction = list(loaded.iter_predict(tests, map_sizes=[size] * len(tests)))
+    tops = top_share_mean(torch.from_numpy(np.stack([m for b in prediction for m in b.maps]))).numpy()
+    pooled = GaussAD(**options, image_score="pooled").fit(training_images(category)).score_samples(tests)
+    low, high = loaded.state_.score_scales
+    scores = np.concatenate([batch.scores for batch in prediction])
+    np.testing.assert_allclose(scores, pooled / low + tops / high, rtol=1e-5)
+    # `--global-levels none` fits that score today.
+    two = GaussAD(**options, image_score="combined", global_levels=()).fit(training_images(category))
+    assert two.state_.global_levels == () and two.state_.score_scales == loaded.state_.score_scales
+    np.testing.assert_allclose(two.score_samples(tests), scores, rtol=1e-6)
 
 
 def test_without_held_out_folds_auto_and_combined_take_pooled_and_say_so(category: Path) -> None:
