@@ -130,34 +130,22 @@ class ModelConfig:
         """The image, map and position levels with `backbone` (a `TappedBackbone`): as given, else the
         backbone's defaults; no position levels unless the localization is hybrid (or auto, which may
         choose it). Raises on levels the backbone does not have."""
-        valid = {info["level"] for info in backbone.feature_info}
         levels = self.levels or tuple(backbone.default_levels)
         map_levels = self.map_levels or tuple(backbone.default_map_levels)
         position_levels: tuple[int, ...] = ()
         if self.localization in ("hybrid", "auto"):
             position_levels = self.position_levels or tuple(backbone.default_position_levels)
         chosen = {"levels": levels, "map levels": map_levels, "position levels": position_levels}
-        for name, values in chosen.items():
-            unknown = sorted(set(values) - valid)
-            if unknown:
-                raise GaussADError(
-                    f"{name} {unknown} do not exist in {backbone.name}: valid levels are {sorted(valid)}"
-                )
+        _check_levels(backbone, chosen)
         return tuple(sorted(set(levels))), tuple(sorted(set(map_levels))), tuple(sorted(set(position_levels)))
 
     def resolve_global_levels(self, backbone: Any) -> tuple[int, ...]:
         """The levels pooled over the whole image for the combined score's third part (and auto's
         "global" candidate): as given (none: no such part), else the backbone's default. Raises on levels
         the backbone does not have."""
-        if self.global_levels is None:
-            return tuple(backbone.default_global_levels)
-        valid = sorted(info["level"] for info in backbone.feature_info)
-        unknown = sorted(set(self.global_levels) - set(valid))
-        if unknown:
-            raise GaussADError(
-                f"global levels {unknown} do not exist in {backbone.name}: valid levels are {valid}"
-            )
-        return self.global_levels
+        levels = tuple(backbone.default_global_levels) if self.global_levels is None else self.global_levels
+        _check_levels(backbone, {"global levels": levels})
+        return levels
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples as lists."""
@@ -174,6 +162,15 @@ class ModelConfig:
         if unknown:
             raise GaussADError(f"{where}: unknown model parameters {', '.join(unknown)}")
         return cls(**values)
+
+
+def _check_levels(backbone: Any, chosen: dict[str, Sequence[int]]) -> None:
+    """Raise, naming the option, on any chosen levels that `backbone` does not have."""
+    valid = sorted(info["level"] for info in backbone.feature_info)
+    for name, values in chosen.items():
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise GaussADError(f"{name} {unknown} do not exist in {backbone.name}: valid levels are {valid}")
 
 
 def _metadata(name: str) -> dict[str, Any]:

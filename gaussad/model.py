@@ -781,8 +781,8 @@ def _finish_state(
     pooled_normal = held_out[pooled_name][0]
     kind = "pooled" if image_choice == "global" else image_choice
     combined = kind == "combined"
-    whole = combined and "global" in pooled_sets  # a combined score with its global part
-    global_normal = held_out["global"][0] if whole else None
+    with_global = combined and "global" in pooled_sets  # a combined score with its global part
+    global_normal = held_out["global"][0] if with_global else None
     scales = _score_scales(pooled_normal, maps.tops, global_normal) if combined else (1.0, 1.0)
     normal_scores = {
         "pooled": pooled_normal,
@@ -796,8 +796,8 @@ def _finish_state(
         image_gaussians=image_gaussians[pooled_name],
         image_grid=grid,
         image_score=kind,
-        global_levels=tuple(pooled_sets["global"][0]) if whole else (),
-        global_gaussians=image_gaussians["global"] if whole else [],
+        global_levels=tuple(pooled_sets["global"][0]) if with_global else (),
+        global_gaussians=image_gaussians["global"] if with_global else [],
         score_scales=scales,
         position_levels=state.position_levels if hybrid else (),
         position_gaussian=state.position_gaussian if hybrid else None,
