@@ -46,16 +46,18 @@ from gaussad.rereading import Levels, Replayed, Stored
 from gaussad.scorer import Grid, ImageHead, LevelFeatures, Scorer, combined_scores
 from gaussad.scratch import scratch_folder
 from gaussad.selection import (
-    PROXY,
+    OPTIONS,
     Candidate,
     choose,
     image_score_evidence,
     localization_evidence,
+    proxy_description,
     synthetic_sample,
+    weighed_kinds,
 )
 from gaussad.state import BackboneInfo, FittedState
 from gaussad.store import open_store
-from gaussad.synthetic import synthetic_defects
+from gaussad.synthetic import KINDS, synthetic_defects
 from gaussad.tuning import one_blas_thread
 
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
@@ -196,7 +198,9 @@ class GaussAD:
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
         config, fallback = _without_folds(config, n_folds)
-        auto = "auto" in (config.image_score, config.localization)
+        auto_options = [option for option in OPTIONS if getattr(config, option) == "auto"]
+        auto = bool(auto_options)
+        scores_chosen = config.image_score == "auto"  # the image-score candidates weighed too
         # Pooled features, by name: (levels, grid). "global" (by default the paper's: stages 3-7 averaged
         # over the whole image) is the combined score's third part and an auto candidate of its own.
         pooled_sets = {"pooled": (levels, config.image_grid)}
@@ -340,7 +344,17 @@ class GaussAD:
                 image_grid=config.image_grid,
             )
             localizations = ["hybrid", "shared"] if config.localization == "auto" else [config.localization]
-            synthetic = _synthetic_defects(samples, runner, features) if auto else None
+            synthetic = None
+            if auto:
+                # Only a chosen image score reads the pooled levels; the maps stop at their deepest level.
+                weighed = (
+                    features
+                    if scores_chosen
+                    else LevelFeatures(
+                        features.backbone, tuple(sorted({*map_levels, *position_levels})), config.precision
+                    )
+                )
+                synthetic = _synthetic_defects(samples, runner, weighed, weighed_kinds(auto_options))
             heads = FoldHeads(
                 state,
                 grids,
@@ -357,7 +371,9 @@ class GaussAD:
                     heads,
                     state,
                     localizations,
-                    {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets},
+                    {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets}
+                    if scores_chosen
+                    else {},
                     synthetic,
                     n_folds,
                 ),
@@ -653,12 +669,19 @@ class FoldResults:
 
 
 def _synthetic_defects(
-    samples: Sequence[tuple[int, np.ndarray]], runner: BatchRunner, features: LevelFeatures
+    samples: Sequence[tuple[int, np.ndarray]],
+    runner: BatchRunner,
+    features: LevelFeatures,
+    kinds: Sequence[str],
 ) -> SyntheticDefects:
-    """Paste synthetic defects into the sampled training images and extract their features once."""
+    """Paste synthetic defects into the sampled training images and extract the features of those of the
+    weighed `kinds` once. The others are made and dropped, so that a kind's defects are the same whichever
+    kinds are weighed."""
     folds = np.array([fold for fold, _ in samples])
     pixels = np.stack([values for _, values in samples])
-    defective, masks, kinds = synthetic_defects(pixels, pixels)
+    defective, masks, made = synthetic_defects(pixels, pixels)
+    kept = np.isin(made, kinds)
+    defective, masks, folds, kinds = defective[kept], masks[kept], folds[kept], list(np.asarray(made)[kept])
     parts: list[list[torch.Tensor]] = []
     with torch.inference_mode():
         for start in range(0, len(defective), runner.batch_size):
@@ -728,7 +751,7 @@ def _finish_state(
 ) -> FittedState:
     """The fitted state with the image score and localization as configured or, for `auto`, as chosen
     on synthetic defects, and the held-out results that calibrate them."""
-    localization = next(iter(folded.held_out))
+    localization, image_choice = next(iter(folded.held_out)), config.image_score
     selection = None
     if synthetic is not None:
 
@@ -745,36 +768,18 @@ def _finish_state(
         map_evidence = localization_evidence(synthetic.masks, synthetic_maps, synthetic.kinds)
         if config.localization == "auto":
             localization = choose(map_evidence)
-        tops = top_share_mean(torch.from_numpy(synthetic_maps[localization])).numpy()
-        normal_tops = folded.held_out[localization].tops
-        candidates = [
-            Candidate(name, held_out[name][0], joined(folded.synthetic_pooled[name])) for name in pooled_sets
-        ]
-        pooled_normal, pooled_synthetic = held_out["pooled"][0], joined(folded.synthetic_pooled["pooled"])
-        global_normal = global_synthetic = None  # the global part, where the configured score has one
-        if "global" in pooled_sets:
-            global_normal, global_synthetic = held_out["global"][0], joined(folded.synthetic_pooled["global"])
-        scales = _score_scales(pooled_normal, normal_tops, global_normal)
-        candidates += [
-            Candidate("map", normal_tops, tops),
-            Candidate(
-                "combined",
-                combined_scores(pooled_normal, normal_tops, scales, global_normal),
-                combined_scores(pooled_synthetic, tops, scales, global_synthetic),
-            ),
-        ]
-        order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
-        candidates.sort(key=lambda candidate: order[candidate.name])
-        best_score, score_evidence = image_score_evidence(candidates, synthetic.kinds)
-        image_choice = best_score if config.image_score == "auto" else config.image_score
         selection = {
-            "proxy": PROXY,
+            "proxy": proxy_description(sorted(set(synthetic.kinds), key=KINDS.index)),
             "synthetic_images": len(synthetic.folds),
             "localization": {"candidates": map_evidence, "chosen": localization},
-            "image_score": {"candidates": score_evidence, "chosen": image_choice},
         }
-    else:
-        image_choice = config.image_score
+        if config.image_score == "auto":
+            synthetic_pooled = {name: joined(scores) for name, scores in folded.synthetic_pooled.items()}
+            tops = top_share_mean(torch.from_numpy(synthetic_maps[localization])).numpy()
+            image_choice, score_evidence = _choose_image_score(
+                synthetic.kinds, held_out, synthetic_pooled, folded.held_out[localization].tops, tops
+            )
+            selection["image_score"] = {"candidates": score_evidence, "chosen": image_choice}
     maps = folded.held_out[localization]
     pooled_name = "global" if image_choice == "global" else "pooled"
     levels, grid = pooled_sets[pooled_name]
@@ -806,6 +811,33 @@ def _finish_state(
         held_out_map_medians=maps.medians,
         selection=selection,
     )
+
+
+def _choose_image_score(
+    kinds: Sequence[str],
+    held_out: dict[str, tuple[np.ndarray, list[list[Gaussian]]]],
+    synthetic_pooled: dict[str, np.ndarray],
+    normal_tops: np.ndarray,
+    synthetic_tops: np.ndarray,
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """The image score `auto` chooses, and its evidence: each pooled candidate (by name, held-out and
+    synthetic scores), the map's top share and the combined score, weighed in `IMAGE_SCORE_ORDER`."""
+    candidates = [Candidate(name, held_out[name][0], synthetic_pooled[name]) for name in synthetic_pooled]
+    pooled_normal, pooled_synthetic = held_out["pooled"][0], synthetic_pooled["pooled"]
+    global_normal = held_out["global"][0] if "global" in held_out else None
+    global_synthetic = synthetic_pooled.get("global")
+    scales = _score_scales(pooled_normal, normal_tops, global_normal)
+    candidates += [
+        Candidate("map", normal_tops, synthetic_tops),
+        Candidate(
+            "combined",
+            combined_scores(pooled_normal, normal_tops, scales, global_normal),
+            combined_scores(pooled_synthetic, synthetic_tops, scales, global_synthetic),
+        ),
+    ]
+    order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
+    candidates.sort(key=lambda candidate: order[candidate.name])
+    return image_score_evidence(candidates, kinds)
 
 
 def _score_scales(pooled: np.ndarray, tops: np.ndarray, whole: np.ndarray | None) -> tuple[float, ...]:

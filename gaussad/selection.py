@@ -22,7 +22,6 @@ from scipy.stats import rankdata
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.synthetic import KINDS
 
-PROXY = "synthetic defects (patch, blend) pasted into held-out good images, scored by the fold models"
 MAX_SYNTHETIC_IMAGES = 128  # enough to rank candidates; bounds the extra backbone pass of a fit
 # The localization proxy reads every 4th row and column of the maps: they are blurred and upsampled from
 # grids of 28 cells or fewer at 224 px, and the sort behind AUPRO takes 16 times less (7 s -> 0.5 s).
@@ -31,6 +30,9 @@ PROXY_STRIDE = 4
 # by a quarter: content out of place, which a per-position Gaussian catches by construction, so it favoured
 # hybrid maps on 7 of 8 development sets, three of the four where shared maps are better on real defects.
 LOCALIZATION_KIND = "patch"
+# The kinds of synthetic defect each auto option weighs: a chosen image score reads both kinds, a chosen
+# localization only its proxy's, so a fit that chooses only the localization makes and scores no others.
+OPTION_KINDS = {"image_score": KINDS, "localization": (LOCALIZATION_KIND,)}
 # How much better a localization's proxy must be to displace an earlier one.
 MARGIN = 0.002
 BOOTSTRAP_RESAMPLES = 400
@@ -44,6 +46,18 @@ class Candidate:
     name: str
     normal_scores: np.ndarray  # held-out good images' image scores
     synthetic_scores: np.ndarray  # synthetic defects' image scores
+
+
+def proxy_description(kinds: Sequence[str]) -> str:
+    """What the auto options were weighed on, as the saved evidence says it."""
+    made = ", ".join(kinds)
+    return f"synthetic defects ({made}) pasted into held-out good images, scored by the fold models"
+
+
+def weighed_kinds(options: Sequence[str]) -> tuple[str, ...]:
+    """The kinds of synthetic defect that the given auto options weigh, in `KINDS` order."""
+    wanted = {kind for option in options for kind in OPTION_KINDS[option]}
+    return tuple(kind for kind in KINDS if kind in wanted)
 
 
 def synthetic_sample(n_images: int, limit: int = MAX_SYNTHETIC_IMAGES) -> np.ndarray:
@@ -149,7 +163,8 @@ def summary(selection: dict[str, Any] | None) -> dict[str, str]:
     proxies: dict[str, list[str]] = {option: [] for option in OPTIONS}
     for option, name, metrics, chosen in candidate_rows(selection):
         proxies[option].append(f"{name}{'*' if chosen else ''} {metrics.get('proxy', float('nan')):.4f}")
-    return {f"auto {option.replace('_', ' ')} (proxy)": ", ".join(rows) for option, rows in proxies.items()}
+    named = {f"auto {option.replace('_', ' ')} (proxy)": rows for option, rows in proxies.items()}
+    return {name: ", ".join(rows) for name, rows in named.items() if rows}
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:

@@ -10,7 +10,7 @@ from conftest import benchmark_script, texture
 from PIL import Image
 
 from gaussad import GaussAD
-from gaussad.evaluation import training_images
+from gaussad.evaluation import model_info, training_images
 from gaussad.maps import top_share_mean
 from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
 from gaussad.synthetic import KINDS, synthetic_defects
@@ -99,6 +99,22 @@ def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
     assert auto_model.scorer_.features.levels == state.extracted_levels
 
 
+def test_choosing_only_the_localization_weighs_only_its_patches(auto_model: GaussAD, category: Path) -> None:
+    """The defaults choose the localization alone: the fit makes the same patches as a fit that also
+    chooses the image score, drops the blends, and weighs hybrid and shared maps by the same numbers."""
+    default = GaussAD(**SMALL).fit(training_images(category))
+    selection, both = default.state_.selection, auto_model.state_.selection
+    assert "image_score" not in selection and "(patch)" in selection["proxy"]
+    assert selection["synthetic_images"] == (both["synthetic_images"] + 1) // 2  # every other one: patches
+    for name, row in selection["localization"]["candidates"].items():
+        assert set(row) == {"pixel_auroc", "aupro", "proxy", "aupro_patch"}
+        assert row["proxy"] == both["localization"]["candidates"][name]["proxy"]
+    assert selection["localization"]["chosen"] == both["localization"]["chosen"]
+    assert default.state_.image_score == "combined"
+    info = model_info(default)  # what the report shows: the localization's evidence alone
+    assert "auto localization (proxy)" in info and "auto image score (proxy)" not in info
+
+
 def _part(rng: np.random.Generator, size: int = 96) -> np.ndarray:
     """A textured part with a dark disc and a bright bar, each always at the same place."""
     image = texture(rng, size).astype(np.float64)
@@ -134,7 +150,6 @@ def test_info_and_reports_show_the_choice_and_its_evidence(
     auto_model: GaussAD, tmp_path: Path, capsys
 ) -> None:
     from gaussad.cli import main
-    from gaussad.evaluation import model_info
 
     info = model_info(auto_model)
     chosen = auto_model.state_.selection["image_score"]["chosen"]
