@@ -57,9 +57,11 @@ def evaluate(category: Path, options: dict[str, Any]) -> dict[str, Any]:
 
     result = evaluate_category(make, category).result
     state = fitted[-1].state_
-    chosen = ""
-    if state.selection:
-        chosen = f"{state.selection['image_score']['chosen']}, {state.selection['localization']['chosen']}"
+    chosen = ", ".join(  # what the setting's auto options chose, image score first
+        state.selection[option]["chosen"]
+        for option in ("image_score", "localization")
+        if state.selection and option in state.selection
+    )
     return {name: getattr(result, name) for name in METRICS} | {
         "fit_seconds": result.fit_seconds,
         "chosen": chosen,

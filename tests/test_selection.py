@@ -260,3 +260,14 @@ def test_an_exported_auto_model_scores_as_the_library(
     np.testing.assert_allclose(exported.scores, library.scores, rtol=1e-4)
     for ours, theirs in zip(exported.maps, library.maps, strict=True):
         assert np.abs(ours - theirs).max() <= 1e-3 * np.ptp(theirs)
+
+
+def test_tune_defaults_names_what_each_setting_chose(category: Path) -> None:
+    """The tuning table's `chose` column: the auto options' choices, image score first; the defaults choose
+    the localization alone."""
+    tune = benchmark_script("tune_defaults")
+    assert tune.evaluate(category, SMALL)["chosen"] in ("hybrid", "shared")
+    row = tune.evaluate(category, {**SMALL, **AUTO})
+    image_score, localization = row["chosen"].split(", ")
+    assert image_score in ("combined", "pooled", "map", "global") and localization in ("hybrid", "shared")
+    assert row["selection"]["image_score"]["chosen"] == image_score
