@@ -31,7 +31,7 @@ PROXY_STRIDE = 4
 # hybrid maps on 7 of 8 development sets, three of the four where shared maps are better on real defects.
 LOCALIZATION_KIND = "patch"
 # The kinds of synthetic defect each auto option weighs: a chosen image score reads both kinds, a chosen
-# localization only its proxy's, so a fit that chooses only the localization makes and scores no others.
+# localization only its proxy's, so a fit that chooses only the localization scores no others.
 OPTION_KINDS = {"image_score": KINDS, "localization": (LOCALIZATION_KIND,)}
 # How much better a localization's proxy must be to displace an earlier one.
 MARGIN = 0.002
