@@ -769,7 +769,7 @@ def _finish_state(
         if config.localization == "auto":
             localization = choose(map_evidence)
         selection = {
-            "proxy": proxy_description(sorted(set(synthetic.kinds), key=KINDS.index)),
+            "proxy": proxy_description([kind for kind in KINDS if kind in synthetic.kinds]),
             "synthetic_images": len(synthetic.folds),
             "localization": {"candidates": map_evidence, "chosen": localization},
         }
