@@ -74,14 +74,19 @@ def test_a_worker_killed_during_the_fit_is_replaced_and_the_model_is_the_same(
     images = training_images(widgets) * 3  # long enough to be killed in the middle
     killed: list[int] = []
     done = threading.Event()
+    earlier = set(shard_worker_pids())  # an earlier test's actors may still be shutting down
 
     def kill_one_worker() -> None:
         deadline = time.monotonic() + 60
         while not done.is_set() and time.monotonic() < deadline:
-            pids = shard_worker_pids()
+            pids = [pid for pid in shard_worker_pids() if pid not in earlier]
             if pids:
                 time.sleep(1.0)  # into its first shards
-                os.kill(pids[0], signal.SIGKILL)
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                except ProcessLookupError:  # its pool ended meanwhile: wait for the next one
+                    earlier.add(pids[0])
+                    continue
                 killed.append(pids[0])
                 return
             time.sleep(0.05)
