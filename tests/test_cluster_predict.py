@@ -130,7 +130,10 @@ def killing_a_busy_scorer() -> Iterator[list[int]]:
     def kill() -> None:
         while not stop.is_set() and not killed:
             for pid in _busy_scorers()[:1]:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended between the look and the kill
+                    continue
                 killed.append(pid)
             time.sleep(0.005)
 
