@@ -11,9 +11,12 @@ default, written outside the repository.
   background (as a screw on a table, or a tire on a tray), whose defects shrink with it.
 - `scene`: the same small part on a background with texture and uneven light, as a real tray or table
   has: grain of a pixel or two and a slow change of brightness across the frame, both random per image.
+- `strip`: a tall window of height 5 : width 2 in every image (the shape of KolektorSDD's images), placed
+  at random where it holds the whole defect: one non-square shape for the whole set, which the square
+  input squashes.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -37,6 +40,7 @@ SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of
 SCENE_LIGHT = 20.0  # the `scene` background's largest change of brightness, in grey levels
 SCENE_GRAIN = 6.0  # the standard deviation of its grain, in grey levels
 SCENE_LIGHT_CELLS = 32  # image side / the light's correlation length
+STRIP_ASPECT = 2.5  # the `strip` variant's height / width
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -127,13 +131,25 @@ def _warp(
 
 def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     """A random 2:1 or 1:2 window as large as the image allows, placed to hold the whole defect if it can."""
+    aspect = 0.5 if rng.random() < 0.5 else 2.0
+    return _window(image, mask, rng, aspect)
+
+
+def strip(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """A tall window of height 5 : width 2 (KolektorSDD's shape) as large as the image allows, placed to
+    hold the whole defect if it can: the same non-square shape in every image."""
+    return _window(image, mask, rng, STRIP_ASPECT)
+
+
+def _window(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, aspect: float):
+    """A window of height / width `aspect`, as large as the image allows, at a random place that holds the
+    whole defect where the mask allows."""
     height, width = image.shape[:2]
-    wide = rng.random() < 0.5
-    if wide:
-        window = (min(height, width // 2), width) if width // 2 <= height else (height, 2 * height)
+    if height / width > aspect:  # the image is taller than the window: its width bounds it
+        window_h, window_w = min(height, int(width * aspect)), width
     else:
-        window = (height, min(width, height // 2)) if height // 2 <= width else (2 * width, width)
-    window_h, window_w = max(1, window[0]), max(1, window[1])
+        window_h, window_w = height, min(width, int(height / aspect))
+    window_h, window_w = max(1, window_h), max(1, window_w)
     low, high = [0, 0], [height - window_h, width - window_w]
     if mask is not None and mask.any():
         rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -147,7 +163,7 @@ def crop(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return image[box], None if mask is None else mask[box]
 
 
-TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene}
+TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene, "strip": strip}
 VARIANTS = tuple(TRANSFORMS)
 
 

@@ -46,7 +46,7 @@ def test_each_variant_moves_the_mask_with_the_image_and_repeats_by_seed(variant:
         np.testing.assert_array_equal(again[1], moved_mask)
         without_mask, none = transform(image, None, np.random.default_rng(seed))
         assert none is None
-        if variant != "crop":  # crop places its window by the mask; the others move good images alike
+        if variant not in ("crop", "strip"):  # windows are placed by the mask; the rest move images alike
             np.testing.assert_array_equal(without_mask, moved_image)
 
 
@@ -57,6 +57,17 @@ def test_crop_keeps_the_whole_defect_in_a_two_to_one_window() -> None:
         height, width = kept.shape
         assert max(height, width) == 2 * min(height, width)
         assert (kept > 0).sum() == (mask > 0).sum()
+
+
+def test_strip_keeps_the_whole_defect_in_the_same_tall_window() -> None:
+    image, mask = _part_with_defect()
+    shapes = set()
+    for seed in range(8):
+        cut, kept = stress_variants.strip(image, mask, np.random.default_rng(seed))
+        shapes.add(kept.shape)
+        assert (kept > 0).sum() == (mask > 0).sum()
+    (shape,) = shapes  # one shape for every image: the full height, 2/5 of it wide
+    assert shape == (90, int(90 / stress_variants.STRIP_ASPECT))
 
 
 @pytest.mark.parametrize("variant", ["small", "scene"])
