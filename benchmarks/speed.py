@@ -25,7 +25,7 @@ from machine import cpu_description
 from gaussad import GaussAD
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import TappedBackbone, load_backbone
-from gaussad.config import DEFAULT_BATCH_SIZE
+from gaussad.config import DEFAULT_BATCH_SIZE, level_union
 from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import BatchRunner, prepare
 from gaussad.gaussian import component_distance
@@ -113,8 +113,8 @@ def main() -> None:
     train, tests = training_images(args.category), [t.path for t in list_test_images(args.category)]
     model = GaussAD(backbone=args.backbone, precision=args.precision, device="cpu")
     backbone = load_backbone(args.backbone)
-    levels = sorted(
-        set().union(*model.config.resolve_levels(backbone), model.config.resolve_global_levels(backbone))
+    levels = list(
+        level_union(*model.config.resolve_levels(backbone), model.config.resolve_global_levels(backbone))
     )
     floor_args = (
         args.backbone,

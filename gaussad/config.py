@@ -8,7 +8,7 @@ without torch: the CLI's help and argument errors answer at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,11 @@ def checked_image_size(value: Any) -> ImageSize | None:
     if not all(_is_whole(side) and MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE for side in sides):
         return None
     return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+
+
+def level_union(*level_sets: Iterable[int]) -> tuple[int, ...]:
+    """Every level of the sets, once, in order: what the backbone must produce for all of them."""
+    return tuple(sorted(set().union(*level_sets)))
 
 
 def size_pair(image_size: ImageSize) -> tuple[int, int]:

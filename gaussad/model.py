@@ -31,6 +31,7 @@ from gaussad.config import (
     MODEL_OPTIONS,
     ImageSize,
     ModelConfig,
+    level_union,
     size_pair,
 )
 from gaussad.errors import GaussADError
@@ -207,9 +208,7 @@ class GaussAD:
         global_levels = config.resolve_global_levels(backbone)
         if config.image_score in ("combined", "auto") and global_levels:
             pooled_sets["global"] = (global_levels, 1)
-        extracted = tuple(
-            sorted({*map_levels, *position_levels, *(lv for lvs, _ in pooled_sets.values() for lv in lvs)})
-        )
+        extracted = level_union(map_levels, position_levels, *(lvs for lvs, _ in pooled_sets.values()))
         extractor = Extractor(
             config.backbone,
             None if config.weights is None else os.path.abspath(config.weights),
@@ -351,7 +350,7 @@ class GaussAD:
                     features
                     if scores_chosen
                     else LevelFeatures(
-                        features.backbone, tuple(sorted({*map_levels, *position_levels})), config.precision
+                        features.backbone, level_union(map_levels, position_levels), config.precision
                     )
                 )
                 synthetic = _synthetic_defects(samples, runner, weighed, weighed_kinds(auto_options))
@@ -386,7 +385,7 @@ class GaussAD:
         )
         self.backbone_ = backbone
         self.device_ = device
-        if state.extracted_levels != tuple(extracted):  # an auto choice needs fewer levels than it weighed
+        if state.extracted_levels != extracted:  # an auto choice needs fewer levels than it weighed
             features = LevelFeatures(features.backbone, state.extracted_levels, config.precision)
         self.scorer_ = _build_scorer(features, state, grids, config).to(device)
         self.skipped_ = skipped

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gaussad.calibration import Threshold
-from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, size_pair
+from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, level_union, size_pair
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
 
@@ -77,7 +77,7 @@ class FittedState:
     @property
     def extracted_levels(self) -> tuple[int, ...]:
         """Every level the backbone produces for this model: image, map and position levels."""
-        return tuple(sorted({*self.levels, *self.map_levels, *self.position_levels, *self.global_levels}))
+        return level_union(self.levels, self.map_levels, self.position_levels, self.global_levels)
 
     def with_thresholds(self, image: Threshold | None, pixel: Threshold | None) -> FittedState:
         return replace(self, image_threshold=image, pixel_threshold=pixel)
