@@ -277,7 +277,8 @@ def run_fit(args: argparse.Namespace) -> int:
     check_destination(args.output, CONFIG_FILE)
     # On Ray, the fit's pass over the images runs on the cluster.
     engine = {"engine": "ray", "address": args.address, "actors": args.actors} if _ray_engine(args) else {}
-    model = _model_from_args(args, **engine).fit(find_images(args.train_dir))
+    images = find_images(args.train_dir)  # a wrong folder is said before PyTorch loads (seconds)
+    model = _model_from_args(args, **engine).fit(images)
     model.save(args.output)
     status = _skipped(model.skipped_)
     skipped = f", skipped {len(model.skipped_)}" if model.skipped_ else ""
