@@ -680,14 +680,15 @@ def _synthetic_defects(
     pixels = np.stack([values for _, values in samples])
     defective, masks, made = synthetic_defects(pixels, pixels)
     kept = np.isin(made, kinds)
-    defective, masks, folds, kinds = defective[kept], masks[kept], folds[kept], list(np.asarray(made)[kept])
+    defective, masks, folds = defective[kept], masks[kept], folds[kept]
+    kept_kinds = [kind for kind in made if kind in kinds]
     parts: list[list[torch.Tensor]] = []
     with torch.inference_mode():
         for start in range(0, len(defective), runner.batch_size):
             outputs = features(runner.normalize(defective[start : start + runner.batch_size]))
             parts.append([output.cpu() for output in outputs])
     stacked = {level: torch.cat([part[i] for part in parts]) for i, level in enumerate(features.levels)}
-    return SyntheticDefects(folds, masks, kinds, stacked)
+    return SyntheticDefects(folds, masks, kept_kinds, stacked)
 
 
 def _synthetic_results(
