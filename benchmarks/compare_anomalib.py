@@ -84,8 +84,9 @@ from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import available_backbones, load_backbone
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, DEFAULTS
 from gaussad.errors import GaussADError
-from gaussad.evaluation import LabeledImage, find_categories, list_test_images, read_mask, training_images
+from gaussad.evaluation import read_mask
 from gaussad.features import prepare
+from gaussad.layout import LabeledImage, find_categories, list_test_images, training_images
 from gaussad.maps import resize_map
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.model import GaussAD

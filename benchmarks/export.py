@@ -35,8 +35,9 @@ from machine import cpu_description
 from gaussad import GaussAD, __version__, cpu_tuning
 from gaussad.allocator import keep_freed_memory
 from gaussad.config import DEFAULT_WORKERS
-from gaussad.evaluation import LabeledImage, list_test_images, read_mask, training_images
+from gaussad.evaluation import read_mask
 from gaussad.export import export_onnx
+from gaussad.layout import LabeledImage, list_test_images, training_images
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.runtime import OnnxModel
 

@@ -36,7 +36,7 @@ from machine import cpu_description
 from PIL import Image
 
 from gaussad import GaussAD, __version__
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 
 GAUSSAD = [sys.executable, "-m", "gaussad.cli"]
 FIT_TARGET, SCORE_TARGET = 100_000, 10_000_000

@@ -31,7 +31,7 @@ from pathlib import Path
 from machine import cpu_description
 
 from gaussad import GaussAD
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 from gaussad.serve.loadgen import LoadResult, run_load
 from gaussad.tuning import cpu_tuning
 

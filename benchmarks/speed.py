@@ -26,9 +26,9 @@ from gaussad import GaussAD
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import TappedBackbone, load_backbone
 from gaussad.config import DEFAULT_BATCH_SIZE, level_union
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import BatchRunner, prepare
 from gaussad.gaussian import component_distance
+from gaussad.layout import list_test_images, training_images
 from gaussad.maps import level_distance_map, resize_map
 from gaussad.scorer import MapHead
 from gaussad.tuning import cpu_tuning

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.images import read_image
+from gaussad.layout import list_test_images, training_images
 
 MAX_SHIFT = 0.1  # of the image's side
 SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side

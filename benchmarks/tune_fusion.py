@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 from gaussad.metrics import image_auroc
 from gaussad.model import GaussAD
 from gaussad.scorer import combined_scores

@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 
 from gaussad.backbones import EFFICIENTNET_IMAGE_LEVELS, load_backbone
 from gaussad.config import DEFAULTS
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import BatchRunner, pool_features
 from gaussad.gaussian import fit_gaussian
+from gaussad.layout import list_test_images, training_images
 from gaussad.metrics import image_auroc
 from gaussad.scorer import LevelFeatures
 from gaussad.tuning import cpu_tuning

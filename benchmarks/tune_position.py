@@ -16,7 +16,8 @@ import itertools
 from pathlib import Path
 
 from gaussad.analysis import level_results
-from gaussad.evaluation import list_test_images, read_mask, training_images
+from gaussad.evaluation import read_mask
+from gaussad.layout import list_test_images, training_images
 from gaussad.maps import combine_maps, resize_map
 from gaussad.metrics import pixel_metrics
 from gaussad.model import GaussAD

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gaussad.analysis import level_results
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 from gaussad.maps import combine_maps
 from gaussad.metrics import image_auroc
 from gaussad.model import GaussAD

@@ -237,9 +237,22 @@ def _load_model(args: argparse.Namespace) -> GaussAD | OnnxModel:
 
         runtime = {key: value for key, value in _runtime(args).items() if key != "progress"}
         return OnnxModel.load(args.model_dir, engine=getattr(args, "runtime", "onnxruntime"), **runtime)
+    return _load_folder(args.model_dir, **_runtime(args))
+
+
+def _check_model_folder(model_dir: str) -> None:
+    """A model folder's `model.json` read and checked: a wrong folder is said before PyTorch loads."""
+    from gaussad.modelfolder import read_config
+
+    read_config(Path(model_dir))
+
+
+def _load_folder(model_dir: str, **runtime: Any) -> GaussAD:
+    """A model folder, checked first (`_check_model_folder`)."""
+    _check_model_folder(model_dir)
     from gaussad.model import GaussAD
 
-    return GaussAD.load(args.model_dir, **_runtime(args))
+    return GaussAD.load(model_dir, **runtime)
 
 
 def _batch(text: str) -> int | str:
@@ -252,6 +265,7 @@ def _batch(text: str) -> int | str:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    _check_model_folder(args.model_dir)
     from gaussad.export import export_onnx
 
     path = export_onnx(args.model_dir, args.output, opset=args.opset, batch=args.batch)
@@ -272,7 +286,7 @@ def _skipped(errors: Sequence[ImageError]) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     from gaussad.fileio import check_destination
     from gaussad.images import find_images
-    from gaussad.persistence import CONFIG_FILE
+    from gaussad.modelfolder import CONFIG_FILE
 
     check_destination(args.output, CONFIG_FILE)
     # On Ray, the fit's pass over the images runs on the cluster.
@@ -296,8 +310,10 @@ def run_predict(args: argparse.Namespace) -> int:
     check_destination(args.output, PREDICTIONS_FILE)
     if _ray_engine(args):
         return _predict_on_ray(args)
-    model = _load_model(args)
+    if not _exported(args):
+        _check_model_folder(args.model_dir)
     pairs = output_names(args.paths, exclude=output_folders(args.output))
+    model = _load_model(args)
     rows, errors = _predict_here(args, model, pairs)
     return _predict_summary(args, rows, errors, model.image_threshold_)
 
@@ -408,11 +424,13 @@ def _run_config(args: argparse.Namespace) -> dict:
 
 def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluation]:
     """Evaluate every category asked for, printing the table; maps are kept only for reports."""
-    from gaussad.evaluation import evaluate_category, find_categories, mean_metrics
+    from gaussad.layout import find_categories
 
     if keep_maps and args.folds == 0:  # said before the fits rather than after them
         raise GaussADError("reports and saved results need thresholds: fit with --folds 2 or more")
-    categories = find_categories(args.root, args.category)
+    categories = find_categories(args.root, args.category)  # before the library loads (seconds)
+    from gaussad.evaluation import evaluate_category, mean_metrics
+
     if "engine" in args and _ray_engine(args):  # `report` has no engine options
         evaluations = _evaluate_on_ray(args, categories, keep_maps)
     else:
@@ -453,16 +471,19 @@ def _report(path: str, config: dict, model_info: dict, outcomes: list[CategoryRe
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from gaussad.evaluation import mean_metrics
     from gaussad.fileio import check_destination, check_file_destination, write_text_atomic
-    from gaussad.results import RESULTS_FILE, save_results
 
     for path in (args.json, args.report):  # checked before the fits, not after them
         if path:
             check_file_destination(path)
     if args.save_results:
+        from gaussad.results import RESULTS_FILE
+
         check_destination(args.save_results, RESULTS_FILE)
     evaluations = _evaluate(args, keep_maps=bool(args.report or args.save_results))
+    from gaussad.evaluation import mean_metrics
+    from gaussad.results import save_results
+
     results = [evaluation.result for evaluation in evaluations]
     config = _run_config(args)
     if args.json:
@@ -498,13 +519,15 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> None:
     from gaussad.decisions import manual_threshold
-    from gaussad.evaluation import calibrate_on_labeled, find_category
+    from gaussad.layout import find_category
 
     if args.category and not args.val_root:
         raise GaussADError("--category chooses among the categories of VAL_ROOT: give VAL_ROOT too")
     category = find_category(args.val_root, args.category) if args.val_root else None
     model = _load_model(args)
     if category is not None:
+        from gaussad.evaluation import calibrate_on_labeled
+
         image, pixel = calibrate_on_labeled(model, category, args.max_false_alarm_rate)
     elif args.max_false_alarm_rate is not None:
         image, pixel = model.label_free_thresholds(args.max_false_alarm_rate)
@@ -547,10 +570,9 @@ def describe_selection(selection: dict) -> str:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from gaussad.model import GaussAD
-    from gaussad.persistence import FORMAT_VERSION
+    from gaussad.modelfolder import FORMAT_VERSION
 
-    model = GaussAD.load(args.model_dir, device="cpu")
+    model = _load_folder(args.model_dir, device="cpu")
     backbone, config = model.backbone_, model.config
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")

@@ -21,17 +21,8 @@ from gaussad import __version__
 from gaussad.config import ModelConfig
 from gaussad.errors import GaussADError
 from gaussad.fileio import file_sha256, replace_folder
+from gaussad.modelfolder import CONFIG_FILE, FORMAT, FORMAT_VERSION, TENSORS_FILE, read_config
 from gaussad.state import FittedState
-
-FORMAT = "gaussad-model"
-# 5: the combined score's global part (its levels, Gaussians and scale); 4: the image score's kind, grid
-# and scales, and the evidence of auto options; 3: the hybrid map's position Gaussian; 2: grid-pooled image
-# features (1 is not read)
-FORMAT_VERSION = 5
-# Versions 2 and 3 score pooled features, 4 a combined score of two parts; 2 has no position Gaussian.
-READABLE_VERSIONS = (2, 3, 4, 5)
-CONFIG_FILE = "model.json"
-TENSORS_FILE = "gaussians.safetensors"
 
 
 def save_model(directory: Path, config: ModelConfig, state: FittedState) -> Path:
@@ -64,28 +55,6 @@ def model_sha256(directory: str | os.PathLike) -> str:
             raise GaussADError(f"{path}: missing")
         digest.update(f"{name}:{file_sha256(path)}\n".encode())
     return digest.hexdigest()
-
-
-def read_config(directory: Path) -> dict:
-    """The model's JSON document, checked for format and version."""
-    path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise GaussADError(f"{directory}: no such model folder")
-    if not path.is_file():
-        raise GaussADError(f"{directory}: not a gaussad model folder (no {CONFIG_FILE})")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise GaussADError(f"{path}: corrupt model configuration ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise GaussADError(f"{path}: not a gaussad model configuration")
-    if document.get("format_version") not in READABLE_VERSIONS:
-        readable = " and ".join(map(str, READABLE_VERSIONS))
-        raise GaussADError(
-            f"{path}: model format version {document.get('format_version')!r} is not supported "
-            f"(this gaussad reads versions {readable}); refit the model"
-        )
-    return document
 
 
 def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:

@@ -30,10 +30,11 @@ from gaussad import __version__
 from gaussad.calibration import Threshold
 from gaussad.decisions import ImageErrors, defect_mask, image_errors, is_anomalous, map_scale
 from gaussad.errors import GaussADError
-from gaussad.evaluation import CategoryEvaluation, CategoryPredictions, CategoryResult, LabeledImage
+from gaussad.evaluation import CategoryEvaluation, CategoryPredictions, CategoryResult
 from gaussad.fileio import write_text_atomic
 from gaussad.heatmaps import overlay
 from gaussad.images import read_image
+from gaussad.layout import LabeledImage
 from gaussad.metrics import AUPRO_FPR_LIMIT, pro_curve
 
 SECTIONS = (

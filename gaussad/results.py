@@ -23,8 +23,9 @@ import numpy as np
 
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
-from gaussad.evaluation import CategoryPredictions, CategoryResult, LabeledImage, stored_size
+from gaussad.evaluation import CategoryPredictions, CategoryResult, stored_size
 from gaussad.fileio import replace_folder
+from gaussad.layout import LabeledImage
 from gaussad.report import CategoryReport
 
 FORMAT = "gaussad-results"

@@ -6,8 +6,9 @@ small linear algebra on one BLAS thread per job. Each of these changes state tha
 which a library user, or a server scoring two requests at once, does not expect; outside the context
 gaussad changes none of it, and the results are the same either way (within the last bits of float32).
 
-Entries may nest or overlap across threads: the first one in records PyTorch's thread count and the last
-one out restores it, so overlapping runs cannot leave it changed.
+Entries may nest or overlap across threads: PyTorch's thread count is recorded the first time a holder
+needs it and restored when the last one leaves, so overlapping runs cannot leave it changed. Entering
+imports nothing: the command line enters before it checks its arguments, and PyTorch takes seconds to load.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    import torch
 
 _lock = threading.Lock()
 _holders = 0
-_threads = 0  # PyTorch's thread count when the first holder entered
+_threads: int | None = None  # PyTorch's thread count before any holder changed it, once one needed it
 
 
 @contextmanager
@@ -30,16 +33,21 @@ def cpu_tuning() -> Iterator[None]:
     """Enable gaussad's process-wide CPU settings while inside (see the module's docstring)."""
     global _holders, _threads
     with _lock:
-        if _holders == 0:
-            _threads = torch.get_num_threads()
         _holders += 1
     try:
         yield
     finally:
         with _lock:
             _holders -= 1
-            if _holders == 0:
-                torch.set_num_threads(_threads)
+            if _holders == 0 and _threads is not None:
+                _set_threads(_threads)
+                _threads = None
+
+
+def _set_threads(count: int) -> None:
+    import torch  # here, not at the top: entering `cpu_tuning` must not load PyTorch
+
+    torch.set_num_threads(count)
 
 
 def tuning_enabled() -> bool:
@@ -49,7 +57,15 @@ def tuning_enabled() -> bool:
 
 def full_thread_count() -> int:
     """PyTorch's thread count as the tuning found it: what a forward pass on all threads goes back to."""
-    return _threads if tuning_enabled() else torch.get_num_threads()
+    global _threads
+    import torch
+
+    with _lock:
+        if _holders == 0:
+            return torch.get_num_threads()
+        if _threads is None:
+            _threads = torch.get_num_threads()
+        return _threads
 
 
 def one_blas_thread() -> Any:
@@ -76,12 +92,12 @@ class ForwardThreads:
 
     def __enter__(self) -> ForwardThreads:
         if self.deciding:
-            torch.set_num_threads(1)
+            _set_threads(1)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if tuning_enabled():
-            torch.set_num_threads(self.threads)
+            _set_threads(self.threads)
 
     def observe(self, main_seconds: float, decode_seconds: float, images: int) -> None:
         """CPU seconds of one batch: the main thread's (forward pass and caller) and its images' decoding."""
@@ -93,4 +109,4 @@ class ForwardThreads:
         self.deciding = False
         forward, decode = main_seconds / images, decode_seconds / images
         if forward > max(decode / self.decoders, (forward + decode) / self.threads):
-            torch.set_num_threads(self.threads)
+            _set_threads(self.threads)

@@ -102,7 +102,7 @@ def tiny(category: Path):
     """A default model at 64 px fitted on 8 synthetic images, shared by the export and runtime tests (which
     only read it)."""
     from gaussad import GaussAD
-    from gaussad.evaluation import training_images
+    from gaussad.layout import training_images
 
     return GaussAD(image_size=64, batch_size=4, device="cpu").fit(training_images(category)[:8])
 

@@ -211,26 +211,34 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "before_torch"),
     [
-        (["fit", "no/such/folder", "-o", "m"], "no/such/folder: no such file or folder"),
-        (["predict", "no/such/model", "x.png", "-o", "out"], "no/such/model: no such model folder"),
-        (["evaluate", "no/such/root"], "no/such/root: no such folder"),
-        (["fit", ".", "-o", "m", "--levels", "42"], "levels [42] do not exist"),
-        (["fit", ".", "-o", "m", "--backbone", "nonsense_net"], "unknown backbone 'nonsense_net'"),
+        (["fit", "no/such/folder", "-o", "m"], "no/such/folder: no such file or folder", True),
+        (["predict", "no/such/model", "x.png", "-o", "out"], "no/such/model: no such model folder", True),
+        (["info", "no/such/model"], "no/such/model: no such model folder", True),
+        (["calibrate", "no/such/model"], "no/such/model: no such model folder", True),
+        (["export", "no/such/model", "-o", "m.onnx"], "no/such/model: no such model folder", True),
+        (["evaluate", "no/such/root"], "no/such/root: no such folder", True),
+        (["fit", ".", "-o", "m", "--levels", "42"], "levels [42] do not exist", False),
+        (["fit", ".", "-o", "m", "--backbone", "nonsense_net"], "unknown backbone 'nonsense_net'", False),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(
-    args: list[str], message: str, tmp_path, category
+    args: list[str], message: str, before_torch: bool, tmp_path, category
 ) -> None:
+    """A wrong path is said before PyTorch loads (seconds); options checked against the backbone need it."""
     if args[1] == ".":
         args = [args[0], str(category / "train" / "good"), *args[2:]]
-    result = subprocess.run(
-        [sys.executable, "-m", "gaussad.cli", *args], capture_output=True, text=True, cwd=tmp_path
+    code = (
+        "import sys; from gaussad.cli import main; status = main(sys.argv[1:]); "
+        "print('torch' in sys.modules); sys.exit(status)"
     )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    if before_torch:
+        assert result.stdout == "False\n"
 
 
 def tiny_png(width: int, height: int) -> bytes:

@@ -16,7 +16,7 @@ from conftest import BOTTLE, assert_same_model, fit_small, make_category, needs
 
 from gaussad import GaussAD
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 
 
 @pytest.fixture(scope="module")

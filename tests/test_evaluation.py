@@ -17,13 +17,11 @@ from gaussad.evaluation import (
     STORED_SIDE,
     calibrate_on_labeled,
     evaluate_category,
-    find_category,
-    has_masks,
-    list_test_images,
     mean_metrics,
     read_mask,
     stored_size,
 )
+from gaussad.layout import find_category, has_masks, list_test_images
 from gaussad.metrics import pixel_metrics
 
 SMALL = {"image_size": 64, "map_levels": (2, 3), "device": "cpu", "batch_size": 8}

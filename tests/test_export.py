@@ -15,9 +15,9 @@ from gaussad.backbones import Preprocessing
 from gaussad.calibration import Threshold
 from gaussad.decisions import decide_all
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images
 from gaussad.export import ExportGraph, export_onnx, float32_at_or_above
 from gaussad.features import BatchRunner, prepare
+from gaussad.layout import list_test_images
 from gaussad.persistence import model_sha256
 from gaussad.runtime import METADATA_KEYS, OnnxModel
 

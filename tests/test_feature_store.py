@@ -8,8 +8,8 @@ from conftest import assert_same_model, fit_small, make_category
 from gaussad import GaussAD, model
 from gaussad.cli import main
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.fitpass import Extractor, FitPlan, replayed
+from gaussad.layout import list_test_images, training_images
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from gaussad import GaussAD
 from gaussad.cli import build_parser, main
 from gaussad.config import ModelConfig, describe_size
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.features import prepare
+from gaussad.layout import list_test_images, training_images
 
 SIZE = (48, 80)  # (height, width)
 

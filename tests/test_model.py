@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from gaussad import GaussAD, GaussADError, ModelConfig
 from gaussad.analysis import level_results
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 
 SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 

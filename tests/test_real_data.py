@@ -5,7 +5,8 @@ import pytest
 from conftest import BOTTLE, needs
 
 from gaussad import GaussAD
-from gaussad.evaluation import evaluate_category, list_test_images, training_images
+from gaussad.evaluation import evaluate_category
+from gaussad.layout import list_test_images, training_images
 
 
 @needs(BOTTLE)

@@ -19,14 +19,9 @@ from gaussad.calibration import Threshold
 from gaussad.cli import main
 from gaussad.decisions import map_scale
 from gaussad.errors import GaussADError
-from gaussad.evaluation import (
-    CategoryPredictions,
-    CategoryResult,
-    LabeledImage,
-    list_test_images,
-    read_mask,
-)
+from gaussad.evaluation import CategoryPredictions, CategoryResult, read_mask
 from gaussad.heatmaps import colorize, overlay
+from gaussad.layout import LabeledImage, list_test_images
 from gaussad.metrics import image_auroc, pixel_metrics
 from gaussad.report import SECTIONS, CategoryReport, ReportData, gallery_order, render_report, write_report
 from gaussad.results import RESULTS_FILE, load_results, save_results

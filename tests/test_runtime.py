@@ -15,9 +15,9 @@ from PIL import Image
 from gaussad import GaussAD
 from gaussad.decisions import decide_all
 from gaussad.errors import GaussADError
-from gaussad.evaluation import list_test_images, training_images
 from gaussad.export import export_onnx
 from gaussad.features import prepare
+from gaussad.layout import list_test_images, training_images
 from gaussad.maps import resize_map as torch_resize_map
 from gaussad.runtime import OnnxModel, resize_map, resize_pixels
 

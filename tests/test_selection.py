@@ -10,7 +10,8 @@ from conftest import benchmark_script, texture
 from PIL import Image
 
 from gaussad import GaussAD
-from gaussad.evaluation import model_info, training_images
+from gaussad.evaluation import model_info
+from gaussad.layout import training_images
 from gaussad.maps import top_share_mean
 from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
 from gaussad.synthetic import KINDS, synthetic_defects
@@ -205,7 +206,7 @@ def test_models_saved_with_a_two_part_combined_score_still_load(category: Path, 
     from safetensors.numpy import load_file, save_file
 
     from gaussad.fileio import file_sha256
-    from gaussad.persistence import CONFIG_FILE, TENSORS_FILE
+    from gaussad.modelfolder import CONFIG_FILE, TENSORS_FILE
 
     options = {**SMALL, "localization": "shared"}
     folder = GaussAD(**options, image_score="combined").fit(training_images(category)).save(tmp_path / "m")

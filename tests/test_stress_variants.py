@@ -8,7 +8,7 @@ import pytest
 from conftest import benchmark_script
 from PIL import Image
 
-from gaussad.evaluation import list_test_images, training_images
+from gaussad.layout import list_test_images, training_images
 
 stress_variants = benchmark_script("stress_variants")
 
