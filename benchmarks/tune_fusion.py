@@ -1,9 +1,10 @@
-r"""The combined image score: how the pooled score and the map's top share are weighed and joined, compared
-on every development set.
+r"""The combined image score: how the pooled score, the map's top share and a global score are weighed and
+joined, compared on every development set.
 
     python benchmarks/tune_fusion.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         ~/.cache/gaussad/stress/*-rotate ~/.cache/gaussad/stress/*-crop ~/.cache/gaussad/stress/*-small \
-        ~/.cache/gaussad/stress/*-scene --out benchmarks/results/tune_fusion.md
+        ~/.cache/gaussad/stress/*-scene ~/.cache/gaussad/stress/*-strip \
+        --out benchmarks/results/tune_fusion.md
 
 Per data set, four fits with the default folds give each part's held-out scores on the training images and
 its scores on the test images: the default model with image score `pooled` (the grid-pooled levels 4-5),
@@ -32,7 +33,7 @@ from gaussad.model import GaussAD
 from gaussad.scorer import combined_scores
 from gaussad.tuning import cpu_tuning
 
-DEFAULT = "sum over standard deviations"
+DEFAULT = "sum of z-scores, paper's added"  # the default combined score
 PARTS = {
     "pooled": {"image_score": "pooled"},
     "map": {"image_score": "map"},
@@ -66,9 +67,28 @@ def _joined(parts: list[Scores], join: Callable[..., np.ndarray]) -> Scores:
     return join([held for held, _ in z], axis=0), join([test for _, test in z], axis=0)
 
 
+def _tail_scaled(part: Scores) -> Scores:
+    """A part less its held-out median, over the spread of its held-out upper tail (95% quantile less
+    median): a part whose normal scores run to high values weighs less than its standard deviation says."""
+    held, test = part
+    median = np.median(held)
+    spread = np.quantile(held, 0.95) - median
+    return (held - median) / spread, (test - median) / spread
+
+
+def _correlation_weighted(parts: list[Scores]) -> Scores:
+    """The parts' z-scores summed with the weights that best detect a shift of one spread in every part
+    when normal z-scores are correlated as on the held-out images (C^-1 1, negative weights set to 0)."""
+    z = [_z_scores(part) for part in parts]
+    held, test = np.stack([h for h, _ in z], axis=1), np.stack([t for _, t in z], axis=1)
+    weights = np.clip(np.linalg.solve(np.corrcoef(held.T), np.ones(len(parts))), 0.0, None)
+    return held @ weights, test @ weights
+
+
 def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
-    """Every way of scoring compared: each part alone, the two-part sums over each scale, and z-scores
-    joined by their maximum or with a global score (the paper's, or levels 3-5) as a third part."""
+    """Every way of scoring compared: each part alone, the two-part sums over each scale, z-scores joined
+    by their maximum or with a global score (the paper's, or levels 3-5) as a third part, and the three
+    parts summed over their upper tails' spreads or weighted for their correlation."""
     (held_pooled, test_pooled), (held_tops, test_tops) = parts["pooled"], parts["map"]
     result = {f"{name} alone": part for name, part in parts.items()}
     for name, scales in SCALES.items():
@@ -82,6 +102,13 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     for third in ("paper", "global 3-5"):
         result[f"sum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.sum)
         result[f"maximum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.max)
+    three = [*two, parts["paper"]]
+    tails = [_tail_scaled(part) for part in three]
+    result["three parts over their upper tails' spreads"] = (
+        np.sum([held for held, _ in tails], axis=0),
+        np.sum([test for _, test in tails], axis=0),
+    )
+    result["three parts weighted for their correlation"] = _correlation_weighted(three)
     return result
 
 
@@ -106,17 +133,21 @@ def run(category: Path) -> dict[str, tuple[float, float, float, float]]:
 
 
 def summary(results: dict[str, dict[str, tuple[float, ...]]]) -> list[str]:
-    """Per way: mean image AUROC and detection over the sets, and its largest loss and gain of image AUROC
-    against the default on any one set."""
-    lines = ["### All sets", "", "| score | mean image AUROC | mean detected at 5% | worst set | best set |"]
-    lines.append("|---|---:|---:|---:|---:|")
+    """Per way: mean image AUROC, detection, false alarms and misses over the sets, and its largest loss
+    and gain of image AUROC against the default on any one set."""
+    lines = ["### All sets", ""]
+    columns = ("mean image AUROC", "mean detected at 5%", "mean false alarms", "mean misses", "worst set")
+    lines += ["| score | " + " | ".join(columns) + " | best set |", "|---|---:|---:|---:|---:|---:|---:|"]
     default = np.array([rows[DEFAULT][0] for rows in results.values()])
     for name in next(iter(results.values())):
         aurocs = np.array([rows[name][0] for rows in results.values()])
-        detected = np.mean([rows[name][1] for rows in results.values()])
+        detected, false_alarms, misses = (
+            np.mean([rows[name][i] for rows in results.values()]) for i in (1, 2, 3)
+        )
         diff = aurocs - default
         lines.append(
-            f"| {name} | {aurocs.mean():.4f} | {detected:.3f} | {diff.min():+.4f} | {diff.max():+.4f} |"
+            f"| {name} | {aurocs.mean():.4f} | {detected:.3f} | {false_alarms:.3f} | {misses:.3f} "
+            f"| {diff.min():+.4f} | {diff.max():+.4f} |"
         )
     return lines + [""]
 
