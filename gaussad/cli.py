@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 EXIT_SKIPPED = 3  # the run finished, but left out images it could not read
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
 # As gaussad.images.DEFAULT_MAX_PIXELS, without importing Pillow and numpy for `--help`.
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -757,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_progress_lines()
         print(f"gaussad: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader went away (`gaussad info MODEL | head`): stop quietly, as tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return EXIT_BROKEN_PIPE
     except OSError as error:  # the system refused a file: no space, no permission, a read-only disk
         _end_progress_lines()
         print(f"gaussad: error: {error.filename or 'a file'}: {error.strerror or error}", file=sys.stderr)

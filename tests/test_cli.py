@@ -241,6 +241,16 @@ def test_user_errors_are_one_line_without_traceback(
         assert result.stdout == "False\n"
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(model_dir: Path) -> None:
+    """`gaussad info MODEL | head -1`: the closed pipe is no mistake of the user's, so no error line."""
+    command = [sys.executable, "-m", "gaussad.cli", "info", str(model_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command writes anything
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert stderr == ""
+
+
 def tiny_png(width: int, height: int) -> bytes:
     """A 69-byte PNG: its header declares width x height grey pixels, and no pixel data follows."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
