@@ -219,6 +219,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["calibrate", "no/such/model"], "no/such/model: no such model folder", True),
         (["export", "no/such/model", "-o", "m.onnx"], "no/such/model: no such model folder", True),
         (["evaluate", "no/such/root"], "no/such/root: no such folder", True),
+        (["serve", "no/such/model"], "no/such/model: no such model folder", True),
+        (["serve", "no/such/model.onnx"], "no/such/model.onnx: no such exported model file", True),
         (["fit", ".", "-o", "m", "--levels", "42"], "levels [42] do not exist", False),
         (["fit", ".", "-o", "m", "--backbone", "nonsense_net"], "unknown backbone 'nonsense_net'", False),
     ],

@@ -111,10 +111,7 @@ def run_serve(args: argparse.Namespace) -> None:
     """Load the models, open the audit trail, and serve until SIGTERM or Ctrl-C (drains requests first)."""
     import socket
 
-    import uvicorn
-
-    from gaussad.serve.app import create_app
-    from gaussad.serve.settings import ServeSettings, read_api_keys
+    from gaussad.serve.settings import ServeSettings, check_model_path, read_api_keys
 
     settings = ServeSettings(
         model_dirs=tuple(Path(path) for path in args.model_dirs),
@@ -130,6 +127,12 @@ def run_serve(args: argparse.Namespace) -> None:
         max_pixels=args.max_pixels,
         drift_window=args.drift_window,
     )
+    for path in settings.model_dirs:  # a wrong path is said before the service's libraries load (seconds)
+        check_model_path(path)
+    import uvicorn
+
+    from gaussad.serve.app import create_app
+
     app = create_app(settings)
     try:
         listener = socket.create_server(

@@ -37,7 +37,7 @@ from gaussad.runtime import (
     resize_map,
     resize_pixels,
 )
-from gaussad.serve.settings import is_exported
+from gaussad.serve.settings import check_model_path, is_exported
 
 Loaded = TypeVar("Loaded")
 
@@ -173,12 +173,9 @@ def read_consistent(
 
 def load_served_model(name: str, path: Path, device: str) -> ServedModel:
     """The runtime for a path: an exported `.onnx` file in onnxruntime, a model folder in PyTorch."""
+    check_model_path(path)
     if is_exported(path):
-        if not path.is_file():
-            raise GaussADError(f"{path}: no such exported model file")
         return ExportedModel(name, path, device)
-    if not path.is_dir():
-        raise GaussADError(f"{path}: no such model folder")
     from gaussad.serve.torch_model import TorchModel
 
     return TorchModel(name, path, device)

@@ -20,6 +20,15 @@ def is_exported(path: Path) -> bool:
     return path.suffix.lower() == EXPORTED_SUFFIX
 
 
+def check_model_path(path: Path) -> None:
+    """That a served path is what it names: an exported file that exists, or a model folder."""
+    if is_exported(path):
+        if not path.is_file():
+            raise GaussADError(f"{path}: no such exported model file")
+    elif not path.is_dir():
+        raise GaussADError(f"{path}: no such model folder")
+
+
 def served_name(path: Path) -> str:
     """The name a model is served under: its folder's name, or an exported file's name without `.onnx`."""
     return path.stem if is_exported(path) else path.resolve().name
