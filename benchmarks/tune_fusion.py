@@ -61,12 +61,6 @@ def _z_scores(part: Scores) -> Scores:
     return (held - mean) / spread, (test - mean) / spread
 
 
-def _joined(parts: list[Scores], join: Callable[..., np.ndarray]) -> Scores:
-    """The parts' z-scores joined image by image, on the held-out and on the test images."""
-    z = [_z_scores(part) for part in parts]
-    return join([held for held, _ in z], axis=0), join([test for _, test in z], axis=0)
-
-
 def _tail_scaled(part: Scores) -> Scores:
     """A part less its held-out median, over the spread of its held-out upper tail (95% quantile less
     median): a part whose normal scores run to high values weighs less than its standard deviation says."""
@@ -74,6 +68,15 @@ def _tail_scaled(part: Scores) -> Scores:
     median = np.median(held)
     spread = np.quantile(held, 0.95) - median
     return (held - median) / spread, (test - median) / spread
+
+
+def _joined(
+    parts: list[Scores], join: Callable[..., np.ndarray], scaled: Callable[[Scores], Scores] = _z_scores
+) -> Scores:
+    """The parts, each scaled (by default to z-scores), joined image by image, on the held-out and on the
+    test images."""
+    z = [scaled(part) for part in parts]
+    return join([held for held, _ in z], axis=0), join([test for _, test in z], axis=0)
 
 
 def _correlation_weighted(parts: list[Scores]) -> Scores:
@@ -103,11 +106,7 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
         result[f"sum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.sum)
         result[f"maximum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.max)
     three = [*two, parts["paper"]]
-    tails = [_tail_scaled(part) for part in three]
-    result["three parts over their upper tails' spreads"] = (
-        np.sum([held for held, _ in tails], axis=0),
-        np.sum([test for _, test in tails], axis=0),
-    )
+    result["three parts over their upper tails' spreads"] = _joined(three, np.sum, _tail_scaled)
     result["three parts weighted for their correlation"] = _correlation_weighted(three)
     return result
 
