@@ -38,6 +38,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "map, shared": {"image_score": "map", "localization": "shared"},
     "combined, shared": {"image_score": "combined", "localization": "shared"},
     "defaults, map levels 3-7": {"map_levels": (3, 4, 5, 6, 7)},  # the paper's map levels
+    "defaults, map levels 2-5": {"map_levels": (2, 3, 4, 5)},
     "defaults, 320 px": {"image_size": 320},
     "defaults, 352 x 144 px": {"image_size": (352, 144)},  # the `strip` variants' shape at 224 px's pixels
     "paper: levels 3-7, grid 1, shared": {

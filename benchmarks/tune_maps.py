@@ -1,8 +1,10 @@
 """Measure the choices behind the defaults: backbone, input size, localization variant, map levels, blur.
 
 For each (backbone, input size, localization) the model is fitted once with every candidate level, the
-per-level results on the test set are kept, and every contiguous range of map levels and every blur is
-scored from them, so the whole grid costs one feature pass per configuration. Writes a Markdown table.
+per-level results on the test set are kept, and every contiguous range of map levels (or those given by
+`--ranges`) and every blur is scored from them, so the whole grid costs one feature pass per configuration.
+Writes a Markdown table of the best settings per data set and, over several data sets, a summary of every
+setting: its mean metrics and its largest loss on any data set to that set's best setting.
 
     python benchmarks/tune_maps.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         --out benchmarks/results/tune_maps.md
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -33,12 +36,33 @@ def contiguous_ranges(levels: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [levels[i:j] for i, j in itertools.combinations(range(len(levels) + 1), 2)]
 
 
+def level_range(text: str) -> tuple[int, ...]:
+    """Levels "3-5" as (3, 4, 5)."""
+    first, _, last = text.partition("-")
+    levels = tuple(range(int(first), int(last or first) + 1))
+    if not set(levels) <= set(CANDIDATE_LEVELS):
+        raise argparse.ArgumentTypeError(f"levels {text}: outside {CANDIDATE_LEVELS}")
+    return levels
+
+
 def run(
-    category: Path, backbone: str, image_size: int | None, localization: str, eval_size: int
+    category: Path,
+    backbone: str,
+    image_size: int | None,
+    localization: str,
+    eval_size: int,
+    ranges: list[tuple[int, ...]],
+    blurs: list[float],
 ) -> list[dict]:
     train, tests = training_images(category), list_test_images(category)
+    # The grid-pooled image score and no folds: what is measured here are the maps, which neither changes.
     model = GaussAD(
-        backbone=backbone, image_size=image_size, localization=localization, map_levels=CANDIDATE_LEVELS
+        backbone=backbone,
+        image_size=image_size,
+        localization=localization,
+        map_levels=CANDIDATE_LEVELS,
+        image_score="pooled",
+        folds=0,
     )
     started = time.perf_counter()
     model.fit(train)
@@ -50,9 +74,9 @@ def run(
     image_score_auroc = image_auroc(labels, distances.sum(axis=1))
 
     rows = []
-    for levels in contiguous_ranges(CANDIDATE_LEVELS):
+    for levels in ranges:
         chosen = [level_maps[CANDIDATE_LEVELS.index(level)] for level in levels]
-        for blur in BLURS:
+        for blur in blurs:
             combined = combine_maps(chosen, position_maps, model.input_size_, blur)
             maps = [resize_map(m, (eval_size, eval_size)).numpy() for m in combined]
             pixel_auroc, aupro = pixel_metrics(masks, maps)
@@ -73,37 +97,105 @@ def run(
     return rows
 
 
+def summary(rows: list[dict], tolerance: float) -> list[str]:
+    """Per localization, every (map levels, blur) over all data sets: mean pixel AUROC and AUPRO, and the
+    largest loss of each on any data set to that set's best setting (with the same localization)."""
+    lines = [
+        "",
+        f"## Over all {len({row['category'] for row in rows})} data sets",
+        "",
+        "Per localization, each setting's mean pixel AUROC and AUPRO, its largest loss in each to the best "
+        f"setting of that data set, and on how many sets it loses more than {tolerance:g} in either; "
+        "best mean first.",
+        "",
+        "| backbone | size | localization | map levels | blur | mean pixel AUROC | mean AUPRO "
+        "| worst pixel AUROC loss | worst AUPRO loss | sets lost |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def config(row: dict) -> tuple:
+        return row["backbone"], row["size"], row["localization"]
+
+    def setting(row: dict) -> tuple:
+        return row["map_levels"], row["blur"]
+
+    for key in sorted({config(row) for row in rows}, key=str):
+        chosen = [row for row in rows if config(row) == key]
+        best = {
+            (category, metric): max(row[metric] for row in chosen if row["category"] == category)
+            for category in {row["category"] for row in chosen}
+            for metric in ("pixel_auroc", "aupro")
+        }
+        settings = []
+        for levels, blur in {setting(row) for row in chosen}:
+            same = [row for row in chosen if setting(row) == (levels, blur)]
+            losses = {
+                metric: [best[row["category"], metric] - row[metric] for row in same]
+                for metric in ("pixel_auroc", "aupro")
+            }
+            lost = sum(
+                max(pixel, aupro) > tolerance
+                for pixel, aupro in zip(losses["pixel_auroc"], losses["aupro"], strict=True)
+            )
+            means = {metric: float(np.mean([row[metric] for row in same])) for metric in losses}
+            settings.append((levels, blur, means, losses, lost))
+        settings.sort(key=lambda item: -(item[2]["pixel_auroc"] + item[2]["aupro"]))
+        for levels, blur, means, losses, lost in settings:
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {levels} | {blur:g} | {means['pixel_auroc']:.4f} | "
+                f"{means['aupro']:.4f} | {max(losses['pixel_auroc']):.4f} | {max(losses['aupro']):.4f} | "
+                f"{lost} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[0], help="input sizes; 0 = native")
     parser.add_argument("--localizations", nargs="+", default=["hybrid", "shared", "per-position"])
+    parser.add_argument(
+        "--ranges",
+        nargs="+",
+        type=level_range,
+        default=contiguous_ranges(CANDIDATE_LEVELS),
+        help="map levels to score, as 3-5 (default: every contiguous range of levels 2-7)",
+    )
+    parser.add_argument("--blurs", nargs="+", type=float, default=list(BLURS))
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--top", type=int, default=8, help="best rows per category and configuration")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tolerance", type=float, default=0.005, help="a loss the summary counts")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT (Markdown) and OUT.json")
     args = parser.parse_args()
 
+    ranges = " ".join("-".join(map(str, (levels[0], levels[-1]))) for levels in args.ranges)
     lines = [
         "# Map defaults: backbone, input size, localization, map levels, blur",
         "",
         f"Command: `python benchmarks/tune_maps.py {' '.join(map(str, args.categories))} "
         f"--backbones {' '.join(args.backbones)} --sizes {' '.join(map(str, args.sizes))} "
-        f"--localizations {' '.join(args.localizations)} --eval-size {args.eval_size} --top {args.top}`",
+        f"--localizations {' '.join(args.localizations)} --ranges {ranges} "
+        f"--blurs {' '.join(f'{blur:g}' for blur in args.blurs)} --eval-size {args.eval_size} "
+        f"--top {args.top} --out {args.out}`",
         "",
-        f"Metrics at {args.eval_size}x{args.eval_size}; "
-        "image AUROC is the model's image score (default image levels and grid, whatever the map levels).",
+        f"Metrics at {args.eval_size}x{args.eval_size}; image AUROC is the grid-pooled image score (default "
+        "image levels and grid, whatever the map levels).",
         f"Per configuration, the {args.top} best map settings by pixel AUROC + AUPRO.",
         "",
         "| category | backbone | size | localization | map levels | blur "
         "| image AUROC | pixel AUROC | AUPRO |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    all_rows: list[dict] = []
     for category, backbone, size, localization in itertools.product(
         args.categories, args.backbones, args.sizes, args.localizations
     ):
         with cpu_tuning():  # as the CLI runs gaussad: faster, the same results
-            rows = run(category, backbone, size or None, localization, args.eval_size)
+            rows = run(
+                category, backbone, size or None, localization, args.eval_size, args.ranges, args.blurs
+            )
+        all_rows += rows
         rows.sort(key=lambda row: -(row["pixel_auroc"] + row["aupro"]))
         for row in rows[: args.top]:
             lines.append(
@@ -112,8 +204,10 @@ def main() -> None:
                 f"{row['pixel_auroc']:.4f} | {row['aupro']:.4f} |"
             )
         print("\n".join(lines[-args.top :]), flush=True)
+        tail = summary(all_rows, args.tolerance) if len(args.categories) > 1 else []
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+        args.out.write_text("\n".join(lines + tail) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(all_rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
