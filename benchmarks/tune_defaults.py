@@ -39,6 +39,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "combined, shared": {"image_score": "combined", "localization": "shared"},
     "defaults, map levels 3-7": {"map_levels": (3, 4, 5, 6, 7)},  # the paper's map levels
     "defaults, map levels 2-5": {"map_levels": (2, 3, 4, 5)},
+    "defaults, grid 2": {"image_grid": 2},  # the grid-pooled part's grid, chosen on the shared sets
+    "defaults, grid levels 4-6": {"levels": (4, 5, 6)},  # and its levels
+    "defaults, grid levels 3-5": {"levels": (3, 4, 5)},
+    "defaults, OPCA 0.1": {"variance": 0.1},
     "defaults, 320 px": {"image_size": 320},
     "defaults, 352 x 144 px": {"image_size": (352, 144)},  # the `strip` variants' shape at 224 px's pixels
     "paper: levels 3-7, grid 1, shared": {
