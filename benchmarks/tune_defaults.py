@@ -43,6 +43,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults, grid levels 4-6": {"levels": (4, 5, 6)},  # and its levels
     "defaults, grid levels 3-5": {"levels": (3, 4, 5)},
     "defaults, OPCA 0.1": {"variance": 0.1},
+    "defaults, position levels 3-5": {"position_levels": (3, 4, 5)},  # the hybrid map's per-position half
+    "defaults, position levels 4-5": {"position_levels": (4, 5)},
+    "defaults, 10 folds": {"folds": 10},  # fold models on 90% of the images, not 80%
     "defaults, 320 px": {"image_size": 320},
     "defaults, 352 x 144 px": {"image_size": (352, 144)},  # the `strip` variants' shape at 224 px's pixels
     "paper: levels 3-7, grid 1, shared": {
