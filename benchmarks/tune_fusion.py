@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_ndtr, logsumexp
 
 from gaussad.layout import list_test_images, training_images
 from gaussad.metrics import image_auroc
@@ -79,6 +80,21 @@ def _joined(
     return join([held for held, _ in z], axis=0), join([test for _, test in z], axis=0)
 
 
+def _root_sum_of_squares(z: list[np.ndarray], axis: int) -> np.ndarray:
+    """The length of the positive z-scores: between their sum and their maximum."""
+    return np.sqrt((np.clip(z, 0.0, None) ** 2).sum(axis=axis))
+
+
+def _soft_maximum(z: list[np.ndarray], axis: int) -> np.ndarray:
+    """log(sum(exp(z))): the maximum where one z-score stands out, near the sum's order where all rise."""
+    return logsumexp(z, axis=axis)
+
+
+def _fisher(z: list[np.ndarray], axis: int) -> np.ndarray:
+    """Fisher's combination: the sum of -log of each z-score's upper-tail probability read as normal."""
+    return -log_ndtr(-np.asarray(z)).sum(axis=axis)
+
+
 def _correlation_weighted(parts: list[Scores]) -> Scores:
     """The parts' z-scores summed with the weights that best detect a shift of one spread in every part
     when normal z-scores are correlated as on the held-out images (C^-1 1, negative weights set to 0)."""
@@ -91,7 +107,8 @@ def _correlation_weighted(parts: list[Scores]) -> Scores:
 def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     """Every way of scoring compared: each part alone, the two-part sums over each scale, z-scores joined
     by their maximum or with a global score (the paper's, or levels 3-5) as a third part, and the three
-    parts summed over their upper tails' spreads or weighted for their correlation."""
+    parts' z-scores joined between a sum and a maximum (root sum of squares, soft maximum, Fisher's
+    combination), summed over their upper tails' spreads or weighted for their correlation."""
     (held_pooled, test_pooled), (held_tops, test_tops) = parts["pooled"], parts["map"]
     result = {f"{name} alone": part for name, part in parts.items()}
     for name, scales in SCALES.items():
@@ -106,6 +123,9 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
         result[f"sum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.sum)
         result[f"maximum of z-scores, {third}'s added"] = _joined([*two, parts[third]], np.max)
     three = [*two, parts["paper"]]
+    result["three parts' positive z-scores, root sum of squares"] = _joined(three, _root_sum_of_squares)
+    result["three parts' z-scores, soft maximum"] = _joined(three, _soft_maximum)
+    result["three parts' z-scores, Fisher's combination"] = _joined(three, _fisher)
     result["three parts over their upper tails' spreads"] = _joined(three, np.sum, _tail_scaled)
     result["three parts weighted for their correlation"] = _correlation_weighted(three)
     return result

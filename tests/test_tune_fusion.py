@@ -1,0 +1,51 @@
+"""The ways of joining the combined score's parts compared by `benchmarks/tune_fusion.py`: the default's
+row ranks as the model's own combined score, and the joins between a sum and a maximum lie between them."""
+
+import numpy as np
+from conftest import benchmark_script
+from scipy.stats import rankdata
+
+from gaussad.scorer import combined_scores
+
+tune_fusion = benchmark_script("tune_fusion")
+
+
+def _parts(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each part's (held-out, test) scores on different scales, as the fits give them."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for name, (centre, spread) in {
+        "pooled": (40.0, 3.0),
+        "map": (2.0, 0.2),
+        "paper": (9.0, 1.5),
+        "global 3-5": (7.0, 1.0),
+    }.items():
+        parts[name] = (rng.normal(centre, spread, 60), rng.normal(centre + spread, 2 * spread, 30))
+    return parts
+
+
+def test_the_default_row_ranks_as_the_models_combined_score() -> None:
+    parts = _parts()
+    held, test = tune_fusion.ways(parts)[tune_fusion.DEFAULT]
+    names = ("pooled", "map", "paper")
+    scales = [float(np.std(parts[name][0])) for name in names]
+    pooled, tops, whole = (parts[name][1] for name in names)
+    model = combined_scores(pooled, tops, scales, whole)
+    np.testing.assert_array_equal(rankdata(test), rankdata(model))
+    pooled, tops, whole = (parts[name][0] for name in names)
+    model_held = combined_scores(pooled, tops, scales, whole)
+    threshold = np.quantile(model_held, 0.99)
+    np.testing.assert_array_equal(test > np.quantile(held, 0.99), model > threshold)
+
+
+def test_joins_between_a_sum_and_a_maximum_lie_between_them() -> None:
+    z = [np.array([3.0, -1.0, 0.5, 8.0]), np.array([0.0, -2.0, 0.5, 1.0]), np.array([1.0, -0.5, 0.5, -4.0])]
+    largest = np.max(z, axis=0)
+    soft = tune_fusion._soft_maximum(z, axis=0)
+    assert np.all(soft > largest) and np.all(soft <= largest + np.log(3))
+    positive = np.clip(z, 0.0, None)
+    length = tune_fusion._root_sum_of_squares(z, axis=0)
+    assert np.all(length >= positive.max(axis=0)) and np.all(length <= positive.sum(axis=0))
+    fisher = tune_fusion._fisher(z, axis=0)
+    raised = tune_fusion._fisher([z[0] + 0.1, z[1], z[2]], axis=0)
+    assert np.all(raised > fisher)  # a part further from normal always raises the joined score
