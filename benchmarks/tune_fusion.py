@@ -95,6 +95,12 @@ def _fisher(z: list[np.ndarray], axis: int) -> np.ndarray:
     return -log_ndtr(-np.asarray(z)).sum(axis=axis)
 
 
+def _sum_or_grid(parts: list[Scores]) -> Scores:
+    """The larger of the parts' sum and the first part (the grid-pooled score), each as a z-score: the grid
+    decides alone where it stands further from normal than the sum does."""
+    return _joined([_joined(parts, np.sum), parts[0]], np.max)
+
+
 def _correlation_weighted(parts: list[Scores]) -> Scores:
     """The parts' z-scores summed with the weights that best detect a shift of one spread in every part
     when normal z-scores are correlated as on the held-out images (C^-1 1, negative weights set to 0)."""
@@ -108,7 +114,8 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     """Every way of scoring compared: each part alone, the two-part sums over each scale, z-scores joined
     by their maximum or with a global score (the paper's, or levels 3-5) as a third part, and the three
     parts' z-scores joined between a sum and a maximum (root sum of squares, soft maximum, Fisher's
-    combination), summed over their upper tails' spreads or weighted for their correlation."""
+    combination), summed over their upper tails' spreads or weighted for their correlation, and the larger of
+    their sum's z-score and the grid part's."""
     (held_pooled, test_pooled), (held_tops, test_tops) = parts["pooled"], parts["map"]
     result = {f"{name} alone": part for name, part in parts.items()}
     for name, scales in SCALES.items():
@@ -128,6 +135,7 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     result["three parts' z-scores, Fisher's combination"] = _joined(three, _fisher)
     result["three parts over their upper tails' spreads"] = _joined(three, np.sum, _tail_scaled)
     result["three parts weighted for their correlation"] = _correlation_weighted(three)
+    result["three parts' sum or the grid part, the larger z-score"] = _sum_or_grid(three)
     return result
 
 

@@ -1,5 +1,6 @@
 """The ways of joining the combined score's parts compared by `benchmarks/tune_fusion.py`: the default's
-row ranks as the model's own combined score, and the joins between a sum and a maximum lie between them."""
+row ranks as the model's own combined score, the joins between a sum and a maximum lie between them, and
+the sum-or-grid join takes the larger z-score."""
 
 import numpy as np
 from conftest import benchmark_script
@@ -49,3 +50,14 @@ def test_joins_between_a_sum_and_a_maximum_lie_between_them() -> None:
     fisher = tune_fusion._fisher(z, axis=0)
     raised = tune_fusion._fisher([z[0] + 0.1, z[1], z[2]], axis=0)
     assert np.all(raised > fisher)  # a part further from normal always raises the joined score
+
+
+def test_the_sum_or_the_grid_takes_the_larger_of_their_z_scores() -> None:
+    parts = _parts()
+    three = [parts[name] for name in ("pooled", "map", "paper")]
+    held, test = tune_fusion._sum_or_grid(three)
+    sum_held, sum_test = tune_fusion._z_scores(tune_fusion._joined(three, np.sum))
+    grid_held, grid_test = tune_fusion._z_scores(three[0])
+    np.testing.assert_allclose(held, np.maximum(sum_held, grid_held))
+    np.testing.assert_allclose(test, np.maximum(sum_test, grid_test))
+    assert np.any(test == grid_test) and np.any(test == sum_test)  # each decides somewhere
