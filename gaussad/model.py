@@ -342,7 +342,8 @@ class GaussAD:
                 image_score=config.image_score,
                 image_grid=config.image_grid,
             )
-            localizations = ["hybrid", "shared"] if config.localization == "auto" else [config.localization]
+            # Auto weighs the paper's shared maps first: hybrid maps must beat them (`selection.choose`).
+            localizations = ["shared", "hybrid"] if config.localization == "auto" else [config.localization]
             synthetic = None
             if auto:
                 # Only a chosen image score reads the pooled levels; the maps stop at their deepest level.

@@ -4,10 +4,11 @@ Held-out folds give normal examples the models have not seen; synthetic defects 
 images (`gaussad.synthetic`) give anomalous ones, with masks. Each candidate localization is scored by the
 AUPRO of its maps on the pasted patches (`LOCALIZATION_KIND`), each candidate image score by the image
 AUROC of its held-out normal scores against all synthetic defects' scores. Candidates are weighed in a fixed
-order, the measured default first, and a later one displaces the best so far only when it is better beyond
-the proxy's noise: for image scores, in at least 95% of paired bootstrap resamples of the images. The
-proxy's defects are not the user's, so a small lead on them is no reason to leave a setting that holds up
-on real defects. Everything here is numbers in, numbers out: the models live in `gaussad.model`.
+order, the combined image score and the paper's shared maps first, and a later one displaces the best so
+far only when it is better beyond the proxy's noise: for image scores, in at least 95% of paired bootstrap
+resamples of the images; for maps, by `MARGIN`. The proxy's defects are not the user's, so a small lead on
+them is no reason to leave a setting that holds up on real defects. Everything here is numbers in, numbers
+out: the models live in `gaussad.model`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ Two kinds, alternating over the images, each with its exact mask:
 - `blend` (as DRAEM and NSA): an irregular blob, shaped by smoothed noise, where the image is blended with
   another good image rotated by a quarter turn: a local change of texture or colour.
 Both are placed where the image has detail (`_centre`), so that on a small part on a plain background
-they land on the part, as real defects do, and not on the background. Seeded and pure numpy, so a fit
-chooses the same way every run.
+they land on the part, as real defects do, and not on the background. Where the part lies on a background
+(`part_region`), a patch lies wholly on it: one half off the part puts the part's content on the background,
+a place a per-position Gaussian knows to be background, and real defects are not there. Seeded and pure
+numpy, so a fit chooses the same way every run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ BLEND_OPACITY = (0.5, 1.0)
 DETAIL_SMOOTHING = 0.05  # how far a place's detail is averaged, as a share of the side
 DETAIL_GRID = 56  # cells a side on which the detail is measured
 DETAIL_FLOOR = 0.05  # of the mean detail, so that plain regions are rare places, not impossible ones
+# The part on a background: the largest region of pixels whose colour and contrast, averaged over
+# PART_SMOOTHING of the side, lie more than PART_DISTANCE robust deviations from those of the image's border
+# (a band of BORDER_BAND of the side); one under PART_MIN_SHARE of the image is no part.
+PART_SMOOTHING = 0.02
+BORDER_BAND = 0.03
+PART_DISTANCE = 4.0
+PART_MIN_SHARE = 0.1
+DEVIATION_FLOOR = 2.0  # grey levels added to the border's deviation: a plain border makes any shade part
+CONTRAST_WEIGHT = 20.0  # grey levels per unit of log contrast: a doubled contrast counts as 14 grey levels
 
 
 def synthetic_defects(
@@ -57,7 +68,7 @@ def _paste_patch(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator)
     patch_height = int(np.clip(round(np.sqrt(area * aspect)), 2, height - 1))
     patch_width = int(np.clip(round(area / patch_height), 2, width - 1))
     source_top, source_left = _corner(donor, (patch_height, patch_width), rng)
-    target_top, target_left = _corner(image, (patch_height, patch_width), rng)
+    target_top, target_left = _corner_on_part(image, (patch_height, patch_width), rng)
     patch = donor[source_top : source_top + patch_height, source_left : source_left + patch_width]
     image[target_top : target_top + patch_height, target_left : target_left + patch_width] = patch
     mask = np.zeros((height, width), dtype=bool)
@@ -113,3 +124,51 @@ def _corner(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator) 
     top = int(np.clip(row - size[0] // 2, 0, height - size[0]))
     left = int(np.clip(column - size[1] // 2, 0, width - size[1]))
     return top, left
+
+
+def _corner_on_part(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    """The top-left corner of a `size` rectangle wholly on the image's part, drawn uniformly among those
+    places; a `_corner` where the image has no part on a background, or none the rectangle fits in."""
+    region = part_region(image)
+    if region is not None:
+        # Centres whose rectangle lies wholly in the region (a minimum over the rectangle around each).
+        fits = ndimage.minimum_filter(region, size=size, mode="constant", cval=False)
+        if fits.any():
+            places = np.flatnonzero(fits)
+            row, column = np.unravel_index(places[rng.integers(len(places))], fits.shape)
+            height, width = image.shape[:2]
+            top = int(np.clip(row - size[0] // 2, 0, height - size[0]))
+            left = int(np.clip(column - size[1] // 2, 0, width - size[1]))
+            return top, left
+    return _corner(image, size, rng)
+
+
+def part_region(image: np.ndarray) -> np.ndarray | None:
+    """Where an (H, W, 3) uint8 image's part lies on a background, as an (H, W) bool mask: the largest
+    connected region of pixels whose local colour and contrast are unlike the image's border (robust
+    distance from the border's median over its median absolute deviation), opened and with holes filled.
+    None where it is under `PART_MIN_SHARE` of the image: a texture or a part filling the frame, whose
+    border is the part itself and whose unlike places are its own features."""
+    pixels = image.astype(np.float32)
+    height, width = pixels.shape[:2]
+    sigma = max(1.0, PART_SMOOTHING * min(height, width))
+    colour = np.stack([ndimage.gaussian_filter(pixels[..., channel], sigma) for channel in range(3)], axis=-1)
+    grey = pixels.mean(axis=-1)
+    variance = ndimage.gaussian_filter(grey**2, sigma) - ndimage.gaussian_filter(grey, sigma) ** 2
+    contrast = CONTRAST_WEIGHT * np.log1p(np.sqrt(np.maximum(variance, 0.0)))
+    local = np.concatenate([colour, contrast[..., None]], axis=-1)
+    band = max(1, int(BORDER_BAND * min(height, width)))
+    border = np.concatenate(
+        [local[:band].reshape(-1, 4), local[-band:].reshape(-1, 4)]
+        + [local[:, :band].reshape(-1, 4), local[:, -band:].reshape(-1, 4)]
+    )
+    median = np.median(border, axis=0)
+    # The median absolute deviation, scaled to a normal standard deviation.
+    deviation = 1.4826 * np.median(np.abs(border - median), axis=0) + DEVIATION_FLOOR
+    distance = np.sqrt((((local - median) / deviation) ** 2).sum(axis=-1))
+    labels, count = ndimage.label(ndimage.binary_opening(distance > PART_DISTANCE, iterations=2))
+    if not count:
+        return None
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    region = ndimage.binary_fill_holes(labels == largest)
+    return region if region.mean() >= PART_MIN_SHARE else None

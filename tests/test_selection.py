@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import benchmark_script, texture
 from PIL import Image
+from scipy import ndimage
 
 from gaussad import GaussAD
 from gaussad.evaluation import model_info
 from gaussad.layout import training_images
 from gaussad.maps import top_share_mean
 from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
-from gaussad.synthetic import KINDS, synthetic_defects
+from gaussad.synthetic import KINDS, PART_SMOOTHING, part_region, synthetic_defects
 
 SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 AUTO = {"image_score": "auto", "localization": "auto"}
@@ -55,6 +56,36 @@ def test_synthetic_defects_land_where_the_image_has_detail() -> None:
     assert on_part[kinds == "blend"].mean() >= 0.5  # a blob grows from its centre along smoothed noise
 
 
+def test_the_part_region_is_the_part_on_a_background_and_none_on_a_texture() -> None:
+    rng = np.random.default_rng(5)
+    scene = rng.normal(200, 6, (96, 96, 3))  # a light background with grain
+    y, x = np.mgrid[0:96, 0:96]
+    part = (y - 40) ** 2 + (x - 55) ** 2 < 22**2
+    scene[part] = texture(rng)[part] * 0.5  # a darker woven part
+    region = part_region(np.clip(scene, 0, 255).astype(np.uint8))
+    assert region is not None and region[part].all()
+    assert not (region & ~_spread(part, 96)).any()
+    assert part_region(texture(rng)) is None  # the border is the part itself
+
+
+def _spread(part: np.ndarray, side: int) -> np.ndarray:
+    """The part and as far past its outline as the part region's smoothing reaches (4 sigma)."""
+    return ndimage.binary_dilation(part, iterations=int(np.ceil(4 * PART_SMOOTHING * side)))
+
+
+def test_patches_lie_wholly_on_a_part_on_a_background() -> None:
+    """No patch straddles the part's outline: half off the part, its content would sit on the background,
+    where real defects are not."""
+    rng = np.random.default_rng(6)
+    images = np.full((40, 64, 64, 3), 200, dtype=np.uint8)
+    images[:, 8:40, 24:56] = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    _, masks, kinds = synthetic_defects(images, images, seed=0)
+    part = np.zeros((64, 64), dtype=bool)
+    part[8:40, 24:56] = True
+    patches = masks[np.array(kinds) == "patch"]
+    assert all(not (mask & ~_spread(part, 64)).any() for mask in patches)
+
+
 def test_the_choice_needs_a_margin_and_ties_keep_the_earlier_candidate() -> None:
     evidence = {"pooled": {"proxy": 0.90}, "combined": {"proxy": 0.90 + MARGIN / 2}, "map": {"proxy": 0.85}}
     assert choose(evidence) == "pooled"
@@ -81,7 +112,7 @@ def test_auto_keeps_its_evidence_and_follows_it(auto_model: GaussAD) -> None:
     selection = auto_model.state_.selection
     assert selection["synthetic_images"] == auto_model.n_train_  # fewer images than the cap: all of them
     localizations = selection["localization"]["candidates"]
-    assert set(localizations) == {"hybrid", "shared"}
+    assert list(localizations) == ["shared", "hybrid"]  # the paper's maps first: hybrid ones must beat them
     assert all(row["proxy"] == row["aupro_patch"] for row in localizations.values())
     assert selection["localization"]["chosen"] == choose(localizations)
     scores = selection["image_score"]["candidates"]
