@@ -119,10 +119,13 @@ def _centre(image: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
 
 def _corner(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
     """The top-left corner of a `size` rectangle centred at a `_centre`, moved inside the image."""
-    row, column = _centre(image, rng)
-    height, width = image.shape[:2]
-    top = int(np.clip(row - size[0] // 2, 0, height - size[0]))
-    left = int(np.clip(column - size[1] // 2, 0, width - size[1]))
+    return _corner_around(_centre(image, rng), size, image.shape[:2])
+
+
+def _corner_around(centre: tuple[int, int], size: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """The top-left corner of a `size` rectangle centred at `centre`, moved inside an image of `shape`."""
+    top = int(np.clip(centre[0] - size[0] // 2, 0, shape[0] - size[0]))
+    left = int(np.clip(centre[1] - size[1] // 2, 0, shape[1] - size[1]))
     return top, left
 
 
@@ -136,10 +139,7 @@ def _corner_on_part(image: np.ndarray, size: tuple[int, int], rng: np.random.Gen
         if fits.any():
             places = np.flatnonzero(fits)
             row, column = np.unravel_index(places[rng.integers(len(places))], fits.shape)
-            height, width = image.shape[:2]
-            top = int(np.clip(row - size[0] // 2, 0, height - size[0]))
-            left = int(np.clip(column - size[1] // 2, 0, width - size[1]))
-            return top, left
+            return _corner_around((int(row), int(column)), size, image.shape[:2])
     return _corner(image, size, rng)
 
 
