@@ -14,9 +14,12 @@ default, written outside the repository.
 - `strip`: a tall window of height 5 : width 2 in every image (the shape of KolektorSDD's images), placed
   at random where it holds the whole defect: one non-square shape for the whole set, which the square
   input squashes.
+- `posed`: the `scene`'s small part and background, turned at random but placed near the frame's centre
+  (within a tenth of its side): a part in about the same place in a new pose every time, as a screw or a
+  tire on a fixture, where the background keeps its place and the part does not.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -61,10 +64,10 @@ def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return _warp(image, mask, matrix, offset, "constant", border)
 
 
-def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, centred: bool = False):
     """As `small`, on the border's colour with grain and uneven light (`_background`) instead of a plain
-    fill; the mask follows."""
-    matrix, offset, border = _placement(image, rng)
+    fill (`centred`: placed near the frame's centre); the mask follows."""
+    matrix, offset, border = _placement(image, rng, centred)
     part, moved = _warp(image, mask, matrix, offset, "constant", np.zeros(3), rounded=False)
     coverage = ndimage.affine_transform(
         np.ones(image.shape[:2], np.float32), matrix, offset, order=1, mode="constant", cval=0.0
@@ -73,15 +76,26 @@ def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return np.clip(np.rint(composed), 0, 255).astype(np.uint8), moved
 
 
-def _placement(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random shrink, turn and place for `small` and `scene`: the warp's matrix and offset (output (y, x)
-    -> input matrix @ (y, x) + offset), and the median colour of the image's border."""
+def posed(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """As `scene`, placed within `MAX_SHIFT` of the frame's side from its centre; the mask follows."""
+    return scene(image, mask, rng, centred=True)
+
+
+def _placement(
+    image: np.ndarray, rng: np.random.Generator, centred: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random shrink, turn and place (anywhere the part fits, or near the centre if `centred`) for
+    `small`, `scene` and `posed`: the warp's matrix and offset (output (y, x) -> input matrix @ (y, x) +
+    offset), and the median colour of the image's border."""
     scale = rng.uniform(*SMALL_SCALES)
     angle = math.radians(rng.uniform(0.0, 360.0))
     height, width = image.shape[:2]
     size = np.array([height, width], dtype=float)
-    reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner from its centre
-    placed = np.array([rng.uniform(min(reach, side / 2), max(side - 1 - reach, side / 2)) for side in size])
+    if centred:
+        placed = (size - 1) / 2 + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * size
+    else:
+        reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner
+        placed = np.array([rng.uniform(min(reach, s / 2), max(s - 1 - reach, s / 2)) for s in size])
     matrix = _turn(angle) / scale
     offset = (size - 1) / 2 - matrix @ placed
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
@@ -163,7 +177,7 @@ def _window(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
     return image[box], None if mask is None else mask[box]
 
 
-TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene, "strip": strip}
+TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene, "strip": strip, "posed": posed}
 VARIANTS = tuple(TRANSFORMS)
 
 

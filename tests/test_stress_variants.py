@@ -70,8 +70,8 @@ def test_strip_keeps_the_whole_defect_in_the_same_tall_window() -> None:
     assert shape == (90, int(90 / stress_variants.STRIP_ASPECT))
 
 
-@pytest.mark.parametrize("variant", ["small", "scene"])
-def test_small_and_scene_shrink_the_part_inside_the_frame(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["small", "scene", "posed"])
+def test_small_scene_and_posed_shrink_the_part_inside_the_frame(variant: str) -> None:
     image, mask = _part_with_defect()
     low, high = stress_variants.SMALL_SCALES
     for seed in range(8):
@@ -89,6 +89,18 @@ def test_small_and_scene_shrink_the_part_inside_the_frame(variant: str) -> None:
             change = np.abs(background - 128)
             assert change.mean() > stress_variants.SCENE_GRAIN / 2 and background.std() > 3
             assert change.max() <= stress_variants.SCENE_LIGHT + 6 * stress_variants.SCENE_GRAIN
+
+
+def test_posed_places_the_part_near_the_frames_centre() -> None:
+    image, _ = _part_with_defect()
+    centre = (np.array(image.shape[:2]) - 1) / 2
+    reach = stress_variants.MAX_SHIFT * np.array(image.shape[:2]) + 1.0  # a pixel for the warp's rounding
+    offsets = []
+    for seed in range(8):
+        part = _part_region(image.shape[:2], "posed", seed)
+        offsets.append(np.argwhere(part).mean(axis=0) - centre)
+    assert np.all(np.abs(offsets) <= reach)
+    assert np.ptp(offsets, axis=0).min() > 2  # but not in one place: the shift is random
 
 
 def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
