@@ -3,7 +3,8 @@
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile
     python benchmarks/tune_defaults.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         ~/.cache/gaussad/stress/*-rotate ~/.cache/gaussad/stress/*-crop ~/.cache/gaussad/stress/*-small \
-        ~/.cache/gaussad/stress/*-scene --out benchmarks/results/tune_defaults
+        ~/.cache/gaussad/stress/*-scene ~/.cache/gaussad/stress/*-strip ~/.cache/gaussad/stress/*-posed \
+        --out benchmarks/results/tune_defaults
 
 One `gaussad evaluate` per data set and setting (Lite0 at 224 px otherwise): image AUROC, pixel AUROC and
 AUPRO at full resolution; the share of good test images flagged (false alarms) and of defective ones not
@@ -81,7 +82,7 @@ def evaluate(category: Path, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """One Markdown table per data set: each setting's metrics, the best fixed value per metric in bold."""
+    """One Markdown table per data set: each setting's metrics, fit time and choice."""
     lines = []
     for dataset, by_setting in rows.items():
         lines += [f"### {dataset}", ""]

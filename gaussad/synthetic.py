@@ -2,15 +2,17 @@
 defects needs (`gaussad.selection`).
 
 Two kinds, alternating over the images, each with its exact mask:
-- `patch` (as CutPaste): a rectangle cut from another good image, pasted at another place; in aligned data
+- `patch` (as CutPaste): a rectangle cut from the image itself, pasted at another place; in aligned data
   a part in the wrong place, in textures a seam.
 - `blend` (as DRAEM and NSA): an irregular blob, shaped by smoothed noise, where the image is blended with
   another good image rotated by a quarter turn: a local change of texture or colour.
 Both are placed where the image has detail (`_centre`), so that on a small part on a plain background
 they land on the part, as real defects do, and not on the background. Where the part lies on a background
-(`part_region`), a patch lies wholly on it: one half off the part puts the part's content on the background,
-a place a per-position Gaussian knows to be background, and real defects are not there. Seeded and pure
-numpy, so a fit chooses the same way every run.
+(`part_region`), a patch is cut from the part and lies wholly on it: one half off the part puts the part's
+content on the background, a place a per-position Gaussian knows to be background, and one cut from the
+background puts its grain on the part. Real defects are neither, nor are they the differences between good
+images (their light, their pose), which a patch from another image would carry. Seeded and pure numpy, so
+a fit chooses the same way every run.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def synthetic_defects(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Defective copies of (N, H, W, 3) uint8 images, their (N, H, W) bool masks and each one's kind.
 
-    Image i takes its foreign content from donors[(i + 1) % len(donors)] (another good image when donors
-    are the images themselves), and even-numbered images get a patch, odd ones a blend."""
+    Even-numbered images get a patch of their own content, odd ones a blend with donors[(i + 1) %
+    len(donors)] (another good image when donors are the images themselves)."""
     rng = np.random.default_rng(seed)
     defective = images.copy()
     masks = np.zeros(images.shape[:3], dtype=bool)
@@ -53,23 +55,25 @@ def synthetic_defects(
         donor = donors[(index + 1) % len(donors)]
         kind = KINDS[index % len(KINDS)]
         if kind == "patch":
-            masks[index] = _paste_patch(image, donor, rng)
+            masks[index] = _paste_patch(image, rng)
         else:
             masks[index] = _blend_blob(image, donor, rng)
         kinds.append(kind)
     return defective, masks, kinds
 
 
-def _paste_patch(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Paste a random rectangle of `donor` at a random place of `image` (in place); returns its mask."""
+def _paste_patch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cut a random rectangle of `image` and paste it at another random place (both on its part, if it
+    has one), in place; returns its mask."""
     height, width = image.shape[:2]
     area = rng.uniform(*PATCH_AREA) * height * width
     aspect = np.exp(rng.uniform(*np.log(PATCH_ASPECT)))
     patch_height = int(np.clip(round(np.sqrt(area * aspect)), 2, height - 1))
     patch_width = int(np.clip(round(area / patch_height), 2, width - 1))
-    source_top, source_left = _corner(donor, (patch_height, patch_width), rng)
-    target_top, target_left = _corner_on_part(image, (patch_height, patch_width), rng)
-    patch = donor[source_top : source_top + patch_height, source_left : source_left + patch_width]
+    region = part_region(image)
+    source_top, source_left = _corner_on_part(image, region, (patch_height, patch_width), rng)
+    target_top, target_left = _corner_on_part(image, region, (patch_height, patch_width), rng)
+    patch = image[source_top : source_top + patch_height, source_left : source_left + patch_width].copy()
     image[target_top : target_top + patch_height, target_left : target_left + patch_width] = patch
     mask = np.zeros((height, width), dtype=bool)
     mask[target_top : target_top + patch_height, target_left : target_left + patch_width] = True
@@ -129,10 +133,12 @@ def _corner_around(centre: tuple[int, int], size: tuple[int, int], shape: tuple[
     return top, left
 
 
-def _corner_on_part(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
-    """The top-left corner of a `size` rectangle wholly on the image's part, drawn uniformly among those
-    places; a `_corner` where the image has no part on a background, or none the rectangle fits in."""
-    region = part_region(image)
+def _corner_on_part(
+    image: np.ndarray, region: np.ndarray | None, size: tuple[int, int], rng: np.random.Generator
+) -> tuple[int, int]:
+    """The top-left corner of a `size` rectangle wholly on the image's part (its `part_region`), drawn
+    uniformly among those places; a `_corner` where the image has no part on a background, or none the
+    rectangle fits in."""
     if region is not None:
         # Centres whose rectangle lies wholly in the region (a minimum over the rectangle around each).
         fits = ndimage.minimum_filter(region, size=size, mode="constant", cval=False)
