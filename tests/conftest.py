@@ -99,12 +99,14 @@ def category(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(category: Path):
-    """A default model at 64 px fitted on 8 synthetic images, shared by the export and runtime tests (which
-    only read it)."""
+    """A model at 64 px fitted on 8 synthetic images, shared by the export and runtime tests (which only read
+    it): the defaults with hybrid maps, the fullest scorer (every Gaussian it can hold), fixed rather than
+    left to the auto localization's choice on images that few."""
     from gaussad import GaussAD
     from gaussad.layout import training_images
 
-    return GaussAD(image_size=64, batch_size=4, device="cpu").fit(training_images(category)[:8])
+    model = GaussAD(image_size=64, batch_size=4, device="cpu", localization="hybrid")
+    return model.fit(training_images(category)[:8])
 
 
 def needs(path: Path):

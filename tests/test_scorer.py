@@ -19,7 +19,7 @@ SMALL = {"image_size": 64, "batch_size": 4, "device": "cpu"}
 @pytest.fixture(scope="module")
 def tiny(category: Path) -> GaussAD:
     """A hybrid model at 64 px with an image grid that does not divide the level grids (4 x 4 into 3)."""
-    return GaussAD(**SMALL, image_grid=3).fit(training_images(category)[:8])
+    return GaussAD(**SMALL, image_grid=3, localization="hybrid").fit(training_images(category)[:8])
 
 
 def normalized(model: GaussAD, paths: list[Path]) -> torch.Tensor:
