@@ -52,12 +52,11 @@ def synthetic_defects(
     masks = np.zeros(images.shape[:3], dtype=bool)
     kinds: list[str] = []
     for index, image in enumerate(defective):
-        donor = donors[(index + 1) % len(donors)]
         kind = KINDS[index % len(KINDS)]
         if kind == "patch":
             masks[index] = _paste_patch(image, rng)
         else:
-            masks[index] = _blend_blob(image, donor, rng)
+            masks[index] = _blend_blob(image, donors[(index + 1) % len(donors)], rng)
         kinds.append(kind)
     return defective, masks, kinds
 

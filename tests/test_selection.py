@@ -203,16 +203,12 @@ def test_auto_localization_chooses_by_alignment_on_real_parts(tmp_path: Path) ->
     lead. Every sixth training image keeps the two fits short."""
     small = benchmark_script("stress_variants").small
     turns = np.random.default_rng(0)
+    aligned, moved = training_images(MAGNETIC_TILE)[::6], []
+    for path in aligned:
+        moved.append(tmp_path / f"{path.stem}.png")
+        Image.fromarray(small(np.asarray(read_image(path)), None, turns)[0]).save(moved[-1])
     chosen, leads = {}, {}
-    for name in ("aligned", "turned and moved"):
-        paths = []
-        for path in training_images(MAGNETIC_TILE)[::6]:
-            pixels = np.asarray(read_image(path))
-            if name != "aligned":
-                pixels = small(pixels, None, turns)[0]
-            paths.append(tmp_path / name / f"{path.stem}.png")
-            paths[-1].parent.mkdir(exist_ok=True)
-            Image.fromarray(pixels).save(paths[-1])
+    for name, paths in {"aligned": aligned, "turned and moved": moved}.items():
         localization = GaussAD(batch_size=8, device="cpu").fit(paths).state_.selection["localization"]
         candidates = localization["candidates"]
         chosen[name] = localization["chosen"]
