@@ -97,6 +97,28 @@ def run(
     return rows
 
 
+def _measured(
+    rows: list[dict],
+    category: str,
+    backbone: str,
+    size: int,
+    localization: str,
+    ranges: list[tuple[int, ...]],
+    blurs: list[float],
+) -> list[dict]:
+    """A configuration's rows from an earlier run's JSON, if it holds every range and blur asked for (a rerun
+    with more data sets measures only the new ones)."""
+    found = [
+        row
+        for row in rows
+        if (row["category"], row["backbone"], row["localization"]) == (category, backbone, localization)
+        and (size == 0 or row["size"] == size)
+        and any(row["map_levels"] == "-".join(map(str, levels)) for levels in ranges)
+        and row["blur"] in blurs
+    ]
+    return found if len(found) == len(ranges) * len(blurs) else []
+
+
 def summary(rows: list[dict], tolerance: float) -> list[str]:
     """Per localization, every (map levels, blur) over all data sets: mean pixel AUROC and AUPRO, and the
     largest loss of each on any data set to that set's best setting (with the same localization)."""
@@ -187,14 +209,18 @@ def main() -> None:
         "| image AUROC | pixel AUROC | AUPRO |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    json_path = args.out.with_suffix(".json")
+    earlier: list[dict] = json.loads(json_path.read_text()) if json_path.exists() else []
     all_rows: list[dict] = []
     for category, backbone, size, localization in itertools.product(
         args.categories, args.backbones, args.sizes, args.localizations
     ):
-        with cpu_tuning():  # as the CLI runs gaussad: faster, the same results
-            rows = run(
-                category, backbone, size or None, localization, args.eval_size, args.ranges, args.blurs
-            )
+        rows = _measured(earlier, category.name, backbone, size, localization, args.ranges, args.blurs)
+        if not rows:
+            with cpu_tuning():  # as the CLI runs gaussad: faster, the same results
+                rows = run(
+                    category, backbone, size or None, localization, args.eval_size, args.ranges, args.blurs
+                )
         all_rows += rows
         rows.sort(key=lambda row: -(row["pixel_auroc"] + row["aupro"]))
         for row in rows[: args.top]:
@@ -207,7 +233,7 @@ def main() -> None:
         tail = summary(all_rows, args.tolerance) if len(args.categories) > 1 else []
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines + tail) + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(all_rows, indent=1) + "\n")
+        json_path.write_text(json.dumps(all_rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
