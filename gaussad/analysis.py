@@ -43,7 +43,7 @@ def level_results(model: GaussAD, images: ImageInput | Iterable[ImageInput]) -> 
         model.batch_size,
         model.workers,
     )
-    distances, level_maps, position_maps = [], [[] for _ in model.map_levels_], []
+    distances, level_maps, position_maps = [], [[] for _ in model.state_.map_gaussian_levels], []
     for batch in runner.batches(collect_images(images)):
         batch_distances, batch_maps, batch_position = batch.outputs
         distances.append(batch_distances.cpu())

@@ -83,6 +83,10 @@ EFFICIENTNET_POSITION_LEVELS = (3, 5)
 # Levels of the combined image score's global part for 7-stage EfficientNets: the paper's, stages 3 to 7
 # averaged over the whole image (measured against stages 3-5 alone in benchmarks/results/tune_fusion.md).
 EFFICIENTNET_GLOBAL_LEVELS = (3, 4, 5, 6, 7)
+# Levels of the map whose top share is the image score's map part, for 7-stage EfficientNets: the paper's
+# 3-7. Deeper than the anomaly map's 3-5, which localize better; over all development data the map part
+# from 3-7 detects better (benchmarks/results/tune_fusion.md).
+EFFICIENTNET_SCORE_MAP_LEVELS = (3, 4, 5, 6, 7)
 _EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 _RESNET_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -149,10 +153,11 @@ class TappedBackbone(torch.nn.Module):
                 self.default_map_levels = EFFICIENTNET_MAP_LEVELS
                 self.default_position_levels = EFFICIENTNET_POSITION_LEVELS
                 self.default_global_levels = EFFICIENTNET_GLOBAL_LEVELS
+                self.default_score_map_levels = EFFICIENTNET_SCORE_MAP_LEVELS
             else:
                 self.default_levels = self.default_map_levels = tuple(range(min(3, n_stages), n_stages + 1))
                 self.default_position_levels = self.default_map_levels[-1:]
-                self.default_global_levels = self.default_levels
+                self.default_global_levels = self.default_score_map_levels = self.default_levels
             self.feature_info = self._measure(modules)
         elif all(hasattr(model, part) for part in _RESNET_PARTS):
             if fold_norms:
@@ -166,6 +171,7 @@ class TappedBackbone(torch.nn.Module):
             ]
             self.default_levels = (0, 1, 2, 3)
             self.default_map_levels = self.default_global_levels = self.default_levels
+            self.default_score_map_levels = self.default_levels
             self.default_position_levels = self.default_map_levels[-1:]
             self.feature_info = self._measure(["act1", "layer1", "layer2", "layer3", "layer4"])
         elif hasattr(model, "forward_intermediates") and getattr(model, "feature_info", None):
@@ -181,6 +187,7 @@ class TappedBackbone(torch.nn.Module):
             ]
             self.default_levels = tuple(range(1, len(self.feature_info))) or (0,)
             self.default_map_levels = self.default_global_levels = self.default_levels
+            self.default_score_map_levels = self.default_levels
             self.default_position_levels = self.default_map_levels[-1:]
         else:
             raise GaussADError(f"backbone {name!r}: this timm model exposes no intermediate feature maps")

@@ -589,6 +589,8 @@ def run_info(args: argparse.Namespace) -> None:
     score = state.image_score if config.image_score != "auto" else f"auto, chose {state.image_score}"
     levels = ",".join(map(str, state.levels))
     whole = f"; global levels {','.join(map(str, state.global_levels))}" if state.global_levels else ""
+    if state.score_map_levels:
+        whole += f"; score map levels {','.join(map(str, state.score_map_levels))}"
     print(f"image score: {score}; levels {levels}; grid {state.image_grid} x {state.image_grid}{whole}")
     if state.selection:
         print(describe_selection(state.selection))

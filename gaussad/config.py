@@ -53,6 +53,11 @@ class ModelConfig:
         "levels for the image score (default: the backbone's)", kind="levels"
     )
     map_levels: tuple[int, ...] | None = _option("levels for the anomaly map (default: tuned)", kind="levels")
+    score_map_levels: tuple[int, ...] | None = _option(
+        "map and combined image scores: levels of the map whose top 1% is the score's map part (default: "
+        "the backbone's; the paper's 3-7 for EfficientNets, deeper than the anomaly map's)",
+        kind="levels",
+    )
     position_levels: tuple[int, ...] | None = _option(
         "hybrid localization: levels stacked for the per-position Gaussian (default: tuned)", kind="levels"
     )
@@ -89,7 +94,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("levels", "map_levels", "position_levels"):
+        for name in ("levels", "map_levels", "score_map_levels", "position_levels"):
             object.__setattr__(self, name, _levels(name, getattr(self, name)))
         if self.global_levels is not None:  # empty: no global part
             object.__setattr__(self, "global_levels", _levels("global_levels", self.global_levels) or ())
@@ -146,6 +151,13 @@ class ModelConfig:
         levels = tuple(backbone.default_global_levels) if self.global_levels is None else self.global_levels
         _check_levels(backbone, {"global levels": levels})
         return levels
+
+    def resolve_score_map_levels(self, backbone: Any) -> tuple[int, ...]:
+        """The levels of the map whose top share is the image score's map part: as given, else the
+        backbone's default. Raises on levels the backbone does not have."""
+        levels = self.score_map_levels or tuple(backbone.default_score_map_levels)
+        _check_levels(backbone, {"score map levels": levels})
+        return tuple(sorted(set(levels)))
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples as lists."""

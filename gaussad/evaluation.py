@@ -197,6 +197,7 @@ def model_info(model: GaussAD) -> dict:
         "input size": describe_size(model.image_size_),
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
+        "levels (score map)": list(model.state_.score_map_levels),
         "levels (position)": list(model.position_levels_),
         "levels (global)": list(model.state_.global_levels),
         "image score": model.state_.image_score,

@@ -128,6 +128,7 @@ def _metadata(model: GaussAD, sha256: str, batch: int | str) -> dict[str, str]:
     params = model.config.as_dict() | {
         "levels": list(state.levels),
         "map_levels": list(state.map_levels),
+        "score_map_levels": list(state.score_map_levels) or None,
         "position_levels": list(state.position_levels) or None,
         "image_size": state.image_size,
     }
@@ -140,6 +141,7 @@ def _metadata(model: GaussAD, sha256: str, batch: int | str) -> dict[str, str]:
     levels = {
         "image": list(state.levels),
         "map": list(state.map_levels),
+        "score map": list(state.score_map_levels),
         "position": list(state.position_levels),
     }
     outputs = OUTPUTS + (DECISION_OUTPUTS if state.image_threshold is not None else ())

@@ -25,8 +25,8 @@ FoldBatches = Iterable[tuple[int, list[torch.Tensor], torch.Tensor | None]]
 
 @dataclass
 class HeldOutMaps:
-    """Per training image, under the map models fitted without its fold: its map's maximum, median and
-    mean of the top share (the map-based image score)."""
+    """Per training image, under the map models fitted without its fold: its anomaly map's maximum and
+    median, and its score map's mean of the top share (the map-based image score)."""
 
     maxima: np.ndarray
     medians: np.ndarray
@@ -36,11 +36,11 @@ class HeldOutMaps:
     def empty(cls, n_images: int) -> HeldOutMaps:
         return cls(np.zeros(n_images), np.zeros(n_images), np.zeros(n_images))
 
-    def record(self, rows: np.ndarray, maps: torch.Tensor) -> None:
+    def record(self, rows: np.ndarray, maps: torch.Tensor, score_maps: torch.Tensor) -> None:
         flat = maps.flatten(1)
         self.maxima[rows] = flat.amax(dim=1).cpu().numpy()
         self.medians[rows] = flat.median(dim=1).values.cpu().numpy()
-        self.tops[rows] = top_share_mean(maps).cpu().numpy()
+        self.tops[rows] = top_share_mean(score_maps).cpu().numpy()
 
     def place(self, start: int, other: HeldOutMaps) -> None:
         """Take the values of images start.. from `other` (a shard's)."""
@@ -66,14 +66,18 @@ def map_head(
     grids: dict[int, Grid],
     blur_sigma: float,
 ) -> MapHead:
-    """The map head of these Gaussians (the model's own, or a fold model's) for the model's levels."""
+    """The map head of these Gaussians (the model's own, or a fold model's, one per level of
+    `state.map_gaussian_levels`) for the model's anomaly map and score map."""
+    levels = state.map_gaussian_levels
     return MapHead(
         gaussians,
-        [grids[level] for level in state.map_levels],
+        [grids[level] for level in levels],
         position,
         position_grid(state, grids),
         state.input_size,
         blur_sigma,
+        [levels.index(level) for level in state.map_levels],
+        [levels.index(level) for level in state.score_map_levels or state.map_levels],
     )
 
 
@@ -110,17 +114,20 @@ class FoldHeads:
         level_features: Sequence[torch.Tensor],
         stacked: torch.Tensor | None,
         localizations: Sequence[str],
-    ) -> dict[str, torch.Tensor]:
-        """Maps (B, H, W) per candidate localization of images in `fold` under that fold's models: "hybrid"
-        mixes in the position map, any other name (shared, per-position) is the level maps alone."""
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Anomaly maps and score maps (B, H, W) per candidate localization of images in `fold` under that
+        fold's models: "hybrid" mixes in the position map, any other name (shared, per-position) is the
+        level maps alone."""
         head = self.head(fold)
         level_maps = head.level_maps([values.to(self.device) for values in level_features])
         hybrid = stacked is not None and self.fold_position and "hybrid" in localizations
         position_map = head.position_map(stacked.to(self.device)) if hybrid else None
-        return {
-            name: head.combine(level_maps, position_map if name == "hybrid" else None)
-            for name in localizations
-        }
+        results = {}
+        for name in localizations:
+            mixed = position_map if name == "hybrid" else None
+            maps = head.combine(level_maps, mixed)
+            results[name] = maps, head.score_maps(level_maps, mixed, maps)
+        return results
 
 
 def level_inputs(
@@ -145,6 +152,6 @@ def held_out_maps(
         count = len(level_features[0])
         at = rows[fold][taken[fold] : taken[fold] + count]
         taken[fold] += count
-        for name, values in heads.maps(fold, level_features, stacked, localizations).items():
-            results[name].record(at, values)
+        for name, (maps, score_maps) in heads.maps(fold, level_features, stacked, localizations).items():
+            results[name].record(at, maps, score_maps)
     return results

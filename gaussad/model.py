@@ -123,6 +123,7 @@ class GaussAD:
         weights: str | os.PathLike | None = DEFAULTS.weights,
         levels: Sequence[int] | None = DEFAULTS.levels,
         map_levels: Sequence[int] | None = DEFAULTS.map_levels,
+        score_map_levels: Sequence[int] | None = DEFAULTS.score_map_levels,
         position_levels: Sequence[int] | None = DEFAULTS.position_levels,
         reduction: Reduction = DEFAULTS.reduction,
         variance: float = DEFAULTS.variance,
@@ -150,6 +151,7 @@ class GaussAD:
         self.weights = weights
         self.levels = levels
         self.map_levels = map_levels
+        self.score_map_levels = score_map_levels
         self.position_levels = position_levels
         self.reduction = reduction
         self.variance = variance
@@ -199,6 +201,10 @@ class GaussAD:
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
         config, fallback = _without_folds(config, n_folds)
+        # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
+        # fitted for both.
+        score_map_levels = config.resolve_score_map_levels(backbone) if config.image_score != "pooled" else ()
+        gaussian_levels = level_union(map_levels, score_map_levels)
         auto_options = [option for option in OPTIONS if getattr(config, option) == "auto"]
         auto = bool(auto_options)
         scores_chosen = config.image_score == "auto"  # the image-score candidates weighed too
@@ -208,7 +214,7 @@ class GaussAD:
         global_levels = config.resolve_global_levels(backbone)
         if config.image_score in ("combined", "auto") and global_levels:
             pooled_sets["global"] = (global_levels, 1)
-        extracted = level_union(map_levels, position_levels, *(lvs for lvs, _ in pooled_sets.values()))
+        extracted = level_union(gaussian_levels, position_levels, *(lvs for lvs, _ in pooled_sets.values()))
         extractor = Extractor(
             config.backbone,
             None if config.weights is None else os.path.abspath(config.weights),
@@ -224,7 +230,7 @@ class GaussAD:
         features = runner.model
         plan = FitPlan(
             extracted,
-            map_levels,
+            gaussian_levels,
             position_levels,
             pooled_sets,
             config.localization == "per-position",
@@ -244,7 +250,7 @@ class GaussAD:
                 level: LevelAccumulator(
                     open_store(kind, spill_dir, f"level{level}"), plan.per_position_maps, plan.n_folds
                 )
-                for level in map_levels
+                for level in gaussian_levels
             }
             position_accumulator = (
                 LevelAccumulator(open_store(kind, spill_dir, "position"), True, plan.n_folds)
@@ -292,7 +298,7 @@ class GaussAD:
             rereading = self._rereading(levels, plan, runner, extractor, items, kept, progress)
             # Each level's map Gaussians, the full model's and each fold model's, take one reading of every
             # image's features: its store's, or (without one) the backbone's again, for every level at once.
-            reductions = {level: (config.reduction, config.variance) for level in map_levels}
+            reductions = {level: (config.reduction, config.variance) for level in gaussian_levels}
             finishers = rereading.finishers({**reductions, None: POSITION_REDUCTION}, folds, **finish)
             # The Gaussians are independent of each other: two at a time, one per core, longest first (the
             # per-position ones, then the image score's, each level's full and fold models together).
@@ -309,7 +315,7 @@ class GaussAD:
                     ]
                     for name in pooled_sets
                 }
-                map_jobs = [pool.submit(finishers[level]) for level in map_levels]
+                map_jobs = [pool.submit(finishers[level]) for level in gaussian_levels]
                 image_fits = {
                     name: [fit for job in jobs for fit in job.result()] for name, jobs in image_jobs.items()
                 }
@@ -341,6 +347,7 @@ class GaussAD:
                 held_out_scores=held_out["pooled"][0],
                 image_score=config.image_score,
                 image_grid=config.image_grid,
+                score_map_levels=score_map_levels,
             )
             # Auto weighs the paper's shared maps first: hybrid maps must beat them (`selection.choose`).
             localizations = ["shared", "hybrid"] if config.localization == "auto" else [config.localization]
@@ -351,7 +358,7 @@ class GaussAD:
                     features
                     if scores_chosen
                     else LevelFeatures(
-                        features.backbone, level_union(map_levels, position_levels), config.precision
+                        features.backbone, level_union(gaussian_levels, position_levels), config.precision
                     )
                 )
                 synthetic = _synthetic_defects(samples, runner, weighed, weighed_kinds(auto_options))
@@ -591,6 +598,7 @@ class GaussAD:
         used = self.config.as_dict() | {
             "levels": list(state.levels),
             "map_levels": list(state.map_levels),
+            "score_map_levels": list(state.score_map_levels) or None,
             "position_levels": list(state.position_levels) or None,
             "global_levels": list(state.global_levels) if state.global_levels else self.config.global_levels,
             "image_size": state.image_size,
@@ -665,6 +673,7 @@ class FoldResults:
 
     held_out: dict[str, HeldOutMaps]
     synthetic_maps: dict[str, dict[int, np.ndarray]]
+    synthetic_tops: dict[str, dict[int, np.ndarray]]
     synthetic_pooled: dict[str, dict[int, np.ndarray]]
 
 
@@ -699,27 +708,32 @@ def _synthetic_results(
     pooled_models: dict[str, tuple[tuple[Sequence[int], int], list[list[Gaussian]]]],
     synthetic: SyntheticDefects | None,
     n_folds: int,
-) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]]:
-    """What the fold models say about the synthetic defects made from their held-out images: maps per
-    candidate localization and, per image-score candidate (pooled_models: its (levels, grid) and fold
-    Gaussians [fold][level]), image scores; each by fold. Empty without synthetic defects."""
+) -> tuple[
+    dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]
+]:
+    """What the fold models say about the synthetic defects made from their held-out images: anomaly maps
+    and the score maps' top shares per candidate localization and, per image-score candidate
+    (pooled_models: its (levels, grid) and fold Gaussians [fold][level]), image scores; each by fold.
+    Empty without synthetic defects."""
     maps_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in localizations}
+    tops_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in localizations}
     pooled_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in pooled_models}
     if synthetic is None:
-        return maps_by_fold, pooled_by_fold
+        return maps_by_fold, tops_by_fold, pooled_by_fold
     for fold in range(n_folds):
         members = np.flatnonzero(synthetic.folds == fold)
         by_level = {level: values[members] for level, values in synthetic.features.items()}
-        level_features, stacked = level_inputs(by_level, state.map_levels, state.position_levels)
-        for name, values in heads.maps(fold, level_features, stacked, localizations).items():
-            maps_by_fold[name][fold] = values.cpu().numpy()
+        level_features, stacked = level_inputs(by_level, state.map_gaussian_levels, state.position_levels)
+        for name, (maps, score_maps) in heads.maps(fold, level_features, stacked, localizations).items():
+            maps_by_fold[name][fold] = maps.cpu().numpy()
+            tops_by_fold[name][fold] = top_share_mean(score_maps).cpu().numpy()
         for name, ((levels, grid), fold_gaussians) in pooled_models.items():
             pooled = [pool_features(by_level[lv], grid).to("cpu", torch.float64).numpy() for lv in levels]
             pooled_by_fold[name][fold] = sum(
                 gaussian.component_distances(values)
                 for gaussian, values in zip(fold_gaussians[fold], pooled, strict=True)
             )
-    return maps_by_fold, pooled_by_fold
+    return maps_by_fold, tops_by_fold, pooled_by_fold
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:
@@ -776,7 +790,7 @@ def _finish_state(
         }
         if config.image_score == "auto":
             synthetic_pooled = {name: joined(scores) for name, scores in folded.synthetic_pooled.items()}
-            tops = top_share_mean(torch.from_numpy(synthetic_maps[localization])).numpy()
+            tops = joined(folded.synthetic_tops[localization])
             image_choice, score_evidence = _choose_image_score(
                 synthetic.kinds, held_out, synthetic_pooled, folded.held_out[localization].tops, tops
             )
@@ -796,8 +810,15 @@ def _finish_state(
         "combined": combined_scores(pooled_normal, maps.tops, scales, global_normal),
     }[kind]
     hybrid = localization == "hybrid"
+    # A pooled score has no map part: the score map's own Gaussians go.
+    map_gaussians = state.map_gaussians
+    if kind == "pooled":
+        kept = [level in state.map_levels for level in state.map_gaussian_levels]
+        map_gaussians = [gaussian for gaussian, keep in zip(map_gaussians, kept, strict=True) if keep]
     return replace(
         state,
+        score_map_levels=state.score_map_levels if kind != "pooled" else (),
+        map_gaussians=map_gaussians,
         levels=tuple(levels),
         image_gaussians=image_gaussians[pooled_name],
         image_grid=grid,
@@ -899,7 +920,7 @@ def _build_scorer(
     return Scorer(
         features,
         state.levels,
-        state.map_levels,
+        state.map_gaussian_levels,
         state.position_levels,
         image_head,
         head,

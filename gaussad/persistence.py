@@ -80,6 +80,7 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
     resolved = {
         "levels": list(state.levels),
         "map_levels": list(state.map_levels),
+        "score_map_levels": list(state.score_map_levels) or None,
         "position_levels": list(state.position_levels) or None,
         "image_size": state.image_size,
         "weights": document["backbone"].get("weights_path")

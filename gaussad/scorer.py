@@ -102,6 +102,9 @@ class MapHead(nn.Module):
     per-position one what belongs where: a position scores high only where both find it unusual.
     Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (H, h)
     and one (W, w) matrix, and levels side by side make the sum over levels one batched product.
+    The head holds a Gaussian per level of `gaussians`; the anomaly map is made of those at `map_indices`,
+    the score map (whose top share is the image score's map part) of those at `score_indices`; both
+    default to all of them.
     """
 
     def __init__(
@@ -112,9 +115,12 @@ class MapHead(nn.Module):
         position_grid: Grid | None,
         input_size: tuple[int, int],
         blur_sigma: float,
+        map_indices: Sequence[int] | None = None,
+        score_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.n_levels = len(gaussians)
+        self.map_indices = list(range(len(gaussians)) if map_indices is None else map_indices)
+        self.score_indices = self.map_indices if score_indices is None else list(score_indices)
         self.input_size = input_size
         self.hybrid = position_gaussian is not None
         self.position_grid = position_grid
@@ -127,7 +133,9 @@ class MapHead(nn.Module):
             _gaussian_buffers(self, f"level{index}", gaussian)
             self.register_buffer(f"level{index}_rows", resampling(height, map_height))
         columns = [resampling(width, map_width) for _, width in grids]
-        self.register_buffer("columns", torch.cat(columns, dim=-1))
+        self.register_buffer("columns", torch.cat([columns[i] for i in self.map_indices], dim=-1))
+        if self.score_indices != self.map_indices:
+            self.register_buffer("score_columns", torch.cat([columns[i] for i in self.score_indices], dim=-1))
         if position_gaussian is not None and position_grid is not None:
             _gaussian_buffers(self, "position", position_gaussian)
             self.register_buffer("position_rows", resampling(position_grid[0], map_height))
@@ -147,27 +155,55 @@ class MapHead(nn.Module):
         return level_distance_map(stacked, self.position_mean, self.position_whitening)
 
     def combine(self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None) -> torch.Tensor:
-        """The anomaly maps (B, H, W) from the level maps and, for hybrid maps, the position map."""
-        rows = [getattr(self, f"level{i}_rows") for i in range(self.n_levels)]
-        combined = combine_levels(level_maps, rows, self.columns)
+        """The anomaly maps (B, H, W) from every level's map and, for hybrid maps, the position map."""
+        return self._mixed(level_maps, self.map_indices, self.columns, position_map)
+
+    def score_maps(
+        self,
+        level_maps: Sequence[torch.Tensor],
+        position_map: torch.Tensor | None,
+        anomaly_maps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The score maps (B, H, W): the anomaly maps themselves where both have the same levels."""
+        if self.score_indices == self.map_indices:
+            return anomaly_maps
+        return self._mixed(level_maps, self.score_indices, self.score_columns, position_map)
+
+    def _mixed(
+        self,
+        level_maps: Sequence[torch.Tensor],
+        indices: Sequence[int],
+        columns: torch.Tensor,
+        position_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The mean map of the levels at `indices`, mixed with the position map for hybrid maps."""
+        rows = [getattr(self, f"level{i}_rows") for i in indices]
+        combined = combine_levels([level_maps[i] for i in indices], rows, columns)
         if position_map is None:
             return combined
         return torch.sqrt(
             combined * combine_levels([position_map], [self.position_rows], self.position_columns)
         )
 
-    def forward(self, features: Sequence[torch.Tensor], stacked: torch.Tensor | None = None) -> torch.Tensor:
-        """Maps from the map levels' features and, for hybrid maps, the stacked position features."""
-        return self.combine(self.level_maps(features), self.position_map(stacked) if self.hybrid else None)
+    def forward(
+        self, features: Sequence[torch.Tensor], stacked: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps and score maps from every level's features and, for hybrid maps, the stacked
+        position features."""
+        level_maps = self.level_maps(features)
+        position_map = self.position_map(stacked) if self.hybrid else None
+        maps = self.combine(level_maps, position_map)
+        return maps, self.score_maps(level_maps, position_map, maps)
 
 
 class Scorer(nn.Module):
     """Normalized images (B, 3, H, W) -> image scores (B,) and anomaly maps (B, H, W) at the input size.
 
     The image score is, by `image_score`: "pooled", the sum over image levels of the component distances
-    of grid-pooled features; "map", the mean of the map's top 1%; "combined", the two and, with a
+    of grid-pooled features; "map", the mean of the score map's top 1%; "combined", the two and, with a
     `global_head`, the sum over its levels of the distances of features pooled over the whole image, each
-    divided by its spread over normal images (`score_scales`) and summed. The map is `MapHead`'s;
+    divided by its spread over normal images (`score_scales`) and summed. Both maps are `MapHead`'s, from
+    the features at `map_levels` (every level with a map Gaussian: the anomaly map's and the score map's);
     `with_maps=False` leaves the maps out (computing them only when the score needs them).
     """
 
@@ -209,11 +245,11 @@ class Scorer(nn.Module):
         if not with_maps and self.image_score == "pooled":
             return pooled, pooled.new_empty((len(pooled), 0, 0))
         stacked = self.stack_position([features[i] for i in self.position_indices])
-        maps = self.map_head([features[i] for i in self.map_indices], stacked)
+        maps, score_maps = self.map_head([features[i] for i in self.map_indices], stacked)
         whole = None
         if self.global_head is not None:
             whole = self.global_head([features[i] for i in self.global_indices]).sum(dim=1)
-        scores = image_scores(self.image_score, pooled, maps, self.score_scales, self.top_count, whole)
+        scores = image_scores(self.image_score, pooled, score_maps, self.score_scales, self.top_count, whole)
         return scores, maps if with_maps else maps.new_empty((len(maps), 0, 0))
 
     def stack_position(self, features: Sequence[torch.Tensor]) -> torch.Tensor | None:

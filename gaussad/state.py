@@ -61,6 +61,9 @@ class FittedState:
     # and of the global score, which divide each before they are summed.
     score_scales: tuple[float, ...] = (1.0, 1.0)
     selection: dict[str, Any] | None = None  # the evidence of auto options: each candidate's proxy metrics
+    # "map" and "combined": the levels of the map whose top share is the score's map part; () for the
+    # anomaly map's own (models saved before it had levels of its own, and pooled scores).
+    score_map_levels: tuple[int, ...] = ()
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -75,9 +78,14 @@ class FittedState:
         return "per-position" if self.map_gaussians[0].whitening.ndim == 3 else "shared"
 
     @property
+    def map_gaussian_levels(self) -> tuple[int, ...]:
+        """The levels of `map_gaussians`: the anomaly map's and the score map's."""
+        return level_union(self.map_levels, self.score_map_levels)
+
+    @property
     def extracted_levels(self) -> tuple[int, ...]:
         """Every level the backbone produces for this model: image, map and position levels."""
-        return level_union(self.levels, self.map_levels, self.position_levels, self.global_levels)
+        return level_union(self.levels, self.map_gaussian_levels, self.position_levels, self.global_levels)
 
     def with_thresholds(self, image: Threshold | None, pixel: Threshold | None) -> FittedState:
         return replace(self, image_threshold=image, pixel_threshold=pixel)
@@ -88,7 +96,7 @@ class FittedState:
             (role, level, gaussian)
             for role, levels, gaussians in (
                 ("image", self.levels, self.image_gaussians),
-                ("map", self.map_levels, self.map_gaussians),
+                ("map", self.map_gaussian_levels, self.map_gaussians),
                 ("global", self.global_levels, self.global_gaussians),
             )
             for level, gaussian in zip(levels, gaussians, strict=True)
@@ -122,6 +130,7 @@ class FittedState:
             "backbone": vars(self.backbone).copy(),
             "levels": list(self.levels),
             "map_levels": list(self.map_levels),
+            "score_map_levels": list(self.score_map_levels),
             "position_levels": list(self.position_levels),
             # A square input's side, as models saved before other inputs: their files stay the same.
             "image_size": self.image_size if isinstance(self.image_size, int) else list(self.image_size),
@@ -157,6 +166,7 @@ class FittedState:
         try:
             levels = _levels(metadata["levels"])
             map_levels = _levels(metadata["map_levels"])
+            score_map_levels = _levels(metadata.get("score_map_levels", []), allow_empty=True)
             position_levels = _levels(metadata.get("position_levels", []), allow_empty=True)
             global_levels = _levels(metadata.get("global_levels", []), allow_empty=True)
             image_score = _choice(metadata.get("image_score", "pooled"), "image score", IMAGE_SCORES[:-1])
@@ -174,7 +184,9 @@ class FittedState:
                 image_size=_image_size(metadata["image_size"]),
                 n_train=_whole(metadata["n_train"], "training images", 2),
                 image_gaussians=[gaussian(f"image.{level}") for level in levels],
-                map_gaussians=[gaussian(f"map.{level}") for level in map_levels],
+                map_gaussians=[
+                    gaussian(f"map.{level}") for level in level_union(map_levels, score_map_levels)
+                ],
                 position_gaussian=gaussian(POSITION_KEY) if position_levels else None,
                 **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
                 image_threshold=_threshold(thresholds.get("image")),
@@ -190,6 +202,7 @@ class FittedState:
                 global_gaussians=[gaussian(f"global.{level}") for level in global_levels],
                 score_scales=_scales(metadata.get("score_scales", [1.0] * parts), parts),
                 selection=_selection(metadata.get("selection")),
+                score_map_levels=score_map_levels,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GaussADError(

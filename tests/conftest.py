@@ -37,8 +37,10 @@ def relative(found: np.ndarray, expected: np.ndarray) -> float:
 
 
 def assert_same_model(found, expected, tests: list[Path]) -> None:
-    """Two fitted `GaussAD`s are the same model (the engines' and feature stores' promise): means and
-    whitenings to 1e-9 relative, held-out results and thresholds, test scores to 1e-6."""
+    """Two fitted `GaussAD`s are the same model (the engines' and feature stores' promise): means to 1e-9
+    relative and whitenings to 1e-7 (the smallest components of a nearly singular covariance, as the
+    deepest level's on a 2 x 2 grid of a few images, amplify the rounding of another summation order),
+    held-out results and thresholds, test scores to 1e-6."""
     pairs = [
         *zip(found.state_.image_gaussians, expected.state_.image_gaussians, strict=True),
         *zip(found.state_.map_gaussians, expected.state_.map_gaussians, strict=True),
@@ -47,7 +49,7 @@ def assert_same_model(found, expected, tests: list[Path]) -> None:
         pairs.append((found.state_.position_gaussian, expected.state_.position_gaussian))
     for got, want in pairs:
         assert relative(got.mean, want.mean) <= 1e-9
-        assert relative(got.whitening, want.whitening) <= 1e-9
+        assert relative(got.whitening, want.whitening) <= 1e-7
     assert found.n_train_ == expected.n_train_
     np.testing.assert_allclose(found.held_out_scores_, expected.held_out_scores_, rtol=1e-6)
     assert found.image_threshold_.value == pytest.approx(expected.image_threshold_.value, rel=1e-6)

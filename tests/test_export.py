@@ -52,7 +52,12 @@ def test_the_file_passes_the_checker_and_describes_the_model(
     assert json.loads(metadata["gaussad.normalization"])["mean"] == [0.5, 0.5, 0.5]
     assert metadata["gaussad.input_size"] == "64" and metadata["gaussad.batch"] == "dynamic"
     assert metadata["gaussad.backbone_weights_sha256"] == tiny.backbone_.weights_sha256
-    assert json.loads(metadata["gaussad.levels"]) == {"image": [4, 5], "map": [3, 4, 5], "position": [3, 5]}
+    assert json.loads(metadata["gaussad.levels"]) == {
+        "image": [4, 5],
+        "map": [3, 4, 5],
+        "score map": [3, 4, 5, 6, 7],
+        "position": [3, 5],
+    }
     assert "weights" not in json.loads(metadata["gaussad.params"])  # no path of the fitting machine
     assert metadata["gaussad.model_sha256"] == model_sha256(folder)  # the folder's identity
     inputs, outputs = proto.graph.input, proto.graph.output

@@ -34,9 +34,9 @@ def normalized(model: GaussAD, paths: list[Path]) -> torch.Tensor:
 def test_the_scorer_holds_every_fitted_array_as_a_float32_buffer(tiny: GaussAD) -> None:
     buffers = dict(tiny.scorer_.named_buffers())
     means = [name for name in buffers if name.endswith("_mean")]
-    # Two image levels, three map levels, the position Gaussian and the global part's five levels, each with
-    # its whitening.
-    assert len(means) == 11 and all(name.replace("_mean", "_whitening") in buffers for name in means)
+    # Two image levels, five map levels (the anomaly map's 3-5 and the score map's 6 and 7), the position
+    # Gaussian and the global part's five levels, each with its whitening.
+    assert len(means) == 13 and all(name.replace("_mean", "_whitening") in buffers for name in means)
     assert sum(name.startswith("global_head.") for name in means) == 5
     assert all(buffer.dtype == torch.float32 for buffer in buffers.values())
     torch.testing.assert_close(

@@ -243,14 +243,29 @@ def test_an_auto_model_saves_loads_and_scores_the_same(
     np.testing.assert_allclose(loaded.score_samples(tests), auto_model.score_samples(tests), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["map", "combined"])
-def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, kind: str) -> None:
-    model = GaussAD(**SMALL, image_score=kind).fit(training_images(category))
-    tests = sorted((category / "test").rglob("*.png"))
+def _map_tops(model: GaussAD, tests: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """A model's scores, and the top-share means of its anomaly maps at the input size."""
     size = (model.image_size_, model.image_size_)
     prediction = list(model.iter_predict(tests, map_sizes=[size] * len(tests)))
-    scores = np.concatenate([batch.scores for batch in prediction])
-    tops = top_share_mean(torch.from_numpy(np.stack([m for b in prediction for m in b.maps]))).numpy()
+    maps = torch.from_numpy(np.stack([m for b in prediction for m in b.maps]))
+    return np.concatenate([batch.scores for batch in prediction]), top_share_mean(maps).numpy()
+
+
+@pytest.mark.parametrize("kind", ["map", "combined"])
+def test_map_based_scores_come_from_the_map_and_calibrate_on_it(
+    category: Path, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = GaussAD(**SMALL, image_score=kind).fit(training_images(category))
+    tests = sorted((category / "test").rglob("*.png"))
+    scores, own_tops = _map_tops(model, tests)
+    # The map part reads a map of its own levels (3-7), deeper than the anomaly map's (3-5): the tops of a
+    # model whose anomaly map has those levels, with the same localization.
+    assert (model.map_levels_, model.state_.score_map_levels) == ((3, 4, 5), (3, 4, 5, 6, 7))
+    deeper = GaussAD(
+        **SMALL, image_score="map", map_levels=(3, 4, 5, 6, 7), localization=model.state_.localization
+    )
+    _, tops = _map_tops(deeper.fit(training_images(category)), tests)
+    assert not np.allclose(tops, own_tops, rtol=1e-3)
     if kind == "map":
         np.testing.assert_allclose(scores, tops, rtol=1e-5)
         assert model.state_.score_scales == (1.0, 1.0)
@@ -268,6 +283,10 @@ def test_map_based_scores_come_from_the_map_and_calibrate_on_it(category: Path, 
         assert np.std(global_model.held_out_scores_ / wide) == pytest.approx(1.0, rel=1e-9)
     np.testing.assert_allclose(model.score_samples(tests), scores, rtol=1e-6)  # no maps asked for
     assert model.image_threshold_.value == pytest.approx(np.quantile(model.held_out_scores_, 0.99))
+    from gaussad.cli import main
+
+    assert main(["info", str(model.save(tmp_path / "model"))]) == 0
+    assert "score map levels 3,4,5,6,7" in capsys.readouterr().out
 
 
 def test_models_saved_with_a_two_part_combined_score_still_load(category: Path, tmp_path: Path) -> None:
@@ -278,7 +297,8 @@ def test_models_saved_with_a_two_part_combined_score_still_load(category: Path, 
     from gaussad.fileio import file_sha256
     from gaussad.modelfolder import CONFIG_FILE, TENSORS_FILE
 
-    options = {**SMALL, "localization": "shared"}
+    # Nor had it a score map of its own: its map part was the anomaly map's.
+    options = {**SMALL, "localization": "shared", "score_map_levels": (3, 4, 5)}
     folder = GaussAD(**options, image_score="combined").fit(training_images(category)).save(tmp_path / "m")
     tensors = load_file(str(folder / TENSORS_FILE))
     two_parts = {key: value for key, value in tensors.items() if not key.startswith("global.")}
@@ -287,6 +307,7 @@ def test_models_saved_with_a_two_part_combined_score_still_load(category: Path, 
     document = json.loads((folder / CONFIG_FILE).read_text())
     document["score_scales"] = document["score_scales"][:2]
     del document["global_levels"], document["params"]["global_levels"]
+    del document["score_map_levels"], document["params"]["score_map_levels"]
     document |= {"format_version": 4, "tensors_sha256": file_sha256(folder / TENSORS_FILE)}
     (folder / CONFIG_FILE).write_text(json.dumps(document))
     loaded = GaussAD.load(folder, device="cpu", batch_size=8)

@@ -20,6 +20,7 @@ def _parts() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         "map": (2.0, 0.2),
         "paper": (9.0, 1.5),
         "global 3-5": (7.0, 1.0),
+        "map 3-7": (2.5, 0.3),
     }.items():
         parts[name] = (rng.normal(centre, spread, 60), rng.normal(centre + spread, 2 * spread, 30))
     return parts
@@ -28,7 +29,7 @@ def _parts() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def test_the_default_row_ranks_as_the_models_combined_score() -> None:
     parts = _parts()
     held, test = tune_fusion.ways(parts)[tune_fusion.DEFAULT]
-    names = ("pooled", "map", "paper")
+    names = ("pooled", "map 3-7", "paper")
     scales = [float(np.std(parts[name][0])) for name in names]
     pooled, tops, whole = (parts[name][1] for name in names)
     model = combined_scores(pooled, tops, scales, whole)
