@@ -25,10 +25,13 @@ from gaussad.evaluation import evaluate_category
 from gaussad.model import GaussAD
 from gaussad.tuning import cpu_tuning
 
-TWO_PARTS = {"image_score": "combined", "global_levels": ()}  # the defaults before the global part
+# The defaults before the score map had levels of its own: the map part is the anomaly map's top share.
+MAP_PART_3_5 = {"score_map_levels": (3, 4, 5)}
+TWO_PARTS = {"image_score": "combined", "global_levels": (), **MAP_PART_3_5}  # before the global part
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "auto": {"image_score": "auto", "localization": "auto"},
+    "map part 3-5": MAP_PART_3_5,
     "combined (two parts)": TWO_PARTS,
     "combined (two parts), hybrid": {**TWO_PARTS, "localization": "hybrid"},
     "combined (two parts), shared": {**TWO_PARTS, "localization": "shared"},
@@ -38,17 +41,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "map, hybrid": {"image_score": "map", "localization": "hybrid"},
     "map, shared": {"image_score": "map", "localization": "shared"},
     "combined, shared": {"image_score": "combined", "localization": "shared"},
-    "defaults, map levels 3-7": {"map_levels": (3, 4, 5, 6, 7)},  # the paper's map levels
-    "defaults, map levels 2-5": {"map_levels": (2, 3, 4, 5)},
-    "defaults, grid 2": {"image_grid": 2},  # the grid-pooled part's grid, chosen on the shared sets
-    "defaults, grid levels 4-6": {"levels": (4, 5, 6)},  # and its levels
-    "defaults, grid levels 3-5": {"levels": (3, 4, 5)},
-    "defaults, OPCA 0.1": {"variance": 0.1},
-    "defaults, position levels 3-5": {"position_levels": (3, 4, 5)},  # the hybrid map's per-position half
-    "defaults, position levels 4-5": {"position_levels": (4, 5)},
-    "defaults, 10 folds": {"folds": 10},  # fold models on 90% of the images, not 80%
-    "defaults, 320 px": {"image_size": 320},
-    "defaults, 352 x 144 px": {"image_size": (352, 144)},  # the `strip` variants' shape at 224 px's pixels
+    "defaults, map levels 3-7": {"map_levels": (3, 4, 5, 6, 7)},  # the paper's map levels, both maps'
+    # One setting of `map part 3-5` changed at a time: measured before the score map had levels of its own.
+    "map levels 2-5, map part 2-5": {"map_levels": (2, 3, 4, 5), "score_map_levels": (2, 3, 4, 5)},
+    "map part 3-5, grid 2": {**MAP_PART_3_5, "image_grid": 2},  # the grid-pooled part's grid
+    "map part 3-5, grid levels 4-6": {**MAP_PART_3_5, "levels": (4, 5, 6)},  # and its levels
+    "map part 3-5, grid levels 3-5": {**MAP_PART_3_5, "levels": (3, 4, 5)},
+    "map part 3-5, OPCA 0.1": {**MAP_PART_3_5, "variance": 0.1},
+    # The hybrid map's per-position half.
+    "map part 3-5, position levels 3-5": {**MAP_PART_3_5, "position_levels": (3, 4, 5)},
+    "map part 3-5, position levels 4-5": {**MAP_PART_3_5, "position_levels": (4, 5)},
+    "map part 3-5, 10 folds": {**MAP_PART_3_5, "folds": 10},  # fold models on 90% of the images, not 80%
+    "map part 3-5, 320 px": {**MAP_PART_3_5, "image_size": 320},
+    # The `strip` variants' shape at 224 px's pixels.
+    "map part 3-5, 352 x 144 px": {**MAP_PART_3_5, "image_size": (352, 144)},
     "paper: levels 3-7, grid 1, shared": {
         "image_score": "pooled",
         "levels": (3, 4, 5, 6, 7),

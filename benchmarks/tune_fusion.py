@@ -3,20 +3,21 @@ joined, compared on every development set.
 
     python benchmarks/tune_fusion.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         ~/.cache/gaussad/stress/*-rotate ~/.cache/gaussad/stress/*-crop ~/.cache/gaussad/stress/*-small \
-        ~/.cache/gaussad/stress/*-scene ~/.cache/gaussad/stress/*-strip \
+        ~/.cache/gaussad/stress/*-scene ~/.cache/gaussad/stress/*-strip ~/.cache/gaussad/stress/*-posed \
         --out benchmarks/results/tune_fusion.md
 
-Per data set, four fits with the default folds give each part's held-out scores on the training images and
-its scores on the test images: the default model with image score `pooled` (the grid-pooled levels 4-5),
-then `map` (the same Gaussians, folds and chosen localization), the paper's image score (levels 3-7
-pooled over the whole image), and levels 3-5 pooled over the whole image (the paper's pooling from the
-stages the default model already runs). Each way of joining them is then scored as the model would: image
-AUROC; the share of defective test images scored above all but 5% of the good ones (detected at 5% false
-alarms, a point of the ROC curve that no threshold rule moves); and the share of good test images flagged
-(false alarms) and of defective ones not flagged (misses) at the 99% quantile of the joined held-out
-scores (the label-free threshold at a 1% target). A z-score is a part's value less its held-out mean,
-over its held-out standard deviation; summing z-scores ranks and thresholds exactly as the default's sum
-over standard deviations does.
+Per data set, five fits with the default folds give each part's held-out scores on the training images and
+its scores on the test images: the default model with image score `pooled` (the grid-pooled levels 4-5), then
+`map` with the anomaly map's levels 3-5 as its score map (the map part before the score map had levels of its
+own; the same Gaussians, folds and chosen localization), the paper's image score (levels 3-7 pooled over the
+whole image), levels 3-5 pooled over the whole image (the paper's pooling from the stages the default model
+already runs), and `map 3-7`, the default score map's top share (the paper's levels 3-7 with the maps chosen
+on levels 3-5). Each way of joining them is then scored as the model would: image AUROC; the share of
+defective test images scored above all but 5% of the good ones (detected at 5% false alarms, a point of the
+ROC curve that no threshold rule moves); and the share of good test images flagged (false alarms) and of
+defective ones not flagged (misses) at the 99% quantile of the joined held-out scores (the label-free
+threshold at a 1% target). A z-score is a part's value less its held-out mean, over its held-out standard
+deviation; summing z-scores ranks and thresholds exactly as the default's sum over standard deviations does.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ from gaussad.model import GaussAD
 from gaussad.scorer import combined_scores
 from gaussad.tuning import cpu_tuning
 
-DEFAULT = "sum of z-scores, paper's added"  # the default combined score
+DEFAULT = "sum of z-scores, the map's share from levels 3-7"  # the default combined score
 PARTS = {
     "pooled": {"image_score": "pooled"},
-    "map": {"image_score": "map"},
+    # The anomaly map's top share (levels 3-5): the map part before the score map had levels of its own.
+    "map": {"image_score": "map", "score_map_levels": (3, 4, 5)},
     "paper": {"image_score": "pooled", "levels": (3, 4, 5, 6, 7), "image_grid": 1},
     "global 3-5": {"image_score": "pooled", "levels": (3, 4, 5), "image_grid": 1},
+    # The score map's top share: the paper's levels 3-7, with the maps the anomaly map's levels chose.
+    "map 3-7": {"image_score": "map"},
 }
 Scores = tuple[np.ndarray, np.ndarray]  # (held-out scores, test scores)
 
@@ -115,7 +119,8 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     by their maximum or with a global score (the paper's, or levels 3-5) as a third part, and the three
     parts' z-scores joined between a sum and a maximum (root sum of squares, soft maximum, Fisher's
     combination), summed over their upper tails' spreads or weighted for their correlation, and the larger of
-    their sum's z-score and the grid part's."""
+    their sum's z-score and the grid part's; and the sum with the map's share from the paper's map levels
+    3-7 in place of, or beside, that from levels 3-5."""
     (held_pooled, test_pooled), (held_tops, test_tops) = parts["pooled"], parts["map"]
     result = {f"{name} alone": part for name, part in parts.items()}
     for name, scales in SCALES.items():
@@ -136,6 +141,11 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     result["three parts over their upper tails' spreads"] = _joined(three, np.sum, _tail_scaled)
     result["three parts weighted for their correlation"] = _correlation_weighted(three)
     result["three parts' sum or the grid part, the larger z-score"] = _sum_or_grid(three)
+    deeper = [parts["pooled"], parts["map 3-7"], parts["paper"]]
+    result["sum of z-scores, the map's share from levels 3-7"] = _joined(deeper, np.sum)
+    result["sum of z-scores, the map's share from levels 3-5 and 3-7"] = _joined(
+        [*three, parts["map 3-7"]], np.sum
+    )
     return result
 
 
