@@ -52,6 +52,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "map part 3-5, position levels 3-5": {**MAP_PART_3_5, "position_levels": (3, 4, 5)},
     "map part 3-5, position levels 4-5": {**MAP_PART_3_5, "position_levels": (4, 5)},
     "map part 3-5, 10 folds": {**MAP_PART_3_5, "folds": 10},  # fold models on 90% of the images, not 80%
+    # One setting of the defaults changed, where the score map may move the image score's verdict.
+    "defaults, grid 2": {"image_grid": 2},
+    "defaults, grid levels 4-6": {"levels": (4, 5, 6)},
+    "defaults, 10 folds": {"folds": 10},
     "map part 3-5, 320 px": {**MAP_PART_3_5, "image_size": 320},
     # The `strip` variants' shape at 224 px's pixels.
     "map part 3-5, 352 x 144 px": {**MAP_PART_3_5, "image_size": (352, 144)},
