@@ -56,6 +56,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults, grid 2": {"image_grid": 2},
     "defaults, grid levels 4-6": {"levels": (4, 5, 6)},
     "defaults, 10 folds": {"folds": 10},
+    "defaults, OPCA 0.1": {"variance": 0.1},
+    "defaults, 320 px": {"image_size": 320},
     "map part 3-5, 320 px": {**MAP_PART_3_5, "image_size": 320},
     # The `strip` variants' shape at 224 px's pixels.
     "map part 3-5, 352 x 144 px": {**MAP_PART_3_5, "image_size": (352, 144)},
