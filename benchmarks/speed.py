@@ -40,7 +40,7 @@ PROFILE_PARTS: dict[str, list[Callable]] = {
     "input batch: to float, normalized": [BatchRunner.normalize],
     "waiting for decoded images": [Future.result],
     "Mahalanobis distances": [component_distance, level_distance_map],
-    "maps: combined, blurred, resized": [MapHead.combine, resize_map],
+    "maps: combined, blurred, resized": [MapHead.maps, resize_map],
 }
 
 

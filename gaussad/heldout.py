@@ -122,12 +122,9 @@ class FoldHeads:
         level_maps = head.level_maps([values.to(self.device) for values in level_features])
         hybrid = stacked is not None and self.fold_position and "hybrid" in localizations
         position_map = head.position_map(stacked.to(self.device)) if hybrid else None
-        results = {}
-        for name in localizations:
-            mixed = position_map if name == "hybrid" else None
-            maps = head.combine(level_maps, mixed)
-            results[name] = maps, head.score_maps(level_maps, mixed, maps)
-        return results
+        return {
+            name: head.maps(level_maps, position_map if name == "hybrid" else None) for name in localizations
+        }
 
 
 def level_inputs(

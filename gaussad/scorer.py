@@ -154,46 +154,39 @@ class MapHead(nn.Module):
         """The per-position Gaussian's distance map (B, h, w) of stacked position features."""
         return level_distance_map(stacked, self.position_mean, self.position_whitening)
 
-    def combine(self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None) -> torch.Tensor:
-        """The anomaly maps (B, H, W) from every level's map and, for hybrid maps, the position map."""
-        return self._mixed(level_maps, self.map_indices, self.columns, position_map)
-
-    def score_maps(
-        self,
-        level_maps: Sequence[torch.Tensor],
-        position_map: torch.Tensor | None,
-        anomaly_maps: torch.Tensor,
-    ) -> torch.Tensor:
-        """The score maps (B, H, W): the anomaly maps themselves where both have the same levels."""
+    def maps(
+        self, level_maps: Sequence[torch.Tensor], position_map: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anomaly maps and the score maps (B, H, W) from every level's map and, for hybrid maps, the
+        position map (resampled once for both); the score maps are the anomaly maps where both have the
+        same levels."""
+        position = None
+        if position_map is not None:
+            position = combine_levels([position_map], [self.position_rows], self.position_columns)
+        anomaly_maps = self._mixed(level_maps, self.map_indices, self.columns, position)
         if self.score_indices == self.map_indices:
-            return anomaly_maps
-        return self._mixed(level_maps, self.score_indices, self.score_columns, position_map)
+            return anomaly_maps, anomaly_maps
+        return anomaly_maps, self._mixed(level_maps, self.score_indices, self.score_columns, position)
 
     def _mixed(
         self,
         level_maps: Sequence[torch.Tensor],
         indices: Sequence[int],
         columns: torch.Tensor,
-        position_map: torch.Tensor | None,
+        position: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The mean map of the levels at `indices`, mixed with the position map for hybrid maps."""
+        """The mean map of the levels at `indices`, and for hybrid maps its geometric mean with the
+        resampled position map."""
         rows = [getattr(self, f"level{i}_rows") for i in indices]
         combined = combine_levels([level_maps[i] for i in indices], rows, columns)
-        if position_map is None:
-            return combined
-        return torch.sqrt(
-            combined * combine_levels([position_map], [self.position_rows], self.position_columns)
-        )
+        return combined if position is None else torch.sqrt(combined * position)
 
     def forward(
         self, features: Sequence[torch.Tensor], stacked: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps and score maps from every level's features and, for hybrid maps, the stacked
         position features."""
-        level_maps = self.level_maps(features)
-        position_map = self.position_map(stacked) if self.hybrid else None
-        maps = self.combine(level_maps, position_map)
-        return maps, self.score_maps(level_maps, position_map, maps)
+        return self.maps(self.level_maps(features), self.position_map(stacked) if self.hybrid else None)
 
 
 class Scorer(nn.Module):
