@@ -57,10 +57,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults, grid levels 4-6": {"levels": (4, 5, 6)},
     "defaults, 10 folds": {"folds": 10},
     "defaults, OPCA 0.1": {"variance": 0.1},
+    "defaults, grid levels 3-5": {"levels": (3, 4, 5)},
+    "defaults, map levels 2-5": {"map_levels": (2, 3, 4, 5)},  # the anomaly map's; the score map's stay 3-7
+    "defaults, position levels 3-5": {"position_levels": (3, 4, 5)},
+    "defaults, position levels 4-5": {"position_levels": (4, 5)},
     "defaults, 320 px": {"image_size": 320},
     "map part 3-5, 320 px": {**MAP_PART_3_5, "image_size": 320},
     # The `strip` variants' shape at 224 px's pixels.
     "map part 3-5, 352 x 144 px": {**MAP_PART_3_5, "image_size": (352, 144)},
+    "defaults, 352 x 144 px": {"image_size": (352, 144)},
     "paper: levels 3-7, grid 1, shared": {
         "image_score": "pooled",
         "levels": (3, 4, 5, 6, 7),
