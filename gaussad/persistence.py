@@ -88,8 +88,21 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
         else None,
     }
     config = ModelConfig.from_dict({**resolved, **params}, where=str(path))
-    used = (state.levels, state.map_levels, state.position_levels or None, state.image_size)
-    if (config.levels, config.map_levels, config.position_levels, config.image_size) != used:
+    used = (
+        state.levels,
+        state.map_levels,
+        state.score_map_levels or None,
+        state.position_levels or None,
+        state.image_size,
+    )
+    said = (
+        config.levels,
+        config.map_levels,
+        config.score_map_levels,
+        config.position_levels,
+        config.image_size,
+    )
+    if said != used:
         raise GaussADError(
             f"{path}: its parameters and its fitted description disagree on levels or input size"
         )

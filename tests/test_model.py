@@ -303,6 +303,22 @@ def test_a_loaded_model_keeps_what_it_was_fitted_with(fitted: GaussAD, tmp_path:
         GaussAD.load(tmp_path / "model", weights=tmp_path / "elsewhere.pth")
 
 
+@pytest.mark.parametrize("option", ["map_levels", "score_map_levels", "position_levels", "image_size"])
+def test_a_model_whose_parameters_contradict_its_state_is_refused(
+    fitted: GaussAD, tmp_path: Path, option: str
+) -> None:
+    """The saved parameters say how the model was fitted; a folder whose parameters name other levels or
+    another input size than its Gaussians were fitted with is an error naming the file, not a model that
+    scores with one and reports the other."""
+    fitted.save(tmp_path / "model")
+    path = tmp_path / "model" / "model.json"
+    document = json.loads(path.read_text())
+    document["params"][option] = 96 if option == "image_size" else [4, 5]
+    path.write_text(json.dumps(document))
+    with pytest.raises(GaussADError, match=f"{path}: its parameters and its fitted description disagree"):
+        GaussAD.load(tmp_path / "model")
+
+
 def test_a_relative_weights_path_is_saved_absolute(
     category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
