@@ -241,7 +241,8 @@ def main() -> None:
         for row in rows[: args.top]:
             lines.append(
                 f"| {row['category']} | {row['backbone']} | {row['size']} | {row['localization']} | "
-                f"{row['map_levels']} | {row['blur']:g} | {row['weighting']} | {row['image_auroc']:.4f} | "
+                f"{row['map_levels']} | {row['blur']:g} | {row.get('weighting', 'mean')} | "
+                f"{row['image_auroc']:.4f} | "
                 f"{row['pixel_auroc']:.4f} | {row['aupro']:.4f} |"
             )
         print("\n".join(lines[-args.top :]), flush=True)
