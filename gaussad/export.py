@@ -125,13 +125,7 @@ def _metadata(model: GaussAD, sha256: str, batch: int | str) -> dict[str, str]:
     def threshold(value: Threshold | None) -> str:
         return json.dumps(None if value is None else value.as_dict())
 
-    params = model.config.as_dict() | {
-        "levels": list(state.levels),
-        "map_levels": list(state.map_levels),
-        "score_map_levels": list(state.score_map_levels) or None,
-        "position_levels": list(state.position_levels) or None,
-        "image_size": state.image_size,
-    }
+    params = model.config.as_dict() | state.resolved_options
     params.pop("weights", None)  # a path on the machine that fitted it; the SHA-256 names the weights
     normalization = {
         "mean": list(preprocessing.mean),

@@ -595,15 +595,9 @@ class GaussAD:
 
         self._check_fitted()
         state = self.state_
-        used = self.config.as_dict() | {
-            "levels": list(state.levels),
-            "map_levels": list(state.map_levels),
-            "score_map_levels": list(state.score_map_levels) or None,
-            "position_levels": list(state.position_levels) or None,
-            "global_levels": list(state.global_levels) if state.global_levels else self.config.global_levels,
-            "image_size": state.image_size,
-            "image_grid": state.image_grid,
-        }
+        global_levels = list(state.global_levels) if state.global_levels else self.config.global_levels
+        fitted = {"global_levels": global_levels, "image_grid": state.image_grid}
+        used = self.config.as_dict() | state.resolved_options | fitted
         return save_model(Path(directory), ModelConfig.from_dict(used), state)
 
     @classmethod

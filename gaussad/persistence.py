@@ -77,32 +77,10 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
     params = document.get("params")
     if not isinstance(params, dict):
         raise GaussADError(f"{path}: model parameters missing or not an object")
-    resolved = {
-        "levels": list(state.levels),
-        "map_levels": list(state.map_levels),
-        "score_map_levels": list(state.score_map_levels) or None,
-        "position_levels": list(state.position_levels) or None,
-        "image_size": state.image_size,
-        "weights": document["backbone"].get("weights_path")
-        if state.backbone.weights_source == "file"
-        else None,
-    }
-    config = ModelConfig.from_dict({**resolved, **params}, where=str(path))
-    used = (
-        state.levels,
-        state.map_levels,
-        state.score_map_levels or None,
-        state.position_levels or None,
-        state.image_size,
-    )
-    said = (
-        config.levels,
-        config.map_levels,
-        config.score_map_levels,
-        config.position_levels,
-        config.image_size,
-    )
-    if said != used:
+    resolved = state.resolved_options
+    weights = document["backbone"].get("weights_path") if state.backbone.weights_source == "file" else None
+    config = ModelConfig.from_dict({**resolved, "weights": weights, **params}, where=str(path))
+    if {name: getattr(config, name) for name in resolved} != resolved:
         raise GaussADError(
             f"{path}: its parameters and its fitted description disagree on levels or input size"
         )

@@ -83,6 +83,18 @@ class FittedState:
         return level_union(self.map_levels, self.score_map_levels)
 
     @property
+    def resolved_options(self) -> dict[str, Any]:
+        """The model options that the fit resolved, as `ModelConfig` holds them: the levels of every part
+        and the input size. A saved model's parameters must agree with them."""
+        return {
+            "levels": self.levels,
+            "map_levels": self.map_levels,
+            "score_map_levels": self.score_map_levels or None,
+            "position_levels": self.position_levels or None,
+            "image_size": self.image_size,
+        }
+
+    @property
     def extracted_levels(self) -> tuple[int, ...]:
         """Every level the backbone produces for this model: image, map and position levels."""
         return level_union(self.levels, self.map_gaussian_levels, self.position_levels, self.global_levels)
