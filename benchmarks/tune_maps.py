@@ -118,7 +118,7 @@ def _measured(
     weightings: list[str],
 ) -> list[dict]:
     """A configuration's rows from an earlier run's JSON, if it holds every range, blur and weighting asked
-    for (a rerun with more data sets measures only the new ones; rows without a weighting are "mean")."""
+    for (a rerun with more data sets measures only the new ones)."""
     found = [
         row
         for row in rows
@@ -126,7 +126,7 @@ def _measured(
         and (size == 0 or row["size"] == size)
         and any(row["map_levels"] == "-".join(map(str, levels)) for levels in ranges)
         and row["blur"] in blurs
-        and row.get("weighting", "mean") in weightings
+        and row["weighting"] in weightings
     ]
     return found if len(found) == len(ranges) * len(blurs) * len(weightings) else []
 
@@ -151,7 +151,7 @@ def summary(rows: list[dict], tolerance: float) -> list[str]:
         return row["backbone"], row["size"], row["localization"]
 
     def setting(row: dict) -> tuple:
-        return row["map_levels"], row["blur"], row.get("weighting", "mean")
+        return row["map_levels"], row["blur"], row["weighting"]
 
     for key in sorted({config(row) for row in rows}, key=str):
         chosen = [row for row in rows if config(row) == key]
@@ -226,7 +226,12 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     json_path = args.out.with_suffix(".json")
-    earlier: list[dict] = json.loads(json_path.read_text()) if json_path.exists() else []
+    # Rows written before there was a choice of weighting are the model's own, "mean".
+    earlier: list[dict] = (
+        [{"weighting": "mean", **row} for row in json.loads(json_path.read_text())]
+        if json_path.exists()
+        else []
+    )
     all_rows: list[dict] = []
     for category, backbone, size, localization in itertools.product(
         args.categories, args.backbones, args.sizes, args.localizations
@@ -241,7 +246,7 @@ def main() -> None:
         for row in rows[: args.top]:
             lines.append(
                 f"| {row['category']} | {row['backbone']} | {row['size']} | {row['localization']} | "
-                f"{row['map_levels']} | {row['blur']:g} | {row.get('weighting', 'mean')} | "
+                f"{row['map_levels']} | {row['blur']:g} | {row['weighting']} | "
                 f"{row['image_auroc']:.4f} | "
                 f"{row['pixel_auroc']:.4f} | {row['aupro']:.4f} |"
             )
