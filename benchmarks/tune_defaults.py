@@ -66,6 +66,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # The `strip` variants' shape at 224 px's pixels.
     "map part 3-5, 352 x 144 px": {**MAP_PART_3_5, "image_size": (352, 144)},
     "defaults, 352 x 144 px": {"image_size": (352, 144)},
+    "defaults, 560 x 224 px": {"image_size": (560, 224)},
     "paper: levels 3-7, grid 1, shared": {
         "image_score": "pooled",
         "levels": (3, 4, 5, 6, 7),
