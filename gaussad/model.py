@@ -1,9 +1,11 @@
 """GaussAD: the detector as a scikit-learn style estimator.
 
-Fit on good images: one Gaussian per level over grid-pooled features (image score) and one per level over
-positional features (anomaly map), each on reduced features (OPCA by default) with Ledoit-Wolf shrinkage;
-the default "hybrid" maps add one Gaussian per position over stacked levels. Scoring runs through
-`gaussad.scorer.Scorer`; what the fit learns is one `gaussad.state.FittedState`.
+Fit on good images: per level a Gaussian over reduced features (OPCA by default) with Ledoit-Wolf
+shrinkage, for the image score's pooled features and for the maps' positions, and for hybrid maps one
+Gaussian per position over stacked levels; the full model's and each held-out fold's, from one backbone
+pass (`gaussad.fitpass`). The fold models calibrate the thresholds and, through `gaussad.choice`, make the
+`auto` choices. Scoring runs through `gaussad.scorer.Scorer`; what the fit learns is one
+`gaussad.state.FittedState`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
+from gaussad.choice import FoldResults, finish_state, synthetic_defect_features, synthetic_results
 from gaussad.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_WORKERS,
@@ -35,30 +38,24 @@ from gaussad.config import (
     size_pair,
 )
 from gaussad.errors import GaussADError
-from gaussad.features import BatchRunner, ImageError, pool_features, resolve_device
+from gaussad.features import BatchRunner, ImageError, resolve_device
 from gaussad.fitpass import Extractor, FitPlan, run_pass
 from gaussad.gaussian import Gaussian, Reduction
-from gaussad.heldout import FoldHeads, HeldOutMaps, level_inputs, map_head
+from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
-from gaussad.maps import resize_map, top_share_mean
+from gaussad.maps import resize_map
 from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
 from gaussad.rereading import Levels, Replayed, Stored
-from gaussad.scorer import Grid, ImageHead, LevelFeatures, Scorer, combined_scores
+from gaussad.scorer import Grid, ImageHead, LevelFeatures, Scorer
 from gaussad.scratch import scratch_folder
 from gaussad.selection import (
     OPTIONS,
-    Candidate,
-    choose,
-    image_score_evidence,
-    localization_evidence,
-    proxy_description,
     synthetic_sample,
     weighed_kinds,
 )
 from gaussad.state import BackboneInfo, FittedState
 from gaussad.store import open_store
-from gaussad.synthetic import KINDS, synthetic_defects
 from gaussad.tuning import one_blas_thread
 
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
@@ -69,10 +66,6 @@ ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
 FIT_OPTIONS = ("engine", "address", "actors", "feature_store")
 ON_ERRORS = ("stop", "skip")
-# Image-score candidates of `auto` in the order they are weighed: a later one must beat the best so far
-# beyond the proxy's noise. The combination first: across the development data it never loses much, where
-# pooled features and the map each lose a lot somewhere (benchmarks/results/tune_defaults.md).
-IMAGE_SCORE_ORDER = ("combined", "pooled", "map", "global")
 # What auto options and the combined score take where there are no held-out folds.
 AUTO_FALLBACK = ("pooled", "hybrid")
 SPILL_PREFIX = "gaussad-fit-"
@@ -361,7 +354,7 @@ class GaussAD:
                         features.backbone, level_union(gaussian_levels, position_levels), config.precision
                     )
                 )
-                synthetic = _synthetic_defects(samples, runner, weighed, weighed_kinds(auto_options))
+                synthetic = synthetic_defect_features(samples, runner, weighed, weighed_kinds(auto_options))
             heads = FoldHeads(
                 state,
                 grids,
@@ -374,7 +367,7 @@ class GaussAD:
                 rereading.held_out(heads, localizations, fold_of)
                 if n_folds
                 else {name: HeldOutMaps.empty(0) for name in localizations},
-                *_synthetic_results(
+                *synthetic_results(
                     heads,
                     state,
                     localizations,
@@ -385,7 +378,7 @@ class GaussAD:
                     n_folds,
                 ),
             )
-        state = _finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
+        state = finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
         if fallback:
             state = replace(state, selection={"fallback": fallback})
         self.state_ = state.with_thresholds(
@@ -649,87 +642,6 @@ class GaussAD:
         return model
 
 
-@dataclass
-class SyntheticDefects:
-    """Synthetic defects in training images: the fold of the image each was made from, its mask and kind,
-    and its backbone features (N, C, H, W) per level (one backbone pass)."""
-
-    folds: np.ndarray
-    masks: np.ndarray
-    kinds: list[str]
-    features: dict[int, torch.Tensor]
-
-
-@dataclass
-class FoldResults:
-    """What the fold models say: held-out maps per localization; synthetic defects' maps per localization
-    and pooled scores per image-score candidate, each by fold."""
-
-    held_out: dict[str, HeldOutMaps]
-    synthetic_maps: dict[str, dict[int, np.ndarray]]
-    synthetic_tops: dict[str, dict[int, np.ndarray]]
-    synthetic_pooled: dict[str, dict[int, np.ndarray]]
-
-
-def _synthetic_defects(
-    samples: Sequence[tuple[int, np.ndarray]],
-    runner: BatchRunner,
-    features: LevelFeatures,
-    kinds: Sequence[str],
-) -> SyntheticDefects:
-    """Paste synthetic defects into the sampled training images and extract the features of those of the
-    weighed `kinds` once. The others are made and dropped, so that a kind's defects are the same whichever
-    kinds are weighed."""
-    folds = np.array([fold for fold, _ in samples])
-    pixels = np.stack([values for _, values in samples])
-    defective, masks, made = synthetic_defects(pixels, pixels)
-    kept = np.isin(made, kinds)
-    defective, masks, folds = defective[kept], masks[kept], folds[kept]
-    kept_kinds = [kind for kind in made if kind in kinds]
-    parts: list[list[torch.Tensor]] = []
-    with torch.inference_mode():
-        for start in range(0, len(defective), runner.batch_size):
-            outputs = features(runner.normalize(defective[start : start + runner.batch_size]))
-            parts.append([output.cpu() for output in outputs])
-    stacked = {level: torch.cat([part[i] for part in parts]) for i, level in enumerate(features.levels)}
-    return SyntheticDefects(folds, masks, kept_kinds, stacked)
-
-
-def _synthetic_results(
-    heads: FoldHeads,
-    state: FittedState,
-    localizations: Sequence[str],
-    pooled_models: dict[str, tuple[tuple[Sequence[int], int], list[list[Gaussian]]]],
-    synthetic: SyntheticDefects | None,
-    n_folds: int,
-) -> tuple[
-    dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]], dict[str, dict[int, np.ndarray]]
-]:
-    """What the fold models say about the synthetic defects made from their held-out images: anomaly maps
-    and the score maps' top shares per candidate localization and, per image-score candidate
-    (pooled_models: its (levels, grid) and fold Gaussians [fold][level]), image scores; each by fold.
-    Empty without synthetic defects."""
-    maps_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in localizations}
-    tops_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in localizations}
-    pooled_by_fold: dict[str, dict[int, np.ndarray]] = {name: {} for name in pooled_models}
-    if synthetic is None:
-        return maps_by_fold, tops_by_fold, pooled_by_fold
-    for fold in range(n_folds):
-        members = np.flatnonzero(synthetic.folds == fold)
-        by_level = {level: values[members] for level, values in synthetic.features.items()}
-        level_features, stacked = level_inputs(by_level, state.map_gaussian_levels, state.position_levels)
-        for name, (maps, score_maps) in heads.maps(fold, level_features, stacked, localizations).items():
-            maps_by_fold[name][fold] = maps.cpu().numpy()
-            tops_by_fold[name][fold] = top_share_mean(score_maps).cpu().numpy()
-        for name, ((levels, grid), fold_gaussians) in pooled_models.items():
-            pooled = [pool_features(by_level[lv], grid).to("cpu", torch.float64).numpy() for lv in levels]
-            pooled_by_fold[name][fold] = sum(
-                gaussian.component_distances(values)
-                for gaussian, values in zip(fold_gaussians[fold], pooled, strict=True)
-            )
-    return maps_by_fold, tops_by_fold, pooled_by_fold
-
-
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:
     """The config a fit uses: `auto` options need held-out folds to choose on, and the combined score
     needs held-out scores for its scales; without folds (--folds 0, or fewer than 3 training images) they
@@ -747,121 +659,6 @@ def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str 
         f"no held-out folds (--folds 0, or fewer than 3 training images): image score "
         f"{fixed.image_score}, localization {fixed.localization}"
     )
-
-
-def _finish_state(
-    state: FittedState,
-    config: ModelConfig,
-    folded: FoldResults,
-    synthetic: SyntheticDefects | None,
-    held_out: dict[str, tuple[np.ndarray, list[list[Gaussian]]]],
-    image_gaussians: dict[str, list[Gaussian]],
-    pooled_sets: dict[str, tuple[Sequence[int], int]],
-) -> FittedState:
-    """The fitted state with the image score and localization as configured or, for `auto`, as chosen
-    on synthetic defects, and the held-out results that calibrate them."""
-    localization, image_choice = next(iter(folded.held_out)), config.image_score
-    selection = None
-    if synthetic is not None:
-
-        def joined(by_fold: dict[int, np.ndarray]) -> np.ndarray:
-            """Per synthetic image, in sample order, from the per-fold parts."""
-            values = np.empty(
-                (len(synthetic.folds), *next(iter(by_fold.values())).shape[1:]), dtype=np.float64
-            )
-            for fold, part in by_fold.items():
-                values[synthetic.folds == fold] = part
-            return values
-
-        synthetic_maps = {name: joined(maps) for name, maps in folded.synthetic_maps.items()}
-        map_evidence = localization_evidence(synthetic.masks, synthetic_maps, synthetic.kinds)
-        if config.localization == "auto":
-            localization = choose(map_evidence)
-        selection = {
-            "proxy": proxy_description([kind for kind in KINDS if kind in synthetic.kinds]),
-            "synthetic_images": len(synthetic.folds),
-            "localization": {"candidates": map_evidence, "chosen": localization},
-        }
-        if config.image_score == "auto":
-            synthetic_pooled = {name: joined(scores) for name, scores in folded.synthetic_pooled.items()}
-            tops = joined(folded.synthetic_tops[localization])
-            image_choice, score_evidence = _choose_image_score(
-                synthetic.kinds, held_out, synthetic_pooled, folded.held_out[localization].tops, tops
-            )
-            selection["image_score"] = {"candidates": score_evidence, "chosen": image_choice}
-    maps = folded.held_out[localization]
-    pooled_name = "global" if image_choice == "global" else "pooled"
-    levels, grid = pooled_sets[pooled_name]
-    pooled_normal = held_out[pooled_name][0]
-    kind = "pooled" if image_choice == "global" else image_choice
-    combined = kind == "combined"
-    with_global = combined and "global" in pooled_sets  # a combined score with its global part
-    global_normal = held_out["global"][0] if with_global else None
-    scales = _score_scales(pooled_normal, maps.tops, global_normal) if combined else (1.0, 1.0)
-    normal_scores = {
-        "pooled": pooled_normal,
-        "map": maps.tops,
-        "combined": combined_scores(pooled_normal, maps.tops, scales, global_normal),
-    }[kind]
-    hybrid = localization == "hybrid"
-    # A pooled score has no map part: the score map's own Gaussians go.
-    map_gaussians = state.map_gaussians
-    if kind == "pooled":
-        kept = [level in state.map_levels for level in state.map_gaussian_levels]
-        map_gaussians = [gaussian for gaussian, keep in zip(map_gaussians, kept, strict=True) if keep]
-    return replace(
-        state,
-        score_map_levels=state.score_map_levels if kind != "pooled" else (),
-        map_gaussians=map_gaussians,
-        levels=tuple(levels),
-        image_gaussians=image_gaussians[pooled_name],
-        image_grid=grid,
-        image_score=kind,
-        global_levels=tuple(pooled_sets["global"][0]) if with_global else (),
-        global_gaussians=image_gaussians["global"] if with_global else [],
-        score_scales=scales,
-        position_levels=state.position_levels if hybrid else (),
-        position_gaussian=state.position_gaussian if hybrid else None,
-        held_out_scores=normal_scores if len(maps.tops) else np.empty(0),
-        held_out_map_maxima=maps.maxima,
-        held_out_map_medians=maps.medians,
-        selection=selection,
-    )
-
-
-def _choose_image_score(
-    kinds: Sequence[str],
-    held_out: dict[str, tuple[np.ndarray, list[list[Gaussian]]]],
-    synthetic_pooled: dict[str, np.ndarray],
-    normal_tops: np.ndarray,
-    synthetic_tops: np.ndarray,
-) -> tuple[str, dict[str, dict[str, float]]]:
-    """The image score `auto` chooses, and its evidence: each pooled candidate (by name, held-out and
-    synthetic scores), the map's top share and the combined score, weighed in `IMAGE_SCORE_ORDER`."""
-    candidates = [Candidate(name, held_out[name][0], synthetic_pooled[name]) for name in synthetic_pooled]
-    pooled_normal, pooled_synthetic = held_out["pooled"][0], synthetic_pooled["pooled"]
-    global_normal = held_out["global"][0] if "global" in held_out else None
-    global_synthetic = synthetic_pooled.get("global")
-    scales = _score_scales(pooled_normal, normal_tops, global_normal)
-    candidates += [
-        Candidate("map", normal_tops, synthetic_tops),
-        Candidate(
-            "combined",
-            combined_scores(pooled_normal, normal_tops, scales, global_normal),
-            combined_scores(pooled_synthetic, synthetic_tops, scales, global_synthetic),
-        ),
-    ]
-    order = {name: index for index, name in enumerate(IMAGE_SCORE_ORDER)}
-    candidates.sort(key=lambda candidate: order[candidate.name])
-    return image_score_evidence(candidates, kinds)
-
-
-def _score_scales(pooled: np.ndarray, tops: np.ndarray, whole: np.ndarray | None) -> tuple[float, ...]:
-    """The combined score's scales: the spread (standard deviation) of the held-out pooled scores, map top
-    shares and global scores, so that each part weighs by how far it moves from normal in its own normal
-    spread (a z-score sum, up to a constant; measured against other ways in docs/design.md)."""
-    parts = (pooled, tops) if whole is None else (pooled, tops, whole)
-    return tuple(float(np.std(part)) or 1.0 for part in parts)
 
 
 def _fit_pooled_levels(
