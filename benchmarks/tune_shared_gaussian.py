@@ -45,7 +45,7 @@ from gaussad.model import GaussAD
 from gaussad.tuning import cpu_tuning
 
 MAP_LEVELS = (3, 4, 5)
-MIXTURES = (2, 4, 8)
+MIXTURES = (2, 4, 8, 16)
 CLUSTER_SAMPLE = 50_000
 EVAL_SIZE = 256
 BASELINE = "one Gaussian"
@@ -111,9 +111,9 @@ def variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], np.ndarray]]:
     return found
 
 
-def run(category: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """Pixel AUROC and AUPRO of every variant's maps on one data set, shared and hybrid (the variant's map
-    in place of the hybrid map's shared half, the per-position half the model's)."""
+def run(category: Path, done: set[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Pixel AUROC and AUPRO of every variant's maps not `done` on one data set, shared and hybrid (the
+    variant's map in place of the hybrid map's shared half, the per-position half the model's)."""
     tests = list_test_images(category)
     model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0)
     model.fit(training_images(category))
@@ -123,6 +123,8 @@ def run(category: Path) -> dict[str, dict[str, tuple[float, float]]]:
     masks = [read_mask(test, (EVAL_SIZE, EVAL_SIZE)) for test in tests]
     results: dict[str, dict[str, tuple[float, float]]] = {form: {} for form in FORMS}
     for name, distances in variants().items():
+        if name in done:
+            continue
         level_maps = [
             torch.from_numpy(distances(train, test).reshape(test.shape[0], *test.shape[2:])).float()
             for train, test in zip(train_levels, test_levels, strict=True)
@@ -172,8 +174,15 @@ def main() -> None:
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     with cpu_tuning():
         for category in args.categories:
-            if category.name not in results:  # a rerun with more data sets measures only the new ones
-                results[category.name] = run(category)
+            # A rerun measures only what the JSON lacks: new data sets, new variants.
+            measured = results.setdefault(category.name, {form: {} for form in FORMS})
+            if set(variants()) - set(measured["hybrid"]):
+                for form, by_name in run(category, set(measured["hybrid"])).items():
+                    measured[form] = {
+                        name: (by_name | measured[form])[name]
+                        for name in variants()
+                        if name in by_name | measured[form]
+                    }
                 json_path.write_text(json.dumps(results, indent=1) + "\n")
     command = " ".join(["python", "benchmarks/tune_shared_gaussian.py", *map(shown, sys.argv[1:])])
     head = [
