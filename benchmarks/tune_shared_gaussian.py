@@ -18,6 +18,10 @@ into a Gaussian model, per map level (3-5, Lite0 at 224 px, blur 2, equal level 
 `one Gaussian` is the model's shared map. Each variant is also measured as the hybrid map's shared half
 (its geometric mean with the model's per-position map of levels 3 and 5), where `one Gaussian` is the
 model's hybrid map. Pixel AUROC and AUPRO at 256 x 256.
+
+The last table asks whether the auto localization would still choose as it does with a mixture of 16 in
+hybrid maps: its proxy (AUPRO on patches pasted into held-out good images, `gaussad.selection`), emulated
+with one held-out fifth of the training images in place of the fit's fold models.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ from sklearn.cluster import KMeans
 
 from gaussad.analysis import level_results
 from gaussad.evaluation import read_mask
-from gaussad.features import BatchRunner
+from gaussad.features import BatchRunner, prepare
 from gaussad.gaussian import Gaussian, fit_gaussian
 from gaussad.images import collect_images
 from gaussad.layout import list_test_images, training_images
 from gaussad.maps import combine_maps, resize_map
 from gaussad.metrics import pixel_metrics
 from gaussad.model import GaussAD
+from gaussad.selection import LOCALIZATION_KIND, MAX_SYNTHETIC_IMAGES, choose, localization_evidence
+from gaussad.synthetic import synthetic_defects
 from gaussad.tuning import cpu_tuning
 
 MAP_LEVELS = (3, 4, 5)
@@ -49,6 +55,7 @@ MIXTURES = (2, 4, 8, 16)
 CLUSTER_SAMPLE = 50_000
 EVAL_SIZE = 256
 BASELINE = "one Gaussian"
+PROXY_MIXTURE = 16  # the mixture whose choice by the patch proxy is emulated
 FORMS = ("shared", "hybrid")  # the variant's map alone, or as the hybrid map's shared half
 STRESS_VARIANTS = Path.home() / ".cache" / "gaussad" / "stress"  # benchmarks/stress_variants.py's
 
@@ -142,6 +149,70 @@ def run(category: Path, done: set[str]) -> dict[str, dict[str, tuple[float, floa
     return results
 
 
+def proxy(category: Path) -> dict[str, float]:
+    """The auto localization's proxy (AUPRO on pasted patches) of shared maps, hybrid maps and hybrid maps
+    with a mixture of `PROXY_MIXTURE` as their shared half, emulated with one held-out split: a hybrid fit on
+    four fifths of the training images, the patches pasted (as the fit pastes them) into the other fifth,
+    every fifth image, at most `MAX_SYNTHETIC_IMAGES`."""
+    images = training_images(category)
+    held_out, kept = images[::5][:MAX_SYNTHETIC_IMAGES], [image for i, image in enumerate(images) if i % 5]
+    model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0).fit(kept)
+    pixels = np.stack([prepare(image, model.input_size_)[0] for image in held_out])
+    defective, masks, kinds = synthetic_defects(pixels, pixels)
+    patches_only = np.array(kinds) == LOCALIZATION_KIND
+    defective, masks = list(defective[patches_only]), masks[patches_only]
+    train_levels, test_levels = level_features(model, kept), level_features(model, defective)
+    position_maps = level_results(model, defective).position_maps
+    maps = {}
+    for name, position in (
+        (BASELINE, None),
+        (BASELINE, position_maps),
+        (f"mixture {PROXY_MIXTURE}", position_maps),
+    ):
+        distances = variants()[name]
+        level_maps = [
+            torch.from_numpy(distances(train, test).reshape(test.shape[0], *test.shape[2:])).float()
+            for train, test in zip(train_levels, test_levels, strict=True)
+        ]
+        form = "shared" if position is None else "hybrid"
+        maps[f"{form}, {name}"] = combine_maps(
+            level_maps, position, model.input_size_, model.blur_sigma
+        ).numpy()
+    evidence = localization_evidence(masks, maps, [LOCALIZATION_KIND] * len(masks))
+    print(
+        f"{category.name}: proxy " + ", ".join(f"{k} {v['proxy']:.4f}" for k, v in evidence.items()),
+        flush=True,
+    )
+    return {name: row["proxy"] for name, row in evidence.items()}
+
+
+def proxy_table(results: dict[str, dict]) -> list[str]:
+    """Per data set, the emulated proxy of each map and what the auto localization's rule would choose
+    between shared maps and hybrid maps, today's and with the mixture."""
+    mixed = f"hybrid, mixture {PROXY_MIXTURE}"
+    lines = [
+        "## The patch proxy",
+        "",
+        "AUPRO on pasted patches (`proxy` in the script): shared maps, hybrid maps, hybrid maps with a "
+        f"mixture of {PROXY_MIXTURE} as their shared half, and the auto localization's choice (shared maps "
+        "unless hybrid ones lead by the margin) between shared and hybrid maps, today's and with the "
+        "mixture.",
+        "",
+        f"| data set | shared | hybrid | {mixed} | chosen | chosen with the mixture |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset, measured in results.items():
+        values = measured["proxy"]
+        shared, hybrid = f"shared, {BASELINE}", f"hybrid, {BASELINE}"
+        today = choose({"shared": {"proxy": values[shared]}, "hybrid": {"proxy": values[hybrid]}})
+        mixture = choose({"shared": {"proxy": values[shared]}, "hybrid": {"proxy": values[mixed]}})
+        lines.append(
+            f"| {dataset} | {values[shared]:.4f} | {values[hybrid]:.4f} | {values[mixed]:.4f} | {today} | "
+            f"{mixture} |"
+        )
+    return [*lines, ""]
+
+
 def table(results: dict[str, dict[str, dict[str, tuple[float, float]]]], form: str) -> list[str]:
     """Per data set, each variant's pixel AUROC / AUPRO in one form; then the means and the largest loss to
     the one Gaussian on any set."""
@@ -183,7 +254,9 @@ def main() -> None:
                         for name in variants()
                         if name in by_name | measured[form]
                     }
-                json_path.write_text(json.dumps(results, indent=1) + "\n")
+            if "proxy" not in measured:
+                measured["proxy"] = proxy(category)
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
     command = " ".join(["python", "benchmarks/tune_shared_gaussian.py", *map(shown, sys.argv[1:])])
     head = [
         "# Shared maps: one Gaussian per level, a mixture, or neighbourhood features",
@@ -196,7 +269,7 @@ def main() -> None:
         "what each variant is.",
         "",
     ]
-    tables = [line for form in FORMS for line in table(results, form)]
+    tables = [line for form in FORMS for line in table(results, form)] + proxy_table(results)
     args.out.with_suffix(".md").write_text("\n".join(head + tables))
 
 

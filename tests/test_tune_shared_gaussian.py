@@ -51,3 +51,17 @@ def test_neighbourhood_features_are_3_by_3_means_inside_the_map() -> None:
     assert averaged[4, 4] == 0.0
     constant = torch.full((2, 3, 4, 4), 2.5)
     torch.testing.assert_close(tune.neighbourhood(constant), constant)
+
+
+def test_the_proxy_table_chooses_as_the_auto_localization() -> None:
+    mixed = f"hybrid, mixture {tune.PROXY_MIXTURE}"
+    results = {
+        "close": {"proxy": {"shared, one Gaussian": 0.900, "hybrid, one Gaussian": 0.901, mixed: 0.903}},
+        "apart": {"proxy": {"shared, one Gaussian": 0.500, "hybrid, one Gaussian": 0.700, mixed: 0.490}},
+    }
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in tune.proxy_table(results) if line.startswith("| ")
+    }
+    # Hybrid maps must lead by the margin (0.002): 0.001 is not enough, 0.003 is.
+    assert rows["close"].endswith("| shared | hybrid |")
+    assert rows["apart"].endswith("| hybrid | shared |")
