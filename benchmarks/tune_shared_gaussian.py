@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from gaussad.analysis import level_results
 from gaussad.evaluation import read_mask
 from gaussad.features import BatchRunner, prepare
 from gaussad.gaussian import Gaussian, fit_gaussian
@@ -65,15 +64,31 @@ def shown(argument: str) -> str:
     return argument.replace(str(STRESS_VARIANTS), "$S")
 
 
-def level_features(model: GaussAD, paths: list) -> list[torch.Tensor]:
-    """Each map level's features (N, C, H, W) of the images, from the fitted model's backbone."""
+def level_features(
+    model: GaussAD, images: list, with_positions: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each map level's features (N, C, H, W) of the images and, `with_positions` (a hybrid model), their
+    per-position maps (N, h, w), from one pass of the fitted model's backbone."""
     scorer = model.scorer_
-    runner = BatchRunner(scorer.features, model.backbone_.preprocessing, model.input_size_, model.device_)
-    parts: list[list[torch.Tensor]] = [[] for _ in scorer.map_indices]
-    for batch in runner.batches(collect_images(paths)):
-        for store, index in zip(parts, scorer.map_indices, strict=True):
-            store.append(batch.outputs[index].cpu())
-    return [torch.cat(store) for store in parts]
+
+    def parts(batch: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        features = scorer.features(batch)
+        levels = [features[index] for index in scorer.map_indices]
+        if not with_positions:
+            return levels, None
+        stacked = scorer.stack_position([features[index] for index in scorer.position_indices])
+        return levels, scorer.map_head.position_map(stacked)
+
+    runner = BatchRunner(parts, model.backbone_.preprocessing, model.input_size_, model.device_)
+    levels: list[list[torch.Tensor]] = [[] for _ in scorer.map_indices]
+    positions: list[torch.Tensor] = []
+    for batch in runner.batches(collect_images(images)):
+        batch_levels, batch_positions = batch.outputs
+        for store, level in zip(levels, batch_levels, strict=True):
+            store.append(level.cpu())
+        if batch_positions is not None:
+            positions.append(batch_positions.cpu())
+    return [torch.cat(store) for store in levels], torch.cat(positions) if positions else None
 
 
 def patches(features: torch.Tensor) -> np.ndarray:
@@ -124,9 +139,8 @@ def run(category: Path, done: set[str]) -> dict[str, dict[str, tuple[float, floa
     tests = list_test_images(category)
     model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0)
     model.fit(training_images(category))
-    train_levels = level_features(model, training_images(category))
-    test_levels = level_features(model, [test.path for test in tests])
-    position_maps = level_results(model, [test.path for test in tests]).position_maps
+    train_levels, _ = level_features(model, training_images(category))
+    test_levels, position_maps = level_features(model, [test.path for test in tests], with_positions=True)
     masks = [read_mask(test, (EVAL_SIZE, EVAL_SIZE)) for test in tests]
     results: dict[str, dict[str, tuple[float, float]]] = {form: {} for form in FORMS}
     for name, distances in variants().items():
@@ -161,8 +175,8 @@ def proxy(category: Path) -> dict[str, float]:
     defective, masks, kinds = synthetic_defects(pixels, pixels)
     patches_only = np.array(kinds) == LOCALIZATION_KIND
     defective, masks = list(defective[patches_only]), masks[patches_only]
-    train_levels, test_levels = level_features(model, kept), level_features(model, defective)
-    position_maps = level_results(model, defective).position_maps
+    train_levels, _ = level_features(model, kept)
+    test_levels, position_maps = level_features(model, defective, with_positions=True)
     maps = {}
     for name, position in (
         (BASELINE, None),

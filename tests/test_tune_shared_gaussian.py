@@ -15,9 +15,11 @@ tune = benchmark_script("tune_shared_gaussian")
 
 def test_one_gaussian_gives_the_models_own_level_distances(tiny, category) -> None:
     tests = [item.path for item in list_test_images(category)][:6]
-    train_levels = tune.level_features(tiny, training_images(category)[:8])
-    test_levels = tune.level_features(tiny, tests)
-    model_maps = level_results(tiny, tests).level_maps
+    train_levels, _ = tune.level_features(tiny, training_images(category)[:8])
+    test_levels, position_maps = tune.level_features(tiny, tests, with_positions=True)
+    results = level_results(tiny, tests)
+    model_maps = results.level_maps
+    torch.testing.assert_close(position_maps, results.position_maps)  # the model's own position maps
     one = tune.variants()[tune.BASELINE]
     assert len(train_levels) == len(model_maps) == len(tiny.state_.map_gaussian_levels)
     for train, test, model_map in zip(train_levels, test_levels, model_maps, strict=True):
