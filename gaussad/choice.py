@@ -124,9 +124,11 @@ def finish_state(
     held_out: dict[str, tuple[np.ndarray, list[list[Gaussian]]]],
     image_gaussians: dict[str, list[Gaussian]],
     pooled_sets: dict[str, tuple[Sequence[int], int]],
+    mixtures: dict[int, Gaussian],
 ) -> FittedState:
     """The fitted state with the image score and localization as configured or, for `auto`, as chosen
-    on synthetic defects, and the held-out results that calibrate them."""
+    on synthetic defects, and the held-out results that calibrate them; hybrid maps take the `mixtures`
+    (by level) in place of those levels' one Gaussian."""
     localization, image_choice = next(iter(folded.held_out)), config.image_score
     selection = None
     if synthetic is not None:
@@ -171,8 +173,11 @@ def finish_state(
         "combined": combined_scores(pooled_normal, maps.tops, scales, global_normal),
     }[kind]
     hybrid = localization == "hybrid"
-    # A pooled score has no map part: the score map's own Gaussians go.
     map_gaussians = state.map_gaussians
+    if hybrid:
+        levels_of = state.map_gaussian_levels
+        map_gaussians = [mixtures.get(level, g) for level, g in zip(levels_of, map_gaussians, strict=True)]
+    # A pooled score has no map part: the score map's own Gaussians go.
     if kind == "pooled":
         kept = [level in state.map_levels for level in state.map_gaussian_levels]
         map_gaussians = [gaussian for gaussian, keep in zip(map_gaussians, kept, strict=True) if keep]

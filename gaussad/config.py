@@ -68,6 +68,11 @@ class ModelConfig:
         "auto",
         LOCALIZATIONS,
     )
+    mixture_clusters: int = _option(
+        "hybrid localization: Gaussians per map level in the shared half, one per k-means cluster of the "
+        "training patches; 1 = one Gaussian (paper)",
+        16,
+    )
     image_size: int | tuple[int, int] | None = _option(
         "model input: a square side such as 448, or height x width such as 320x800; images are resized to "
         "it (default: the backbone's native size)",
@@ -121,6 +126,7 @@ class ModelConfig:
             high_open=True,
         )
         _check_whole("image_grid", self.image_grid, low=1)
+        _check_whole("mixture_clusters", self.mixture_clusters, low=1)
         _check_whole("folds", self.folds, low=0)
         if self.folds == 1:
             raise GaussADError("--folds 1: expected 0 (no calibration) or at least 2")

@@ -22,6 +22,7 @@ from gaussad.decoding import ImageError
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
 from gaussad.images import ImageInput
+from gaussad.mixture import PatchSample
 from gaussad.moments import Moments
 from gaussad.pooled import PooledFeatures
 from gaussad.scorer import LevelFeatures
@@ -62,8 +63,9 @@ class Extractor:
 @dataclass(frozen=True)
 class FitPlan:
     """What the pass keeps of each batch: image-score candidates' pooled features (name: (levels, grid)),
-    the map levels' and the stacked position levels' feature vectors with each image's fold, and the model
-    inputs of the images `sampled` for synthetic defects."""
+    the map levels' and the stacked position levels' feature vectors with each image's fold, a sample of
+    the `mixture_levels`' vectors (`PatchSample`, `patches_per_image` of each image) and the model inputs of
+    the images `sampled` for synthetic defects."""
 
     extracted: tuple[int, ...]
     map_levels: tuple[int, ...]
@@ -74,6 +76,12 @@ class FitPlan:
     n_images: int  # the inputs, in contiguous folds (as scikit-learn's KFold)
     sampled: frozenset[int]
     stored: bool = True  # whether the fit keeps the feature vectors (a worker then sends them)
+    mixture_levels: tuple[int, ...] = ()
+    patches_per_image: int = 0
+
+    def patch_samples(self) -> dict[int, PatchSample]:
+        """An empty sample per mixture level."""
+        return {level: PatchSample(self.patches_per_image) for level in self.mixture_levels}
 
     def level_values(self, by_level: dict[int, torch.Tensor], level: int | None) -> torch.Tensor:
         """The feature maps a level's accumulator takes: a map level's own, or (None) the position levels'
@@ -147,13 +155,14 @@ def run_pass(
     levels: dict[int, LevelAccumulator | HeldLevel],
     position: LevelAccumulator | HeldLevel | None,
     pooled: dict[str, dict[int, PooledFeatures | HeldPooled]],
+    samples: dict[int, PatchSample],
     first: int = 0,
     progress: str | None = None,
     skip_errors: bool = False,
 ) -> PassResult:
     """Run the backbone over `items` (inputs first, first + 1, ...), adding each map level's features to
-    `levels`, the stacked position levels' to `position` and each image-score candidate's pooled features
-    (float32, as pooled) to `pooled[name][level]`."""
+    `levels`, the stacked position levels' to `position`, each image-score candidate's pooled features
+    (float32, as pooled) to `pooled[name][level]` and each mixture level's sample to `samples`."""
     result = PassResult()
     for batch in runner.batches(items, progress, skip_errors, keep_pixels=bool(plan.sampled)):
         result.skipped += [replace(error, index=first + error.index) for error in batch.errors]
@@ -170,6 +179,8 @@ def run_pass(
             sink.add(by_level[level], folds)
         if position is not None:
             position.add(plan.level_values(by_level, None), folds)
+        for level, sample in samples.items():
+            sample.add(by_level[level], indices, folds)
         result.samples += [
             (fold, batch.pixels[row])
             for row, (index, fold) in enumerate(zip(indices, folds, strict=True))

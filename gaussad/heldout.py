@@ -83,9 +83,10 @@ def map_head(
 
 @dataclass
 class FoldHeads:
-    """The fold models' map heads, built when a fold is first asked for; one is held at a time (each holds
-    float32 copies of its Gaussians). fold_map_gaussians[i][fold] is map level i's Gaussian fitted without
-    that fold; fold_position the position Gaussians by fold (hybrid maps)."""
+    """The fold models' map heads, built when a fold is first asked for; one fold's are held at a time
+    (each holds float32 copies of its Gaussians). fold_map_gaussians[i][fold] is map level i's Gaussian
+    fitted without that fold; fold_position the position Gaussians by fold (hybrid maps); fold_mixtures[i]
+    map level i's mixtures by fold, which take its place in hybrid maps."""
 
     state: FittedState
     grids: dict[int, Grid]
@@ -93,20 +94,24 @@ class FoldHeads:
     fold_map_gaussians: list[list[Gaussian]]
     fold_position: list[Gaussian] | None
     device: torch.device | str = "cpu"
-    _held: tuple[int, MapHead] | None = field(default=None, repr=False)
+    fold_mixtures: dict[int, list[Gaussian]] = field(default_factory=dict)
+    _held: tuple[int, dict[bool, MapHead]] | None = field(default=None, repr=False)
 
-    def head(self, fold: int) -> MapHead:
+    def head(self, fold: int, hybrid: bool = False) -> MapHead:
+        """A fold's map head: the shared one, or with `hybrid` the one with its position Gaussian and
+        mixtures."""
         if self._held is None or self._held[0] != fold:
-            self._held = None  # the last fold's head goes before the next is built
-            head = map_head(
-                [gaussians[fold] for gaussians in self.fold_map_gaussians],
-                self.fold_position[fold] if self.fold_position else None,
-                self.state,
-                self.grids,
-                self.blur_sigma,
-            )
-            self._held = (fold, head.to(self.device))
-        return self._held[1]
+            self._held = (fold, {})  # the last fold's heads go before the next is built
+        heads = self._held[1]
+        if hybrid not in heads:
+            gaussians = [
+                self.fold_mixtures[index][fold] if hybrid and index in self.fold_mixtures else by_fold[fold]
+                for index, by_fold in enumerate(self.fold_map_gaussians)
+            ]
+            position = self.fold_position[fold] if hybrid and self.fold_position else None
+            head = map_head(gaussians, position, self.state, self.grids, self.blur_sigma)
+            heads[hybrid] = head.to(self.device)
+        return heads[hybrid]
 
     def maps(
         self,
@@ -118,13 +123,18 @@ class FoldHeads:
         """Anomaly maps and score maps (B, H, W) per candidate localization of images in `fold` under that
         fold's models: "hybrid" mixes in the position map, any other name (shared, per-position) is the
         level maps alone."""
-        head = self.head(fold)
-        level_maps = head.level_maps([values.to(self.device) for values in level_features])
-        hybrid = stacked is not None and self.fold_position and "hybrid" in localizations
-        position_map = head.position_map(stacked.to(self.device)) if hybrid else None
-        return {
-            name: head.maps(level_maps, position_map if name == "hybrid" else None) for name in localizations
-        }
+        features = [values.to(self.device) for values in level_features]
+        level_maps: dict[bool, list[torch.Tensor]] = {}  # by whether they are the mixtures'
+        found = {}
+        for name in localizations:
+            hybrid = name == "hybrid" and stacked is not None and bool(self.fold_position)
+            head = self.head(fold, hybrid)
+            mixed = hybrid and bool(self.fold_mixtures)
+            if mixed not in level_maps:
+                level_maps[mixed] = head.level_maps(features)
+            position_map = head.position_map(stacked.to(self.device)) if hybrid else None
+            found[name] = head.maps(level_maps[mixed], position_map)
+        return found
 
 
 def level_inputs(

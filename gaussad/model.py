@@ -44,6 +44,7 @@ from gaussad.gaussian import Gaussian, Reduction
 from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map
+from gaussad.mixture import PatchSample, fit_mixtures
 from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
 from gaussad.rereading import Levels, Replayed, Stored
@@ -121,6 +122,7 @@ class GaussAD:
         reduction: Reduction = DEFAULTS.reduction,
         variance: float = DEFAULTS.variance,
         localization: str = DEFAULTS.localization,
+        mixture_clusters: int = DEFAULTS.mixture_clusters,
         image_size: ImageSize | None = DEFAULTS.image_size,
         blur_sigma: float = DEFAULTS.blur_sigma,
         image_grid: int = DEFAULTS.image_grid,
@@ -149,6 +151,7 @@ class GaussAD:
         self.reduction = reduction
         self.variance = variance
         self.localization = localization
+        self.mixture_clusters = mixture_clusters
         self.image_size = image_size
         self.blur_sigma = blur_sigma
         self.image_grid = image_grid
@@ -208,6 +211,9 @@ class GaussAD:
         if config.image_score in ("combined", "auto") and global_levels:
             pooled_sets["global"] = (global_levels, 1)
         extracted = level_union(gaussian_levels, position_levels, *(lvs for lvs, _ in pooled_sets.values()))
+        # Hybrid maps' shared half: a mixture per map level, fitted on a sample of the training patches.
+        hybrid_weighed = config.localization in ("hybrid", "auto") and config.mixture_clusters > 1
+        mixture_levels = map_levels if hybrid_weighed else ()
         extractor = Extractor(
             config.backbone,
             None if config.weights is None else os.path.abspath(config.weights),
@@ -231,6 +237,8 @@ class GaussAD:
             len(items),
             frozenset(synthetic_sample(len(items)).tolist()) if auto else frozenset(),
             stored=self.feature_store != "none",
+            mixture_levels=mixture_levels,
+            patches_per_image=PatchSample.for_images(len(items)).per_image,
         )
         # A disk store goes to the temporary folder (TMPDIR), in a folder a later run removes if this
         # process is killed. Without a store, the pooled features (a few kB per image) are kept in memory.
@@ -259,6 +267,7 @@ class GaussAD:
                 for name, (lvs, _) in pooled_sets.items()
             }
             progress = "fit" if self.progress else None
+            patch_samples = plan.patch_samples()
             if self.engine == "ray":
                 from gaussad.cluster.fit import ray_pass
 
@@ -269,6 +278,7 @@ class GaussAD:
                     accumulators,
                     position_accumulator,
                     pooled,
+                    patch_samples,
                     self.address,
                     self.actors,
                     progress,
@@ -276,7 +286,16 @@ class GaussAD:
                 )
             else:
                 passed = run_pass(
-                    plan, runner, items, accumulators, position_accumulator, pooled, 0, progress, skip_errors
+                    plan,
+                    runner,
+                    items,
+                    accumulators,
+                    position_accumulator,
+                    pooled,
+                    patch_samples,
+                    0,
+                    progress,
+                    skip_errors,
                 )
             kept, skipped, samples = passed.kept, passed.skipped, passed.samples
             pass_seconds = time.perf_counter() - started
@@ -315,6 +334,18 @@ class GaussAD:
                 map_fits = [job.result() for job in map_jobs]
                 position_fits = position_job.result() if position_job is not None else None
             image_gaussians = {name: [full for full, _, _ in fits] for name, fits in image_fits.items()}
+            # By map level: the full model's mixture, then each fold model's.
+            mixtures = {
+                level: fit_mixtures(
+                    patch_samples[level],
+                    config.mixture_clusters,
+                    folds,
+                    [gaussian.n_components for gaussian in map_fits[gaussian_levels.index(level)]],
+                    config.reduction,
+                    config.variance,
+                )
+                for level in mixture_levels
+            }
             # Per candidate: each training image's score under its fold's models, and those models
             # [fold][level] (label-free calibration).
             held_out = {
@@ -362,6 +393,10 @@ class GaussAD:
                 [fits[1:] for fits in map_fits],
                 position_fits[1:] if position_fits else None,
                 device,
+                {
+                    gaussian_levels.index(level): [fold.astype(np.float32) for fold in fits[1:]]
+                    for level, fits in mixtures.items()
+                },
             )
             folded = FoldResults(
                 rereading.held_out(heads, localizations, fold_of)
@@ -378,7 +413,16 @@ class GaussAD:
                     n_folds,
                 ),
             )
-        state = finish_state(state, config, folded, synthetic, held_out, image_gaussians, pooled_sets)
+        state = finish_state(
+            state,
+            config,
+            folded,
+            synthetic,
+            held_out,
+            image_gaussians,
+            pooled_sets,
+            {level: fits[0] for level, fits in mixtures.items()},
+        )
         if fallback:
             state = replace(state, selection={"fallback": fallback})
         self.state_ = state.with_thresholds(

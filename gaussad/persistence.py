@@ -60,7 +60,8 @@ def model_sha256(directory: str | os.PathLike) -> str:
 def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
     """A model folder's parameters and fitted state, its tensors verified against their checksum.
 
-    Models saved before the parameters held the levels and input size get them from the fitted metadata.
+    Models saved before the parameters held the levels and input size get them from the fitted metadata,
+    those saved before mixtures their one Gaussian per map level.
     """
     document = read_config(directory)
     path = directory / CONFIG_FILE
@@ -77,6 +78,8 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
     params = document.get("params")
     if not isinstance(params, dict):
         raise GaussADError(f"{path}: model parameters missing or not an object")
+    if document["format_version"] < 7:  # before mixtures: one Gaussian per map level
+        params = {"mixture_clusters": 1, **params}
     resolved = state.resolved_options
     weights = document["backbone"].get("weights_path") if state.backbone.weights_source == "file" else None
     config = ModelConfig.from_dict({**resolved, "weights": weights, **params}, where=str(path))

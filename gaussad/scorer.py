@@ -22,6 +22,7 @@ from gaussad.backbones import TappedBackbone
 from gaussad.features import pooling_matrix, stack_levels
 from gaussad.gaussian import Gaussian, component_distance
 from gaussad.maps import combine_levels, level_distance_map, resampling_matrix, top_count, top_share_mean
+from gaussad.mixture import GaussianMixture, mixture_distance_map
 
 Grid = tuple[int, int]
 Score = TypeVar("Score", torch.Tensor, np.ndarray)
@@ -102,6 +103,8 @@ class MapHead(nn.Module):
     per-position one what belongs where: a position scores high only where both find it unusual.
     Upsampling and blur are separable and linear, so a level's map m becomes R @ m @ C.T with one (H, h)
     and one (W, w) matrix, and levels side by side make the sum over levels one batched product.
+    A level's Gaussian may be a `GaussianMixture` (the hybrid map's shared half): its map is then each
+    position's smallest distance to the mixture's Gaussians.
     The head holds a Gaussian per level of `gaussians`; the anomaly map is made of those at `map_indices`,
     the score map (whose top share is the image score's map part) of those at `score_indices`; both
     default to all of them.
@@ -124,6 +127,7 @@ class MapHead(nn.Module):
         self.input_size = input_size
         self.hybrid = position_gaussian is not None
         self.position_grid = position_grid
+        self.mixtures = [isinstance(gaussian, GaussianMixture) for gaussian in gaussians]
 
         def resampling(cells: int, size: int) -> torch.Tensor:
             return resampling_matrix(cells, size, blur_sigma, torch.float32, torch.device("cpu")).clone()
@@ -144,10 +148,10 @@ class MapHead(nn.Module):
     def level_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each map level's distance map (B, h, w) on its own grid."""
         return [
-            level_distance_map(
+            (mixture_distance_map if mixture else level_distance_map)(
                 level_features, getattr(self, f"level{i}_mean"), getattr(self, f"level{i}_whitening")
             )
-            for i, level_features in enumerate(features)
+            for i, (level_features, mixture) in enumerate(zip(features, self.mixtures, strict=True))
         ]
 
     def position_map(self, stacked: torch.Tensor) -> torch.Tensor:

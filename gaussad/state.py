@@ -17,6 +17,7 @@ from gaussad.calibration import Threshold
 from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, level_union, size_pair
 from gaussad.errors import GaussADError
 from gaussad.gaussian import Gaussian
+from gaussad.mixture import GaussianMixture
 
 POSITION_KEY = "position"
 HELD_OUT = ("held_out_scores", "held_out_map_maxima", "held_out_map_medians")
@@ -83,6 +84,15 @@ class FittedState:
         return level_union(self.map_levels, self.score_map_levels)
 
     @property
+    def mixture_levels(self) -> tuple[int, ...]:
+        """The levels of `map_gaussians` that are mixtures (the hybrid map's shared half)."""
+        return tuple(
+            level
+            for level, gaussian in zip(self.map_gaussian_levels, self.map_gaussians, strict=True)
+            if isinstance(gaussian, GaussianMixture)
+        )
+
+    @property
     def resolved_options(self) -> dict[str, Any]:
         """The model options that the fit resolved, as `ModelConfig` holds them: the levels of every part
         and the input size. A saved model's parameters must agree with them."""
@@ -144,6 +154,7 @@ class FittedState:
             "map_levels": list(self.map_levels),
             "score_map_levels": list(self.score_map_levels),
             "position_levels": list(self.position_levels),
+            "mixture_levels": list(self.mixture_levels),
             # A square input's side, as models saved before other inputs: their files stay the same.
             "image_size": self.image_size if isinstance(self.image_size, int) else list(self.image_size),
             "n_train": self.n_train,
@@ -167,9 +178,9 @@ class FittedState:
         """Rebuild the state from `to_tensors`' output; anything missing or malformed is an error naming
         `where` (the model folder's files)."""
 
-        def gaussian(key: str) -> Gaussian:
+        def gaussian(key: str, mixture: bool = False) -> Gaussian:
             try:
-                return Gaussian(
+                return (GaussianMixture if mixture else Gaussian)(
                     tensors[f"{key}.mean"], tensors[f"{key}.whitening"], tensors[f"{key}.shrinkage"]
                 )
             except KeyError as missing:
@@ -181,6 +192,9 @@ class FittedState:
             score_map_levels = _levels(metadata.get("score_map_levels", []), allow_empty=True)
             position_levels = _levels(metadata.get("position_levels", []), allow_empty=True)
             global_levels = _levels(metadata.get("global_levels", []), allow_empty=True)
+            mixture_levels = _levels(metadata.get("mixture_levels", []), allow_empty=True)
+            if not set(mixture_levels) <= set(map_levels) or (mixture_levels and not position_levels):
+                raise ValueError(f"mixture levels {list(mixture_levels)} outside a hybrid map's levels")
             image_score = _choice(metadata.get("image_score", "pooled"), "image score", IMAGE_SCORES[:-1])
             parts = 3 if global_levels else 2
             if global_levels and image_score != "combined":
@@ -197,7 +211,8 @@ class FittedState:
                 n_train=_whole(metadata["n_train"], "training images", 2),
                 image_gaussians=[gaussian(f"image.{level}") for level in levels],
                 map_gaussians=[
-                    gaussian(f"map.{level}") for level in level_union(map_levels, score_map_levels)
+                    gaussian(f"map.{level}", level in mixture_levels)
+                    for level in level_union(map_levels, score_map_levels)
                 ],
                 position_gaussian=gaussian(POSITION_KEY) if position_levels else None,
                 **{name: tensors.get(name, np.empty(0)) for name in HELD_OUT},
@@ -300,10 +315,13 @@ def _threshold(values: Any) -> Threshold | None:
 
 
 def _level_row(role: str, level: int | str, gaussian: Gaussian) -> dict[str, Any]:
-    return {
+    row = {
         "role": role,
         "level": level,
         "channels": int(gaussian.whitening.shape[-2]),
         "components": gaussian.n_components,
         "shrinkage": float(np.mean(gaussian.shrinkage)),
     }
+    if isinstance(gaussian, GaussianMixture):
+        row["clusters"] = gaussian.n_clusters
+    return row

@@ -69,8 +69,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def assert_same_outputs(ray_out: Path, local_out: Path) -> None:
-    """Same rows and decisions, scores to 1e-6 relative, maps to 1e-5, the same pictures (within one
-    colour level), and predictions.parquet holding the CSV's values."""
+    """Same rows and decisions, scores to 1e-6 relative, maps to 5e-5, the same pictures (within one
+    colour level), and predictions.parquet holding the CSV's values. The maps' tolerance is the hybrid
+    map's mixtures': their clusters' Gaussians are tighter than one per level, and the backbone's float32
+    differences between batchings (about 1e-6) show in their distances at about 1e-5."""
     ours, theirs = read_csv(ray_out / "predictions.csv"), read_csv(local_out / "predictions.csv")
     assert [row["path"] for row in ours] == [row["path"] for row in theirs]
     for mine, local in zip(ours, theirs, strict=True):
@@ -84,7 +86,7 @@ def assert_same_outputs(ray_out: Path, local_out: Path) -> None:
     for name in files:
         if name.suffix == ".npy":
             np.testing.assert_allclose(
-                np.load(ray_out / name), np.load(local_out / name), rtol=1e-5, atol=1e-5
+                np.load(ray_out / name), np.load(local_out / name), rtol=5e-5, atol=1e-5
             )
         elif name.suffix == ".png":  # maps a hair apart may fall on two sides of a colour or the threshold
             mine, local = (np.asarray(Image.open(out / name)) for out in (ray_out, local_out))

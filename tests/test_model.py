@@ -77,7 +77,7 @@ def save_dir(model: GaussAD, folder: Path) -> Path:
 def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     fitted.save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert config["format_version"] == 6 and config["backbone"]["weights_sha256"]
+    assert config["format_version"] == 7 and config["backbone"]["weights_sha256"]
     assert config["params"]["image_grid"] == 4
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
     loaded = GaussAD.load(tmp_path / "model", device="cpu")
@@ -158,6 +158,9 @@ def test_hybrid_map_is_the_geometric_mean_of_the_shared_and_position_maps(
     # Levels 3 (40 channels, 8 x 8) and 5 (112 channels, 4 x 4) side by side on the 4 x 4 grid.
     assert fitted.position_gaussian_.mean.shape == (16, 152)
     assert [row["role"] for row in fitted.describe_levels()][-1] == "position"
+    # With one Gaussian per level in its shared half (tests/test_mixture.py checks the mixtures).
+    one = {"map_levels": (2, 3), "image_score": "pooled", "mixture_clusters": 1}
+    fitted = GaussAD(**SMALL, **one, localization="hybrid").fit(category / "train" / "good")
     shared = GaussAD(**SMALL, map_levels=(2, 3), localization="shared").fit(category / "train" / "good")
     assert shared.position_gaussian_ is None and shared.position_levels_ == ()
     paths = [t.path for t in list_test_images(category)]
@@ -251,13 +254,14 @@ def test_level_results_add_up_to_the_score(fitted: GaussAD, category: Path) -> N
     np.testing.assert_allclose(results.distances.sum(axis=1), fitted.score_samples(paths), rtol=1e-5)
 
 
-def test_held_out_calibration_scores_each_fold_with_a_model_fitted_without_it(
-    fitted: GaussAD, category: Path
-) -> None:
+def test_held_out_calibration_scores_each_fold_with_a_model_fitted_without_it(category: Path) -> None:
     """Label-free thresholds come from training images scored by models that never saw them: the first of
-    5 contiguous folds of the 16 images is images 0-3, and a model fitted on the other 12 must agree."""
+    5 contiguous folds of the 16 images is images 0-3, and a model fitted on the other 12 must agree (with
+    one Gaussian per map level: a mixture's clusters are the whole sample's, tests/test_mixture.py)."""
     train = training_images(category)
-    without = GaussAD(**SMALL, map_levels=(2, 3), folds=0).fit(train[4:])
+    hybrid = {"map_levels": (2, 3), "localization": "hybrid", "mixture_clusters": 1}
+    fitted = GaussAD(**SMALL, **hybrid, image_score="pooled").fit(train)
+    without = GaussAD(**SMALL, **hybrid, folds=0).fit(train[4:])
     assert len(without.held_out_scores_) == 0 and without.image_threshold_ is None  # no calibration
     scores, maps = [], []
     for batch in without.iter_predict(train[:4], map_sizes=[(64, 64)] * 4):

@@ -255,14 +255,19 @@ def _map_tops(model: GaussAD, tests: list[Path]) -> tuple[np.ndarray, np.ndarray
 def test_map_based_scores_come_from_the_map_and_calibrate_on_it(
     category: Path, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = GaussAD(**SMALL, image_score=kind).fit(training_images(category))
+    # One Gaussian per map level: hybrid maps' mixtures are the anomaly map's levels' (3-5) alone.
+    model = GaussAD(**SMALL, image_score=kind, mixture_clusters=1).fit(training_images(category))
     tests = sorted((category / "test").rglob("*.png"))
     scores, own_tops = _map_tops(model, tests)
     # The map part reads a map of its own levels (3-7), deeper than the anomaly map's (3-5): the tops of a
     # model whose anomaly map has those levels, with the same localization.
     assert (model.map_levels_, model.state_.score_map_levels) == ((3, 4, 5), (3, 4, 5, 6, 7))
     deeper = GaussAD(
-        **SMALL, image_score="map", map_levels=(3, 4, 5, 6, 7), localization=model.state_.localization
+        **SMALL,
+        image_score="map",
+        map_levels=(3, 4, 5, 6, 7),
+        localization=model.state_.localization,
+        mixture_clusters=1,
     )
     _, tops = _map_tops(deeper.fit(training_images(category)), tests)
     assert not np.allclose(tops, own_tops, rtol=1e-3)

@@ -4,7 +4,7 @@ map, a mixture measures each patch by its nearest cluster, and neighbourhood fea
 import numpy as np
 import pytest
 import torch
-from conftest import benchmark_script
+from conftest import benchmark_script, fit_small
 
 from gaussad.analysis import level_results
 from gaussad.gaussian import fit_gaussian
@@ -13,7 +13,9 @@ from gaussad.layout import list_test_images, training_images
 tune = benchmark_script("tune_shared_gaussian")
 
 
-def test_one_gaussian_gives_the_models_own_level_distances(tiny, category) -> None:
+def test_one_gaussian_gives_the_models_own_level_distances(category) -> None:
+    # A hybrid model with one Gaussian per level in its shared half, as the script's baseline.
+    tiny = fit_small(training_images(category)[:8], localization="hybrid", mixture_clusters=1)
     tests = [item.path for item in list_test_images(category)][:6]
     train_levels, _ = tune.level_features(tiny, training_images(category)[:8])
     test_levels, position_maps = tune.level_features(tiny, tests, with_positions=True)

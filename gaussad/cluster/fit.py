@@ -35,6 +35,7 @@ from gaussad.fitpass import (
 )
 from gaussad.heldout import FoldHeads, HeldOutMaps, held_out_maps
 from gaussad.images import ImageInput
+from gaussad.mixture import PatchSample
 from gaussad.pooled import PooledFeatures
 from gaussad.rereading import Levels, Replayed, feed_finishings, fold_parts
 
@@ -116,8 +117,11 @@ class CollectShard:
         }
         position = HeldLevel(True, plan.n_folds, plan.stored) if plan.position_levels else None
         pooled = {name: {level: HeldPooled() for level in lvs} for name, (lvs, _) in plan.pooled_sets.items()}
-        passed = run_pass(plan, runner, items, levels, position, pooled, start, skip_errors=self.skip)
-        return passed, levels, position, pooled
+        samples = plan.patch_samples()
+        passed = run_pass(
+            plan, runner, items, levels, position, pooled, samples, start, skip_errors=self.skip
+        )
+        return passed, levels, position, pooled, samples
 
 
 def ray_pass(
@@ -127,19 +131,22 @@ def ray_pass(
     accumulators: dict[int, LevelAccumulator],
     position: LevelAccumulator | None,
     pooled: dict[str, dict[int, PooledFeatures]],
+    samples: dict[int, PatchSample],
     address: str | None = None,
     actors: int | None = None,
     progress: str | None = None,
     skip_errors: bool = False,
 ) -> PassResult:
     """`run_pass` over `items` on a Ray cluster (`shard_results`): the accumulators and pooled features end
-    as the local pass leaves them, up to the order of float64 sums."""
+    as the local pass leaves them, up to the order of float64 sums, and the patch samples the same."""
     result = PassResult()
     task = CollectShard(plan, skip_errors)
-    for passed, levels, held_position, held_pooled in shard_results(
+    for passed, levels, held_position, held_pooled, held_samples in shard_results(
         task, extractor, items, address, actors, progress
     ):
         result.extend(passed)
+        for level, sample in held_samples.items():
+            samples[level].extend(sample)
         for name, by_level in held_pooled.items():
             for level, held in by_level.items():
                 held.hand_over(pooled[name][level])
