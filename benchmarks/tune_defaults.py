@@ -30,9 +30,9 @@ MAP_PART_3_5 = {"score_map_levels": (3, 4, 5)}
 TWO_PARTS = {"image_score": "combined", "global_levels": (), **MAP_PART_3_5}  # before the global part
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    # Hybrid maps' shared half: one Gaussian per level (the paper's), or a mixture of 8 rather than 16.
+    # Hybrid maps' shared half: one Gaussian per level (the paper's), or a mixture of 16 rather than 8.
     "defaults, one Gaussian in hybrid maps": {"mixture_clusters": 1},
-    "defaults, mixture of 8": {"mixture_clusters": 8},
+    "defaults, mixture of 16": {"mixture_clusters": 16},
     "auto": {"image_score": "auto", "localization": "auto"},
     "map part 3-5": MAP_PART_3_5,
     "combined (two parts)": TWO_PARTS,

@@ -595,10 +595,10 @@ def run_info(args: argparse.Namespace) -> None:
     if state.selection:
         print(describe_selection(state.selection))
     for row in model.describe_levels():
-        print(
-            f"  {row['role']:<8} level {row['level']}: {row['components']} of {row['channels']} components, "
-            f"shrinkage {row['shrinkage']:.4f}"
-        )
+        kept = f"{row['components']} of {row['channels']} components"
+        if "clusters" in row:  # a hybrid map's mixture
+            kept = f"{row['clusters']} Gaussians of up to {kept}"
+        print(f"  {row['role']:<8} level {row['level']}: {kept}, shrinkage {row['shrinkage']:.4f}")
     print(describe_thresholds(model))
 
 

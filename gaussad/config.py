@@ -71,7 +71,7 @@ class ModelConfig:
     mixture_clusters: int = _option(
         "hybrid localization: Gaussians per map level in the shared half, one per k-means cluster of the "
         "training patches; 1 = one Gaussian (paper)",
-        16,
+        8,
     )
     image_size: int | tuple[int, int] | None = _option(
         "model input: a square side such as 448, or height x width such as 320x800; images are resized to "

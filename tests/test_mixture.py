@@ -112,7 +112,9 @@ def test_too_few_patches_for_any_cluster_make_one_gaussian() -> None:
     np.testing.assert_allclose(alone.mean[0], rows[:MIN_CLUSTER_PATCHES][folds[:8] != folds[0]].mean(axis=0))
 
 
-def test_hybrid_maps_take_the_mixtures_in_their_shared_half(category: Path, tmp_path: Path) -> None:
+def test_hybrid_maps_take_the_mixtures_in_their_shared_half(
+    category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = fit_small(training_images(category), localization="hybrid", image_score="pooled")
     state = model.state_
     assert state.mixture_levels == state.map_levels == (3, 4, 5)
@@ -130,12 +132,18 @@ def test_hybrid_maps_take_the_mixtures_in_their_shared_half(category: Path, tmp_
         head.level_maps(features), features, state.map_gaussians, strict=True
     ):
         np.testing.assert_allclose(level_map.numpy(), brute_force(level_features.numpy(), mixture), rtol=1e-4)
-    # Saved and loaded: the same mixtures, the same scores and maps.
-    loaded = GaussAD.load(model.save(tmp_path / "model"), device="cpu")
+    # Saved and loaded: the same mixtures, the same scores and maps; `gaussad info` names them.
+    folder = model.save(tmp_path / "model")
+    loaded = GaussAD.load(folder, device="cpu")
     assert loaded.state_.mixture_levels == (3, 4, 5) and loaded.mixture_clusters == model.mixture_clusters
     expected, found = model.predict(tests), loaded.predict(tests)
     np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-6)
     np.testing.assert_allclose(np.stack(found.maps), np.stack(expected.maps), rtol=1e-6)
+    from gaussad.cli import main
+
+    assert main(["info", str(folder)]) == 0
+    clusters = state.map_gaussians[0].n_clusters
+    assert f"map      level 3: {clusters} Gaussians of up to" in capsys.readouterr().out
 
 
 def test_one_cluster_or_shared_maps_keep_one_gaussian_per_level(category: Path) -> None:
