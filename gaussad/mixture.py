@@ -3,12 +3,12 @@
 One Gaussian per level spans every kind of normal patch at once; where a part has faces unlike each other
 (or lies on a background) it also spans the empty space between them, and a defect that falls there scores
 low. A mixture cuts the training patches into K k-means clusters and fits one reduced Ledoit-Wolf Gaussian
-to each: a patch's distance is its smallest over the K. As the hybrid map's shared half it sharpens the
-maps wherever hybrid maps are chosen; as the shared map alone it loses, since there the per-position half
-does not hold the rare patches that a tight cluster then flags (docs/design.md, Localization).
+to each: a patch's distance is its smallest over the K. As the hybrid map's shared half it raises AUPRO
+on every development set that takes hybrid maps; as the shared map alone it loses on most of the others
+(docs/design.md, Localization), so shared maps keep one Gaussian per level.
 
 Clusters and Gaussians are fitted on a sample of the training patches (`PatchSample`): the same vectors of
-each image whatever the order or sharding of the pass, so a fit on a cluster equals a local one.
+each image whatever the order or sharding of the pass, so a fit on a Ray cluster equals a local one.
 """
 
 from __future__ import annotations
