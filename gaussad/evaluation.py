@@ -190,7 +190,10 @@ def stored_size(values: np.ndarray, side: int = STORED_SIDE) -> np.ndarray:
 
 
 def model_info(model: GaussAD) -> dict:
-    """What reports show about a fitted model: backbone, weights, input size, levels, components."""
+    """What reports show about a fitted model: backbone, weights, input size, levels, components, and the
+    hybrid map's mixtures."""
+    rows = model.describe_levels()
+    clusters = {f"{r['role']} {r['level']}": r["clusters"] for r in rows if "clusters" in r}
     return {
         "backbone": model.backbone_.name,
         "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
@@ -202,9 +205,8 @@ def model_info(model: GaussAD) -> dict:
         "levels (global)": list(model.state_.global_levels),
         "image score": model.state_.image_score,
         "localization": model.state_.localization,
-        "components per level": {
-            f"{r['role']} {r['level']}": r["components"] for r in model.describe_levels()
-        },
+        "components per level": {f"{r['role']} {r['level']}": r["components"] for r in rows},
+        **({"mixture clusters per level": clusters} if clusters else {}),
         **summary(model.state_.selection),
     }
 

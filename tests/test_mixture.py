@@ -121,6 +121,10 @@ def test_hybrid_maps_take_the_mixtures_in_their_shared_half(
     assert all(isinstance(g, GaussianMixture) for g in state.map_gaussians)
     map_rows = [row for row in model.describe_levels() if row["role"] == "map"]
     assert [row["clusters"] > 1 for row in map_rows] == [True] * 3
+    from gaussad.evaluation import model_info
+
+    shown = {f"map {row['level']}": row["clusters"] for row in map_rows}
+    assert model_info(model)["mixture clusters per level"] == shown  # what reports show
     tests = [item.path for item in list_test_images(category)][:4]
     head: MapHead = model.scorer_.map_head
     from gaussad.features import BatchRunner
@@ -148,10 +152,12 @@ def test_hybrid_maps_take_the_mixtures_in_their_shared_half(
 
 def test_one_cluster_or_shared_maps_keep_one_gaussian_per_level(category: Path) -> None:
     train = training_images(category)
+    from gaussad.evaluation import model_info
+
     for options in ({"localization": "hybrid", "mixture_clusters": 1}, {"localization": "shared"}):
-        state = fit_small(train, image_score="pooled", **options).state_
-        assert state.mixture_levels == ()
-        assert not any(isinstance(g, GaussianMixture) for g in state.map_gaussians)
+        model = fit_small(train, image_score="pooled", **options)
+        assert model.state_.mixture_levels == () and "mixture clusters per level" not in model_info(model)
+        assert not any(isinstance(g, GaussianMixture) for g in model.state_.map_gaussians)
     with pytest.raises(GaussADError, match="--mixture-clusters 0"):
         GaussAD(mixture_clusters=0).fit(train)
 
