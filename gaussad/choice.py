@@ -48,11 +48,12 @@ class SyntheticDefects:
 
 @dataclass
 class FoldResults:
-    """What the fold models say: held-out maps per localization; synthetic defects' maps per localization
-    and pooled scores per image-score candidate, each by fold."""
+    """What the fold models say: held-out maps of the localization chosen (or configured), and the
+    evidence that chose it; synthetic defects' score maps' top shares per localization and pooled scores
+    per image-score candidate, each by fold."""
 
     held_out: dict[str, HeldOutMaps]
-    synthetic_maps: dict[str, dict[int, np.ndarray]]
+    map_evidence: dict[str, dict[str, float]] | None
     synthetic_tops: dict[str, dict[int, np.ndarray]]
     synthetic_pooled: dict[str, dict[int, np.ndarray]]
 
@@ -116,6 +117,30 @@ def synthetic_results(
     return maps_by_fold, tops_by_fold, pooled_by_fold
 
 
+def choose_localization(
+    config: ModelConfig,
+    localizations: Sequence[str],
+    synthetic: SyntheticDefects | None,
+    synthetic_maps: dict[str, dict[int, np.ndarray]],
+) -> tuple[str, dict[str, dict[str, float]] | None]:
+    """The localization as configured or, for `auto`, as chosen by its proxy on the synthetic defects'
+    maps (by fold), and that evidence (None without synthetic defects). Only the chosen localization's
+    held-out maps are then needed: the choice reads the synthetic defects alone."""
+    if synthetic is None:
+        return localizations[0], None
+    joined = {name: _joined(maps, synthetic.folds) for name, maps in synthetic_maps.items()}
+    evidence = localization_evidence(synthetic.masks, joined, synthetic.kinds)
+    return (choose(evidence) if config.localization == "auto" else localizations[0]), evidence
+
+
+def _joined(by_fold: dict[int, np.ndarray], folds: np.ndarray) -> np.ndarray:
+    """Per synthetic image, in sample order, from the per-fold parts."""
+    values = np.empty((len(folds), *next(iter(by_fold.values())).shape[1:]), dtype=np.float64)
+    for fold, part in by_fold.items():
+        values[folds == fold] = part
+    return values
+
+
 def finish_state(
     state: FittedState,
     config: ModelConfig,
@@ -132,28 +157,16 @@ def finish_state(
     localization, image_choice = next(iter(folded.held_out)), config.image_score
     selection = None
     if synthetic is not None:
-
-        def joined(by_fold: dict[int, np.ndarray]) -> np.ndarray:
-            """Per synthetic image, in sample order, from the per-fold parts."""
-            values = np.empty(
-                (len(synthetic.folds), *next(iter(by_fold.values())).shape[1:]), dtype=np.float64
-            )
-            for fold, part in by_fold.items():
-                values[synthetic.folds == fold] = part
-            return values
-
-        synthetic_maps = {name: joined(maps) for name, maps in folded.synthetic_maps.items()}
-        map_evidence = localization_evidence(synthetic.masks, synthetic_maps, synthetic.kinds)
-        if config.localization == "auto":
-            localization = choose(map_evidence)
         selection = {
             "proxy": proxy_description([kind for kind in KINDS if kind in synthetic.kinds]),
             "synthetic_images": len(synthetic.folds),
-            "localization": {"candidates": map_evidence, "chosen": localization},
+            "localization": {"candidates": folded.map_evidence, "chosen": localization},
         }
         if config.image_score == "auto":
-            synthetic_pooled = {name: joined(scores) for name, scores in folded.synthetic_pooled.items()}
-            tops = joined(folded.synthetic_tops[localization])
+            synthetic_pooled = {
+                name: _joined(scores, synthetic.folds) for name, scores in folded.synthetic_pooled.items()
+            }
+            tops = _joined(folded.synthetic_tops[localization], synthetic.folds)
             image_choice, score_evidence = _choose_image_score(
                 synthetic.kinds, held_out, synthetic_pooled, folded.held_out[localization].tops, tops
             )

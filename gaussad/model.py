@@ -25,7 +25,13 @@ import torch
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
 from gaussad.calibration import Threshold, check_rate, quantile_threshold
-from gaussad.choice import FoldResults, finish_state, synthetic_defect_features, synthetic_results
+from gaussad.choice import (
+    FoldResults,
+    choose_localization,
+    finish_state,
+    synthetic_defect_features,
+    synthetic_results,
+)
 from gaussad.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_WORKERS,
@@ -398,20 +404,16 @@ class GaussAD:
                     for level, fits in mixtures.items()
                 },
             )
+            weighed_scores = {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets}
+            synthetic_maps, synthetic_tops, synthetic_pooled = synthetic_results(
+                heads, state, localizations, weighed_scores if scores_chosen else {}, synthetic, n_folds
+            )
+            chosen, map_evidence = choose_localization(config, localizations, synthetic, synthetic_maps)
             folded = FoldResults(
-                rereading.held_out(heads, localizations, fold_of)
-                if n_folds
-                else {name: HeldOutMaps.empty(0) for name in localizations},
-                *synthetic_results(
-                    heads,
-                    state,
-                    localizations,
-                    {name: (pooled_sets[name], held_out[name][1]) for name in pooled_sets}
-                    if scores_chosen
-                    else {},
-                    synthetic,
-                    n_folds,
-                ),
+                rereading.held_out(heads, [chosen], fold_of) if n_folds else {chosen: HeldOutMaps.empty(0)},
+                map_evidence,
+                synthetic_tops,
+                synthetic_pooled,
             )
         state = finish_state(
             state,
