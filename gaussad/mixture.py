@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from gaussad.accumulate import positional_values
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 
 # Patches sampled per level over all training images. Mixtures fitted on 20,000 or on every patch give hybrid
@@ -61,7 +62,7 @@ class PatchSample:
 
     def add(self, features: torch.Tensor, indices: Sequence[int], folds: Sequence[int]) -> None:
         """Sample feature maps (B, C, H, W) of the images at `indices` (their places among the inputs)."""
-        values = features.detach().to("cpu", torch.float32).flatten(2).transpose(1, 2).numpy()  # (B, P, C)
+        values = positional_values(features).numpy()  # (B, P, C)
         positions = values.shape[1]
         for image, index, fold in zip(values, indices, folds, strict=True):
             chosen = np.random.default_rng([SAMPLE_SEED, index]).permutation(positions)[: self.per_image]
