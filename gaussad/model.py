@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -50,7 +50,7 @@ from gaussad.gaussian import Gaussian, Reduction
 from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
 from gaussad.maps import resize_map
-from gaussad.mixture import PatchSample, fit_mixtures
+from gaussad.mixture import GaussianMixture, PatchSample, fit_mixtures
 from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
 from gaussad.rereading import Levels, Replayed, Stored
@@ -334,24 +334,26 @@ class GaussAD:
                     for name in pooled_sets
                 }
                 map_jobs = [pool.submit(finishers[level]) for level in gaussian_levels]
+                # Each mixture level's k-means and Gaussians (small matrices, a job per level), scaled to its
+                # one Gaussian's components: queued after the map jobs, whose results they wait for.
+                mixture_jobs = {
+                    level: pool.submit(
+                        _fit_mixture_level,
+                        patch_samples[level],
+                        map_jobs[gaussian_levels.index(level)],
+                        config,
+                        folds,
+                    )
+                    for level in mixture_levels
+                }
                 image_fits = {
                     name: [fit for job in jobs for fit in job.result()] for name, jobs in image_jobs.items()
                 }
                 map_fits = [job.result() for job in map_jobs]
                 position_fits = position_job.result() if position_job is not None else None
+                # By map level: the full model's mixture, then each fold model's.
+                mixtures = {level: job.result() for level, job in mixture_jobs.items()}
             image_gaussians = {name: [full for full, _, _ in fits] for name, fits in image_fits.items()}
-            # By map level: the full model's mixture, then each fold model's.
-            mixtures = {
-                level: fit_mixtures(
-                    patch_samples[level],
-                    config.mixture_clusters,
-                    folds,
-                    [gaussian.n_components for gaussian in map_fits[gaussian_levels.index(level)]],
-                    config.reduction,
-                    config.variance,
-                )
-                for level in mixture_levels
-            }
             # Per candidate: each training image's score under its fold's models, and those models
             # [fold][level] (label-free calibration).
             held_out = {
@@ -705,6 +707,14 @@ def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str 
         f"no held-out folds (--folds 0, or fewer than 3 training images): image score "
         f"{fixed.image_score}, localization {fixed.localization}"
     )
+
+
+def _fit_mixture_level(
+    sample: PatchSample, map_job: Future, config: ModelConfig, folds: Sequence[int | None]
+) -> list[GaussianMixture]:
+    """A mixture level's full and fold mixtures, once its one Gaussians (`map_job`) give their scale."""
+    components = [gaussian.n_components for gaussian in map_job.result()]
+    return fit_mixtures(sample, config.mixture_clusters, folds, components, config.reduction, config.variance)
 
 
 def _fit_pooled_levels(
