@@ -58,28 +58,39 @@ class FoldResults:
     synthetic_pooled: dict[str, dict[int, np.ndarray]]
 
 
-def synthetic_defect_features(
-    samples: Sequence[tuple[int, np.ndarray]],
-    runner: BatchRunner,
-    features: LevelFeatures,
-    kinds: Sequence[str],
-) -> SyntheticDefects:
-    """Paste synthetic defects into the sampled training images and extract the features of those of the
-    weighed `kinds` once. The others are made and dropped, so that a kind's defects are the same whichever
-    kinds are weighed."""
+@dataclass
+class PastedDefects:
+    """Synthetic defects pasted into sampled training images, before their backbone pass: the fold of the
+    image each was made from, the defective (N, H, W, 3) uint8 images, their masks and kinds."""
+
+    folds: np.ndarray
+    images: np.ndarray
+    masks: np.ndarray
+    kinds: list[str]
+
+
+def paste_synthetic_defects(samples: Sequence[tuple[int, np.ndarray]], kinds: Sequence[str]) -> PastedDefects:
+    """Paste synthetic defects into the sampled training images ((fold, pixels) pairs) and keep those of the
+    weighed `kinds`. The others are made and dropped, so that a kind's defects are the same whichever kinds
+    are weighed. Seeded numpy alone: the fit makes them while it fits its Gaussians."""
     folds = np.array([fold for fold, _ in samples])
     pixels = np.stack([values for _, values in samples])
     defective, masks, made = synthetic_defects(pixels, pixels)
     kept = np.isin(made, kinds)
-    defective, masks, folds = defective[kept], masks[kept], folds[kept]
-    kept_kinds = [kind for kind in made if kind in kinds]
+    return PastedDefects(folds[kept], defective[kept], masks[kept], [kind for kind in made if kind in kinds])
+
+
+def synthetic_defect_features(
+    pasted: PastedDefects, runner: BatchRunner, features: LevelFeatures
+) -> SyntheticDefects:
+    """The pasted defects' backbone features, in one pass."""
     parts: list[list[torch.Tensor]] = []
     with torch.inference_mode():
-        for start in range(0, len(defective), runner.batch_size):
-            outputs = features(runner.normalize(defective[start : start + runner.batch_size]))
+        for start in range(0, len(pasted.images), runner.batch_size):
+            outputs = features(runner.normalize(pasted.images[start : start + runner.batch_size]))
             parts.append([output.cpu() for output in outputs])
     stacked = {level: torch.cat([part[i] for part in parts]) for i, level in enumerate(features.levels)}
-    return SyntheticDefects(folds, masks, kept_kinds, stacked)
+    return SyntheticDefects(pasted.folds, pasted.masks, pasted.kinds, stacked)
 
 
 def synthetic_results(

@@ -29,6 +29,7 @@ from gaussad.choice import (
     FoldResults,
     choose_localization,
     finish_state,
+    paste_synthetic_defects,
     synthetic_defect_features,
     synthetic_results,
 )
@@ -346,6 +347,10 @@ class GaussAD:
                     )
                     for level in mixture_levels
                 }
+                # The synthetic defects (seeded numpy) are made beside the Gaussians; their backbone pass
+                # follows the pool.
+                kinds = weighed_kinds(auto_options)
+                pasted = pool.submit(paste_synthetic_defects, samples, kinds) if auto else None
                 image_fits = {
                     name: [fit for job in jobs for fit in job.result()] for name, jobs in image_jobs.items()
                 }
@@ -393,7 +398,7 @@ class GaussAD:
                         features.backbone, level_union(gaussian_levels, position_levels), config.precision
                     )
                 )
-                synthetic = synthetic_defect_features(samples, runner, weighed, weighed_kinds(auto_options))
+                synthetic = synthetic_defect_features(pasted.result(), runner, weighed)
             heads = FoldHeads(
                 state,
                 grids,
