@@ -30,6 +30,7 @@ from gaussad.features import BatchRunner, prepare
 from gaussad.gaussian import component_distance
 from gaussad.layout import list_test_images, training_images
 from gaussad.maps import level_distance_map, resize_map
+from gaussad.mixture import mixture_distance_map
 from gaussad.scorer import MapHead
 from gaussad.tuning import cpu_tuning
 
@@ -39,7 +40,7 @@ PROFILE_PARTS: dict[str, list[Callable]] = {
     "backbone forward pass": [TappedBackbone.forward],
     "input batch: to float, normalized": [BatchRunner.normalize],
     "waiting for decoded images": [Future.result],
-    "Mahalanobis distances": [component_distance, level_distance_map],
+    "Mahalanobis distances": [component_distance, level_distance_map, mixture_distance_map],
     "maps: combined, blurred, resized": [MapHead.maps, resize_map],
 }
 
