@@ -48,11 +48,12 @@ class SyntheticDefects:
 
 @dataclass
 class FoldResults:
-    """What the fold models say: held-out maps of the localization chosen (or configured), and the
+    """What the fold models say: the localization chosen (or configured), its held-out maps and the
     evidence that chose it; synthetic defects' score maps' top shares per localization and pooled scores
     per image-score candidate, each by fold."""
 
-    held_out: dict[str, HeldOutMaps]
+    localization: str
+    held_out: HeldOutMaps
     map_evidence: dict[str, dict[str, float]] | None
     synthetic_tops: dict[str, dict[int, np.ndarray]]
     synthetic_pooled: dict[str, dict[int, np.ndarray]]
@@ -165,7 +166,7 @@ def finish_state(
     """The fitted state with the image score and localization as configured or, for `auto`, as chosen
     on synthetic defects, and the held-out results that calibrate them; hybrid maps take the `mixtures`
     (by level) in place of those levels' one Gaussian."""
-    localization, image_choice = next(iter(folded.held_out)), config.image_score
+    localization, image_choice = folded.localization, config.image_score
     selection = None
     if synthetic is not None:
         selection = {
@@ -179,10 +180,10 @@ def finish_state(
             }
             tops = _joined(folded.synthetic_tops[localization], synthetic.folds)
             image_choice, score_evidence = _choose_image_score(
-                synthetic.kinds, held_out, synthetic_pooled, folded.held_out[localization].tops, tops
+                synthetic.kinds, held_out, synthetic_pooled, folded.held_out.tops, tops
             )
             selection["image_score"] = {"candidates": score_evidence, "chosen": image_choice}
-    maps = folded.held_out[localization]
+    maps = folded.held_out
     pooled_name = "global" if image_choice == "global" else "pooled"
     levels, grid = pooled_sets[pooled_name]
     pooled_normal = held_out[pooled_name][0]

@@ -147,18 +147,18 @@ def level_inputs(
 
 
 def held_out_maps(
-    heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray, batches: FoldBatches
-) -> dict[str, HeldOutMaps]:
-    """Every image's held-out maps per candidate localization; `fold_of` gives each image's fold, `batches`
-    their features in order, a batch at a time: a whole fold's features or full-size maps would make the
-    fit's peak memory grow with the training images."""
-    results = {name: HeldOutMaps.empty(len(fold_of)) for name in localizations}
+    heads: FoldHeads, localization: str, fold_of: np.ndarray, batches: FoldBatches
+) -> HeldOutMaps:
+    """Every image's held-out maps with the `localization` (the chosen one); `fold_of` gives each image's
+    fold, `batches` their features in order, a batch at a time: a whole fold's features or full-size maps
+    would make the fit's peak memory grow with the training images."""
+    results = HeldOutMaps.empty(len(fold_of))
     rows = {fold: np.flatnonzero(fold_of == fold) for fold in np.unique(fold_of).tolist()}
     taken = dict.fromkeys(rows, 0)  # per fold, its images recorded so far
     for fold, level_features, stacked in batches:
         count = len(level_features[0])
         at = rows[fold][taken[fold] : taken[fold] + count]
         taken[fold] += count
-        for name, (maps, score_maps) in heads.maps(fold, level_features, stacked, localizations).items():
-            results[name].record(at, maps, score_maps)
+        maps, score_maps = heads.maps(fold, level_features, stacked, [localization])[localization]
+        results.record(at, maps, score_maps)
     return results

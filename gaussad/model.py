@@ -417,7 +417,8 @@ class GaussAD:
             )
             chosen, map_evidence = choose_localization(config, localizations, synthetic, synthetic_maps)
             folded = FoldResults(
-                rereading.held_out(heads, [chosen], fold_of) if n_folds else {chosen: HeldOutMaps.empty(0)},
+                chosen,
+                rereading.held_out(heads, chosen, fold_of) if n_folds else HeldOutMaps.empty(0),
                 map_evidence,
                 synthetic_tops,
                 synthetic_pooled,

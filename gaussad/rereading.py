@@ -43,10 +43,8 @@ class Stored:
             for key, accumulator in self.accumulators.items()
         }
 
-    def held_out(
-        self, heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray
-    ) -> dict[str, HeldOutMaps]:
-        return held_out_maps(heads, localizations, fold_of, self._fold_batches(np.unique(fold_of).tolist()))
+    def held_out(self, heads: FoldHeads, localization: str, fold_of: np.ndarray) -> HeldOutMaps:
+        return held_out_maps(heads, localization, fold_of, self._fold_batches(np.unique(fold_of).tolist()))
 
     def _fold_batches(self, folds: Sequence[int]) -> FoldBatches:
         position = self.accumulators.get(None)
@@ -100,11 +98,9 @@ class Replayed:
             self.plan, replayed(self.plan, self.runner, self.items, self.kept, self.progress), finishings
         )
 
-    def held_out(
-        self, heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray
-    ) -> dict[str, HeldOutMaps]:
+    def held_out(self, heads: FoldHeads, localization: str, fold_of: np.ndarray) -> HeldOutMaps:
         batches = replayed(self.plan, self.runner, self.items, self.kept, self.progress)
-        return held_out_maps(heads, localizations, fold_of, fold_parts(self.plan, batches, fold_of))
+        return held_out_maps(heads, localization, fold_of, fold_parts(self.plan, batches, fold_of))
 
 
 def feed_finishings(

@@ -179,16 +179,16 @@ class HeldOutShard:
     kept: np.ndarray
     fold_of: np.ndarray
     heads: FoldHeads
-    localizations: tuple[str, ...]
+    localization: str
 
     def __call__(
         self, runner: BatchRunner, start: int, items: Sequence[ImageInput]
-    ) -> tuple[int, dict[str, HeldOutMaps]]:
+    ) -> tuple[int, HeldOutMaps]:
         low, high = np.searchsorted(self.kept, [start, start + len(items)])
         heads = replace(self.heads, device=runner.device, _held=None)
         batches = replayed(self.plan, runner, items, self.kept, first=start)
         parts = fold_parts(self.plan, batches, self.fold_of)
-        return int(low), held_out_maps(heads, self.localizations, self.fold_of[low:high], parts)
+        return int(low), held_out_maps(heads, self.localization, self.fold_of[low:high], parts)
 
 
 class ClusterReplayed(Replayed):
@@ -219,14 +219,11 @@ class ClusterReplayed(Replayed):
             for key, (quartics, fold_outer) in sums.items():
                 finishings[key].add_sums(quartics, fold_outer)
 
-    def held_out(
-        self, heads: FoldHeads, localizations: Sequence[str], fold_of: np.ndarray
-    ) -> dict[str, HeldOutMaps]:
-        results = {name: HeldOutMaps.empty(len(fold_of)) for name in localizations}
-        task = HeldOutShard(self.plan, self.kept, fold_of, heads, tuple(localizations))
+    def held_out(self, heads: FoldHeads, localization: str, fold_of: np.ndarray) -> HeldOutMaps:
+        results = HeldOutMaps.empty(len(fold_of))
+        task = HeldOutShard(self.plan, self.kept, fold_of, heads, localization)
         for start, maps in self._shards(task):
-            for name, values in maps.items():
-                results[name].place(start, values)
+            results.place(start, maps)
         return results
 
     def _shards(self, task: ShardTask) -> Iterator[Any]:
