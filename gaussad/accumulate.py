@@ -69,10 +69,15 @@ class LevelAccumulator:
 
     def add(self, features: torch.Tensor, folds: Sequence[int] | None = None) -> None:
         """Accumulate a batch of feature maps (B, C, H, W); `folds` gives each image's fold (default 0)."""
-        values = positional_values(features)
+        self.add_values(positional_values(features), features.shape[-2:], folds)
+
+    def add_values(
+        self, values: torch.Tensor, grid: tuple[int, int], folds: Sequence[int] | None = None
+    ) -> None:
+        """Accumulate a batch's feature vectors (B, P, C; `positional_values`) on a grid of P positions."""
         folds = [0] * len(values) if folds is None else list(folds)
         self.store_values(values)
-        self.moments.add(values, features.shape[-2:], folds)
+        self.moments.add(values, grid, folds)
 
     def store_values(self, values: torch.Tensor) -> None:
         """Keep float32 values (b, P, C) in the store (if any), in the order their images were added."""

@@ -76,8 +76,12 @@ class FitPlan:
     n_images: int  # the inputs, in contiguous folds (as scikit-learn's KFold)
     sampled: frozenset[int]
     stored: bool = True  # whether the fit keeps the feature vectors (a worker then sends them)
-    mixture_levels: tuple[int, ...] = ()
+    mixture_levels: tuple[int, ...] = ()  # some of the map levels
     patches_per_image: int = 0
+
+    def __post_init__(self) -> None:
+        if not set(self.mixture_levels) <= set(self.map_levels):
+            raise ValueError(f"mixture levels {self.mixture_levels} outside the map levels {self.map_levels}")
 
     def patch_samples(self) -> dict[int, PatchSample]:
         """An empty sample per mixture level."""
@@ -121,10 +125,13 @@ class HeldLevel:
         self.values: list[np.ndarray] = []
 
     def add(self, features: torch.Tensor, folds: Sequence[int]) -> None:
-        values = positional_values(features)
+        self.add_values(positional_values(features), features.shape[-2:], folds)
+
+    def add_values(self, values: torch.Tensor, grid: tuple[int, int], folds: Sequence[int]) -> None:
+        """A batch's feature vectors (B, P, C; `positional_values`) on a grid of P positions."""
         if self.stored:
             self.values.append(values.numpy())
-        self.moments.add(values, features.shape[-2:], folds)
+        self.moments.add(values, grid, folds)
 
     def hand_over(self, accumulator: LevelAccumulator) -> None:
         """Store the held values and merge the moments into `accumulator` (after the images before them)."""
@@ -176,11 +183,12 @@ def run_pass(
             for level in lvs:
                 pooled[name][level].add(pool_features(by_level[level], grid).to("cpu", torch.float32).numpy())
         for level, sink in levels.items():
-            sink.add(by_level[level], folds)
+            values = positional_values(by_level[level])
+            sink.add_values(values, by_level[level].shape[-2:], folds)
+            if level in samples:  # a mixture level is a map level: its vectors are converted once
+                samples[level].add(values.numpy(), indices, folds)
         if position is not None:
             position.add(plan.level_values(by_level, None), folds)
-        for level, sample in samples.items():
-            sample.add(by_level[level], indices, folds)
         result.samples += [
             (fold, batch.pixels[row])
             for row, (index, fold) in enumerate(zip(indices, folds, strict=True))

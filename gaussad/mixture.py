@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from gaussad.accumulate import positional_values
 from gaussad.gaussian import Gaussian, Reduction, fit_gaussian
 
 # Patches sampled per level over all training images. Mixtures fitted on 20,000 or on every patch give hybrid
@@ -60,9 +59,9 @@ class PatchSample:
     def for_images(cls, n_images: int, budget: int = SAMPLE_BUDGET) -> PatchSample:
         return cls(max(1, math.ceil(budget / n_images)))
 
-    def add(self, features: torch.Tensor, indices: Sequence[int], folds: Sequence[int]) -> None:
-        """Sample feature maps (B, C, H, W) of the images at `indices` (their places among the inputs)."""
-        values = positional_values(features).numpy()  # (B, P, C)
+    def add(self, values: np.ndarray, indices: Sequence[int], folds: Sequence[int]) -> None:
+        """Sample the feature vectors (B, P, C; `accumulate.positional_values`) of the images at `indices`
+        (their places among the inputs)."""
         positions = values.shape[1]
         for image, index, fold in zip(values, indices, folds, strict=True):
             chosen = np.random.default_rng([SAMPLE_SEED, index]).permutation(positions)[: self.per_image]

@@ -11,6 +11,7 @@ import torch
 from conftest import fit_small
 
 from gaussad import GaussAD
+from gaussad.accumulate import positional_values
 from gaussad.errors import GaussADError
 from gaussad.gaussian import fit_gaussian
 from gaussad.layout import list_test_images, training_images
@@ -55,11 +56,12 @@ def test_the_sample_is_the_same_whatever_the_batches_or_shards() -> None:
     indices, folds = list(range(10)), [index // 2 for index in range(10)]
     whole = PatchSample.for_images(10, budget=120)
     assert whole.per_image == 12  # of 36 positions per image
-    whole.add(features, indices, folds)
+    values = positional_values(features).numpy()
+    whole.add(values, indices, folds)
     first, second = PatchSample(whole.per_image), PatchSample(whole.per_image)
-    first.add(features[:3], indices[:3], folds[:3])
+    first.add(values[:3], indices[:3], folds[:3])
     for start in (3, 7):  # a shard of two batches
-        second.add(features[start : start + 4], indices[start : start + 4], folds[start : start + 4])
+        second.add(values[start : start + 4], indices[start : start + 4], folds[start : start + 4])
     first.extend(second)
     rows, row_folds = whole.arrays()
     np.testing.assert_array_equal(rows, first.arrays()[0])
