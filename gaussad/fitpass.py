@@ -189,8 +189,8 @@ def run_pass(
                 samples[level].add(values.numpy(), indices, folds)
         if position is not None:
             position.add(plan.level_values(by_level, None), folds)
-        result.samples += [
-            (fold, batch.pixels[row])
+        result.samples += [  # copies: a view would keep its whole batch's inputs alive
+            (fold, batch.pixels[row].copy())
             for row, (index, fold) in enumerate(zip(indices, folds, strict=True))
             if index in plan.sampled
         ]

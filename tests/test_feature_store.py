@@ -8,7 +8,7 @@ from conftest import assert_same_model, fit_small, make_category
 from gaussad import GaussAD, model
 from gaussad.cli import main
 from gaussad.errors import GaussADError
-from gaussad.fitpass import Extractor, FitPlan, replayed
+from gaussad.fitpass import Extractor, FitPlan, HeldLevel, replayed, run_pass
 from gaussad.layout import list_test_images, training_images
 
 
@@ -68,6 +68,18 @@ def test_an_image_unreadable_on_the_second_pass_is_named(widgets, tmp_path) -> N
     images[4].write_bytes(b"truncated")
     with pytest.raises(GaussADError, match=r"4\.png.*changed during the fit"):
         list(replayed(plan, runner, images, kept))
+
+
+def test_the_pass_keeps_only_the_sampled_images_inputs(widgets) -> None:
+    """Each image sampled for synthetic defects is kept as its own copy: a view of its batch's inputs would
+    keep every sampled batch alive through the fit (hundreds of MB on thousands of images)."""
+    images = training_images(widgets)[:8]
+    extractor = Extractor("efficientnet_lite0", None, (3,), "fp32", 64, "cpu", 4, 1, 10**8)
+    plan = FitPlan((3,), (3,), (), {}, False, 2, len(images), frozenset({1, 6}))
+    levels = {3: HeldLevel(False, 2)}
+    result = run_pass(plan, extractor.runner(), images, levels, None, {}, {})
+    assert [fold for fold, _ in result.samples] == [0, 1]
+    assert all(pixels.shape == (64, 64, 3) and pixels.base is None for _, pixels in result.samples)
 
 
 def test_feature_store_options_are_checked(widgets, capsys) -> None:
