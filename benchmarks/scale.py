@@ -37,6 +37,8 @@ from PIL import Image
 
 from gaussad import GaussAD, __version__
 from gaussad.layout import list_test_images, training_images
+from gaussad.mixture import PatchSample
+from gaussad.selection import synthetic_sample
 
 GAUSSAD = [sys.executable, "-m", "gaussad.cli"]
 FIT_TARGET, SCORE_TARGET = 100_000, 10_000_000
@@ -57,27 +59,40 @@ def run(command: list[str]) -> tuple[float, int]:
 
 
 def level_shapes(model: GaussAD) -> list[tuple[int, int, bool]]:
-    """(positions, channels, per position) of what the fit accumulates: each map level, then the stacked
-    position levels of hybrid maps."""
-    grids = model.scorer_.features.grids(model.state_.input_size)
+    """(positions, channels, per position) of what the fit accumulates: each level of the anomaly and the
+    score map, then the stacked position levels of hybrid maps."""
+    state = model.state_
+    grids = model.scorer_.features.grids(state.input_size)
+    per_position = state.localization == "per-position"
     shapes = []
-    for level, gaussian in zip(model.state_.map_levels, model.state_.map_gaussians, strict=True):
+    for level, gaussian in zip(state.map_gaussian_levels, state.map_gaussians, strict=True):
         height, width = grids[level]
-        shapes.append((height * width, gaussian.mean.shape[-1], gaussian.mean.ndim == 2))
-    if model.state_.position_gaussian is not None:
-        positions, channels = model.state_.position_gaussian.mean.shape
+        shapes.append((height * width, gaussian.mean.shape[-1], per_position))
+    if state.position_gaussian is not None:
+        positions, channels = state.position_gaussian.mean.shape
         shapes.append((positions, channels, True))
     return shapes
 
 
 def shard_bytes(model: GaussAD, shard_images: int, stored: bool = True) -> int:
     """Bytes one shard sends to the driver: per accumulated level its float64 moments (per fold: sums and
-    outer sums; per position: outer sums) and its images' float32 feature vectors; the pooled features.
+    outer sums; per position: outer sums) and its images' float32 feature vectors; the pooled features
+    (grid and global), the mixture levels' patch samples and the images sampled for synthetic defects.
     Without a store (`stored` False), no vectors but, in the later passes, each level's fourth-moment sums
     per case, per position the outer sums of the (at most two) folds in the shard, and three float64
-    numbers per image and localization."""
+    numbers per image (its held-out maps')."""
+    state = model.state_
     folds = max(model.folds, 1)
-    total = 4 * shard_images * sum(g.mean.shape[-1] for g in model.state_.image_gaussians)
+    pooled = [*state.image_gaussians, *state.global_gaussians]
+    total = 4 * shard_images * sum(g.mean.shape[-1] for g in pooled)
+    sample = PatchSample.for_images(state.n_train)
+    if state.selection:  # the images sampled for synthetic defects, as model inputs (uint8)
+        height, width = state.input_size
+        sampled = round(shard_images * len(synthetic_sample(state.n_train)) / state.n_train)
+        total += sampled * 3 * height * width
+    for level in state.mixture_levels:
+        channels = state.map_gaussians[state.map_gaussian_levels.index(level)].mean.shape[-1]
+        total += 4 * shard_images * sample.per_image * channels
     for positions, channels, per_position in level_shapes(model):
         sums = folds * (positions if per_position else 1) * channels
         outer = folds * channels**2 + (positions * channels**2 if per_position else 0)
@@ -168,10 +183,11 @@ def speed(args: argparse.Namespace) -> str:
         "",
         f"From the runs above: the backbone pass costs {1000 * worker_pass_per_image:.1f} ms per training "
         f"image on one process, the statistics after it {1000 * statistics_per_image:.2f} ms per image on "
-        f"the driver (reading the feature store back), Ray adds {ray_fixed:.1f} s once; predict costs "
+        f"the driver (reading the feature store back; the synthetic defects and the mixtures, whose cost "
+        f"is bounded, counted per image too), Ray adds {ray_fixed:.1f} s once; predict costs "
         f"{1000 * predict_per_image:.1f} ms per image (decode, model, map, outputs), Ray adds "
         f"{predict_fixed:.1f} s once. A shard of {shard_images} images sends the driver "
-        f"{per_shard / 1e6:.1f} MB (moments and feature vectors), "
+        f"{per_shard / 1e6:.1f} MB (moments, feature vectors, pooled features, patch samples), "
         f"{per_shard / shard_images / 1e3:.0f} kB per image. Assumed: {WORKERS_PER_NODE} CPU workers per "
         "node, each as fast as one process here; workers add up linearly (shards are independent); the "
         f"driver takes in shards at {NETWORK_BYTES_PER_S / 1e9:.0f} GB/s and spends the measured driver "
