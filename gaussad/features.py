@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from gaussad.allocator import keep_freed_memory
 from gaussad.backbones import Preprocessing
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, ImageSize, size_pair
-from gaussad.decoding import ImageError, decoded_batches
+from gaussad.decoding import ImageError, decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, load_pixels
 from gaussad.tuning import ForwardThreads, tuning_enabled
@@ -187,7 +186,7 @@ class BatchRunner:
         with (
             _progress_bar(len(items), progress) as bar,
             keep_freed_memory() if tuned_cpu else nullcontext(),
-            ThreadPoolExecutor(max_workers=self.workers) as pool,
+            decoding_pool(len(items), self.workers) as pool,
             ForwardThreads(self.device, self.workers, math.ceil(len(items) / self.batch_size)) as threads,
         ):
             for indices, chunk, errors in decoded_batches(items, decode, self.batch_size, pool, skip_errors):

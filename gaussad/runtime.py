@@ -22,7 +22,6 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -37,7 +36,7 @@ from gaussad.config import (
     checked_image_size,
     size_pair,
 )
-from gaussad.decoding import ImageError, decoded_batches
+from gaussad.decoding import ImageError, decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
 from gaussad.images import (
     DEFAULT_MAX_PIXELS,
@@ -396,7 +395,7 @@ class OnnxModel:
         """Decoded, resized images in chunks of batch_size, decoded in threads ahead of the graph; an
         unreadable image stops the run or, with on_error="skip", is reported in the next chunk."""
         decode = partial(_prepare, size=self.input_size_, max_pixels=self.max_pixels)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        with decoding_pool(len(items), self.workers) as pool:
             yield from decoded_batches(items, decode, self.batch_size, pool, self.on_error == "skip")
 
     def iter_predict(

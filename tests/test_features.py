@@ -1,7 +1,9 @@
 """Model inputs (decoded, squashed to a square) and image descriptors (feature maps pooled globally or per
 cell of a grid)."""
 
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -132,3 +134,34 @@ def test_the_progress_bar_ends_when_the_reader_stops(
     next(batches)
     batches.close()
     assert len(bars) == 1 and bars[0].disable is True  # tqdm marks a closed bar disabled
+
+
+def test_a_single_image_decodes_in_the_callers_thread(
+    small_extractor: BatchRunner, category, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing overlaps one image's decoding, so starting a thread for it would only add its start-up; the
+    features and errors are those of the threaded path."""
+    from gaussad import features
+
+    callers = []
+    timed_prepare = features._timed_prepare
+
+    def recorded(*args, **options):
+        callers.append(threading.get_ident())
+        return timed_prepare(*args, **options)
+
+    monkeypatch.setattr(features, "_timed_prepare", recorded)
+    image = sorted((category / "train" / "good").iterdir())[0]
+    broken = category / "broken.png"
+    broken.write_bytes(b"not a png")
+    alone = next(small_extractor.batches([image]))
+    assert callers == [threading.get_ident()]
+    with pytest.raises(gaussad.errors.GaussADError, match="broken.png") as inline_error:
+        next(small_extractor.batches([broken]))
+    monkeypatch.setattr(features, "decoding_pool", lambda _, workers: ThreadPoolExecutor(workers))
+    threaded = next(small_extractor.batches([image]))
+    assert threading.get_ident() not in callers[2:]
+    torch.testing.assert_close(alone.outputs[0], threaded.outputs[0], rtol=0, atol=0)
+    with pytest.raises(gaussad.errors.GaussADError) as threaded_error:
+        next(small_extractor.batches([broken]))
+    assert str(inline_error.value) == str(threaded_error.value)
