@@ -3,7 +3,8 @@
 Prints, for one category: the forward pass alone on a synthetic batch in each memory format and precision
 (the floor; first with glibc's default allocator policy, then with gaussad's), decoding and resizing alone,
 gaussad's fit and test stages (scores and full-resolution maps) with the share of the test time that is not
-the forward pass, and a profile of the test stage's main thread. Writes a Markdown report.
+the forward pass, a profile of the test stage's main thread, and where a call with one image spends its
+time. Writes a Markdown report.
 
     python benchmarks/speed.py ../shared/datasets/mvtec_ad/bottle --out benchmarks/results/speed_bottle.md
 """
@@ -13,12 +14,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from machine import cpu_description
 
@@ -95,6 +100,35 @@ def profile_test(model: GaussAD, tests: list[Path]) -> tuple[float, dict[str, fl
     return total, parts
 
 
+def one_at_a_time(model: GaussAD, tests: list[Path], rounds: int = 2) -> dict[str, float]:
+    """Median milliseconds of a `predict([path])` call over the test images (a caller that has one image
+    at a time), then of its parts run apart on the same images: decoding and resizing, the forward pass,
+    the scores and maps from the features, the map's resizing to the image's size."""
+    scorer = model.scorer_
+    runner = BatchRunner(scorer, model.backbone_.preprocessing, model.state_.input_size, model.device_)
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(part: str, work: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        result = work(*args)
+        times[part].append(1000 * (time.perf_counter() - started))
+        return result
+
+    def forward(pixels: np.ndarray) -> list[torch.Tensor]:
+        return scorer.features(runner.normalize(pixels[None]))
+
+    model.predict(tests[:1])  # warm-up
+    for _ in range(rounds):
+        for path in tests:
+            timed("a `predict([path])` call", model.predict, [path])
+            with torch.inference_mode():
+                pixels, size = timed("decode + resize", prepare, path, model.state_.input_size)
+                features = timed("forward pass", forward, pixels)
+                _, maps = timed("scores and maps from the features", scorer.score, features)
+                timed("the map resized to the image", lambda m, s: resize_map(m, s).numpy(), maps[0], size)
+    return {part: statistics.median(values) for part, values in times.items()}
+
+
 def decode_rate(paths: list[Path], size: int) -> float:
     """Images per second of decoding and resizing alone, on one thread."""
     started = time.perf_counter()
@@ -141,6 +175,7 @@ def main() -> None:
             pass
         score_seconds = time.perf_counter() - started
         profiled_seconds, parts = profile_test(model, tests)
+    single = one_at_a_time(model, tests)  # as a library caller runs it: gaussad's CPU settings not taken
 
     with keep_freed_memory():  # as gaussad holds it while it extracts features
         floors = forward_floor(*floor_args, list(FORMATS))
@@ -183,6 +218,13 @@ def main() -> None:
             f"| {label} | {seconds:.2f} | {100 * seconds / profiled_seconds:.0f}% |"
             for label, seconds in parts.items()
         ),
+        "",
+        "One image at a time, as a library caller without `gaussad.cpu_tuning()` runs it (the median over "
+        "two rounds of the test images; the parts run apart on the same images):",
+        "",
+        "| part | ms |",
+        "|---|---|",
+        *(f"| {label} | {ms:.2f} |" for label, ms in single.items()),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
