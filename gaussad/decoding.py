@@ -46,6 +46,7 @@ def decoded_batches(
     spares starting one. A batch may hold only errors. Without `skip_errors` an unreadable image's
     `GaussADError` ends the run."""
     lookahead = 2 * batch_size
+    submit = _decoded_now if pool is None else pool.submit
     pending: deque[Future] = deque()
     queued = taken = 0
     try:
@@ -54,9 +55,7 @@ def decoded_batches(
             end = min(taken + batch_size, len(items))
             while taken < end:
                 while queued < len(items) and queued < taken + lookahead:
-                    item = items[queued]
-                    now = pool is None
-                    pending.append(_decoded_now(decode, item) if now else pool.submit(decode, item))
+                    pending.append(submit(decode, items[queued]))
                     queued += 1
                 try:
                     chunk.append(pending.popleft().result())
