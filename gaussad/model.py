@@ -248,7 +248,7 @@ class GaussAD:
             patches_per_image=PatchSample.for_images(len(items)).per_image,
         )
         # A disk store goes to the temporary folder (TMPDIR), in a folder a later run removes if this
-        # process is killed. Without a store, the pooled features (a few kB per image) are kept in memory.
+        # process is killed. Without a store, the pooled features (15 kB per image) are kept in memory.
         kind = self.feature_store
         with (
             self._cluster(),  # one cluster for every pass of a Ray fit
