@@ -17,9 +17,12 @@ default, written outside the repository.
 - `posed`: the `scene`'s small part and background, turned at random but placed near the frame's centre
   (within a tenth of its side): a part in about the same place in a new pose every time, as a screw or a
   tire on a fixture, where the background keeps its place and the part does not.
+- `fixture`: the part at one size, turned at random about the frame's centre (within 2% of its side), on a
+  background whose grain and light are the same in every image (as a tire on a fixture in a fixed
+  station): every position of the background looks the same in every image, and the part turns in place.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed fixture --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -28,7 +31,9 @@ the window are dropped from the test set (their mask would be empty).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,10 @@ SCENE_LIGHT = 20.0  # the `scene` background's largest change of brightness, in 
 SCENE_GRAIN = 6.0  # the standard deviation of its grain, in grey levels
 SCENE_LIGHT_CELLS = 32  # image side / the light's correlation length
 STRIP_ASPECT = 2.5  # the `strip` variant's height / width
+FIXTURE_SCALE = 0.6  # the `fixture` variant's part, as a share of the image's side
+FIXTURE_SHIFT = 0.02  # how far from the frame's centre it may sit, as a share of the side
+FIXTURE_SIDE = 256  # its background is drawn once at this side, then resized to each image
+FIXTURE_SEED = 7  # and from this seed, whatever the image
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -68,11 +77,31 @@ def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, 
     """As `small`, on the border's colour with grain and uneven light (`_background`) instead of a plain
     fill (`centred`: placed near the frame's centre); the mask follows."""
     matrix, offset, border = _placement(image, rng, centred)
+    return _on_background(image, mask, matrix, offset, lambda: _background(image.shape[:2], border, rng))
+
+
+def fixture(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """The part shrunk to `FIXTURE_SCALE`, turned at random and placed within `FIXTURE_SHIFT` of the
+    frame's centre, on the border's colour with the grain and light of `_fixed_background`; the mask
+    follows."""
+    matrix, offset, border = _placement(image, rng, True, (FIXTURE_SCALE, FIXTURE_SCALE), FIXTURE_SHIFT)
+    return _on_background(image, mask, matrix, offset, lambda: border + _fixed_background(image.shape[:2]))
+
+
+def _on_background(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    matrix: np.ndarray,
+    offset: np.ndarray,
+    background: Callable[[], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The warped part over `background()` (H, W, 3) where the warp leaves the frame uncovered, as uint8,
+    and the warped mask."""
     part, moved = _warp(image, mask, matrix, offset, "constant", np.zeros(3), rounded=False)
     coverage = ndimage.affine_transform(
         np.ones(image.shape[:2], np.float32), matrix, offset, order=1, mode="constant", cval=0.0
     )
-    composed = part + (1.0 - coverage)[..., None] * _background(image.shape[:2], border, rng)
+    composed = part + (1.0 - coverage)[..., None] * background()
     return np.clip(np.rint(composed), 0, 255).astype(np.uint8), moved
 
 
@@ -82,17 +111,21 @@ def posed(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
 
 
 def _placement(
-    image: np.ndarray, rng: np.random.Generator, centred: bool = False
+    image: np.ndarray,
+    rng: np.random.Generator,
+    centred: bool = False,
+    scales: tuple[float, float] = SMALL_SCALES,
+    shift: float = MAX_SHIFT,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random shrink, turn and place (anywhere the part fits, or near the centre if `centred`) for
-    `small`, `scene` and `posed`: the warp's matrix and offset (output (y, x) -> input matrix @ (y, x) +
-    offset), and the median colour of the image's border."""
-    scale = rng.uniform(*SMALL_SCALES)
+    """A random shrink (within `scales`), turn and place (anywhere the part fits, or within `shift` of the
+    side from the centre if `centred`) for `small`, `scene`, `posed` and `fixture`: the warp's matrix and
+    offset (output (y, x) -> input matrix @ (y, x) + offset), and the median colour of the image's border."""
+    scale = rng.uniform(*scales)
     angle = math.radians(rng.uniform(0.0, 360.0))
     height, width = image.shape[:2]
     size = np.array([height, width], dtype=float)
     if centred:
-        placed = (size - 1) / 2 + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * size
+        placed = (size - 1) / 2 + rng.uniform(-shift, shift, 2) * size
     else:
         reach = scale * np.hypot(height - 1, width - 1) / 2  # the turned part's farthest corner
         placed = np.array([rng.uniform(min(reach, s / 2), max(s - 1 - reach, s / 2)) for s in size])
@@ -114,6 +147,20 @@ def _background(shape: tuple[int, int], colour: np.ndarray, rng: np.random.Gener
     grain = ndimage.gaussian_filter(rng.standard_normal((height, width)), 1.0)
     grain *= SCENE_GRAIN / (grain.std() + 1e-9)
     return colour[None, None, :] + (light + grain)[..., None]
+
+
+@functools.cache
+def _fixture_pattern() -> np.ndarray:
+    """The `fixture` background's grain and light (`FIXTURE_SIDE` square, 3 channels, about zero mean),
+    drawn from `FIXTURE_SEED`: the same for every image of every data set."""
+    return _background((FIXTURE_SIDE, FIXTURE_SIDE), np.zeros(3), np.random.default_rng(FIXTURE_SEED))
+
+
+def _fixed_background(shape: tuple[int, int]) -> np.ndarray:
+    """`_fixture_pattern` resized (bilinear) to `shape`, so that images of any size share one background."""
+    height, width = shape
+    zoom = (height / FIXTURE_SIDE, width / FIXTURE_SIDE, 1.0)
+    return ndimage.zoom(_fixture_pattern(), zoom, order=1, grid_mode=True, mode="nearest")
 
 
 def _turn(radians: float) -> np.ndarray:
@@ -177,7 +224,15 @@ def _window(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
     return image[box], None if mask is None else mask[box]
 
 
-TRANSFORMS = {"rotate": rotate, "crop": crop, "small": small, "scene": scene, "strip": strip, "posed": posed}
+TRANSFORMS = {
+    "rotate": rotate,
+    "crop": crop,
+    "small": small,
+    "scene": scene,
+    "strip": strip,
+    "posed": posed,
+    "fixture": fixture,
+}
 VARIANTS = tuple(TRANSFORMS)
 
 

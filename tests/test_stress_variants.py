@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import benchmark_script
 from PIL import Image
+from scipy import ndimage
 
 from gaussad.layout import list_test_images, training_images
 
@@ -101,6 +102,27 @@ def test_posed_places_the_part_near_the_frames_centre() -> None:
         offsets.append(np.argwhere(part).mean(axis=0) - centre)
     assert np.all(np.abs(offsets) <= reach)
     assert np.ptp(offsets, axis=0).min() > 2  # but not in one place: the shift is random
+
+
+def test_fixture_turns_the_part_in_place_on_one_background() -> None:
+    image, mask = _part_with_defect()
+    centre = (np.array(image.shape[:2]) - 1) / 2
+    reach = stress_variants.FIXTURE_SHIFT * np.array(image.shape[:2]) + 1.0  # a pixel for the rounding
+    placed = []
+    for seed in range(6):
+        moved_image, moved_mask = stress_variants.fixture(image, mask, np.random.default_rng(seed))
+        area = (moved_mask > 0).sum() / (mask > 0).sum()
+        assert abs(area - stress_variants.FIXTURE_SCALE**2) < 0.2 * stress_variants.FIXTURE_SCALE**2
+        part = _part_region(image.shape[:2], "fixture", seed)
+        assert np.all(np.abs(np.argwhere(part).mean(axis=0) - centre) <= reach)
+        placed.append((moved_image, part))
+    # Where neither part lies, two images show the same background: its grain and light do not move...
+    (first, first_part), (second, second_part) = placed[0], placed[1]
+    free = ~ndimage.binary_dilation(first_part | second_part, iterations=2)
+    np.testing.assert_array_equal(first[free], second[free])
+    assert first[free].astype(float).std() > stress_variants.SCENE_GRAIN / 2  # ...and it is not plain
+    # ...while the part turns: its masks differ between poses.
+    assert len({tuple(np.argwhere(_red(image)).mean(axis=0).round()) for image, _ in placed}) > 1
 
 
 def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
