@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,7 @@ def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, 
     """As `small`, on the border's colour with grain and uneven light (`_background`) instead of a plain
     fill (`centred`: placed near the frame's centre); the mask follows."""
     matrix, offset, border = _placement(image, rng, centred)
-    return _on_background(image, mask, matrix, offset, lambda: _background(image.shape[:2], border, rng))
+    return _on_background(image, mask, matrix, offset, _background(image.shape[:2], border, rng))
 
 
 def fixture(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -85,7 +84,7 @@ def fixture(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
     frame's centre, on the border's colour with the grain and light of `_fixed_background`; the mask
     follows."""
     matrix, offset, border = _placement(image, rng, True, (FIXTURE_SCALE, FIXTURE_SCALE), FIXTURE_SHIFT)
-    return _on_background(image, mask, matrix, offset, lambda: border + _fixed_background(image.shape[:2]))
+    return _on_background(image, mask, matrix, offset, border + _fixed_background(image.shape[:2]))
 
 
 def _on_background(
@@ -93,15 +92,15 @@ def _on_background(
     mask: np.ndarray | None,
     matrix: np.ndarray,
     offset: np.ndarray,
-    background: Callable[[], np.ndarray],
+    background: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The warped part over `background()` (H, W, 3) where the warp leaves the frame uncovered, as uint8,
+    """The warped part over `background` (H, W, 3) where the warp leaves the frame uncovered, as uint8,
     and the warped mask."""
     part, moved = _warp(image, mask, matrix, offset, "constant", np.zeros(3), rounded=False)
     coverage = ndimage.affine_transform(
         np.ones(image.shape[:2], np.float32), matrix, offset, order=1, mode="constant", cval=0.0
     )
-    composed = part + (1.0 - coverage)[..., None] * background()
+    composed = part + (1.0 - coverage)[..., None] * background
     return np.clip(np.rint(composed), 0, 255).astype(np.uint8), moved
 
 

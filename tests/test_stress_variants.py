@@ -121,8 +121,8 @@ def test_fixture_turns_the_part_in_place_on_one_background() -> None:
     free = ~ndimage.binary_dilation(first_part | second_part, iterations=2)
     np.testing.assert_array_equal(first[free], second[free])
     assert first[free].astype(float).std() > stress_variants.SCENE_GRAIN / 2  # ...and it is not plain
-    # ...while the part turns: its masks differ between poses.
-    assert len({tuple(np.argwhere(_red(image)).mean(axis=0).round()) for image, _ in placed}) > 1
+    # ...while the part turns: its defect moves between poses.
+    assert len({tuple(np.argwhere(_red(moved)).mean(axis=0).round()) for moved, _ in placed}) > 1
 
 
 def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
