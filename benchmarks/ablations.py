@@ -49,6 +49,7 @@ def per_level_results(
         levels=LEVELS,
         map_levels=LEVELS,
         folds=0,
+        crop="none",
     ).fit(training_images(category))
     results = level_results(model, [t.path for t in tests])
     distances, level_maps, position_maps = results.distances, results.level_maps, results.position_maps

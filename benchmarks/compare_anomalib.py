@@ -226,7 +226,7 @@ class PreparedImages(torch.utils.data.IterableDataset):
         return len(self.paths)
 
     def _load(self, path: Path) -> torch.Tensor:
-        pixels, _ = prepare(path, self.image_size)
+        pixels, _, _ = prepare(path, self.image_size)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # PIL's array: read-only
 
     def __iter__(self) -> Iterator[Any]:

@@ -28,8 +28,14 @@ from gaussad.tuning import cpu_tuning
 # The defaults before the score map had levels of its own: the map part is the anomaly map's top share.
 MAP_PART_3_5 = {"score_map_levels": (3, 4, 5)}
 TWO_PARTS = {"image_score": "combined", "global_levels": (), **MAP_PART_3_5}  # before the global part
-SETTINGS: dict[str, dict[str, Any]] = {
+# The rows measured with the window around the part (`--crop part`, the default); every other row was
+# measured before it, on whole images, and reruns so.
+CROPPED = ("defaults", "defaults, shared maps", "defaults, hybrid maps")
+_SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "defaults, shared maps": {"localization": "shared"},
+    "defaults, hybrid maps": {"localization": "hybrid"},
+    "defaults, whole image": {},  # the defaults before the window around the part
     # Hybrid maps' shared half: one Gaussian per level (the paper's), or a mixture of 16 rather than 8.
     "defaults, one Gaussian in hybrid maps": {"mixture_clusters": 1},
     "defaults, mixture of 16": {"mixture_clusters": 16},
@@ -76,6 +82,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "image_grid": 1,
         "localization": "shared",
     },
+}
+SETTINGS = {
+    name: options if name in CROPPED else {"crop": "none", **options} for name, options in _SETTINGS.items()
 }
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "false_alarm_rate", "miss_rate")
 

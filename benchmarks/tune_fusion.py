@@ -36,6 +36,7 @@ from gaussad.scorer import combined_scores
 from gaussad.tuning import cpu_tuning
 
 DEFAULT = "sum of z-scores, the map's share from levels 3-7"  # the default combined score
+# Measured on whole images, before the window around the part (`crop`), and rerun so.
 PARTS = {
     "pooled": {"image_score": "pooled"},
     # The anomaly map's top share (levels 3-5): the map part before the score map had levels of its own.
@@ -157,7 +158,7 @@ def run(category: Path) -> dict[str, tuple[float, float, float, float]]:
     labels = np.array([item.path.parent.name != "good" for item in tests])
     parts = {}
     for name, options in PARTS.items():
-        model = GaussAD(**options).fit(training_images(category))
+        model = GaussAD(crop="none", **options).fit(training_images(category))
         parts[name] = (model.held_out_scores_, model.score_samples(paths))
     results = {}
     for name, (held, test) in ways(parts).items():

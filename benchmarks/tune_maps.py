@@ -70,6 +70,7 @@ def run(
         map_levels=CANDIDATE_LEVELS,
         image_score="pooled",
         folds=0,
+        crop="none",
     )
     started = time.perf_counter()
     model.fit(train)

@@ -30,7 +30,9 @@ WEIGHTS = (0.0, 0.35, 0.5, 0.65, 1.0)
 def run(category: Path, backbone: str, position_levels: tuple[int, ...], eval_size: int) -> list[dict]:
     """Pixel AUROC and AUPRO of every mix weight for one set of position levels."""
     tests = list_test_images(category)
-    model = GaussAD(backbone=backbone, localization="hybrid", position_levels=position_levels, folds=0)
+    model = GaussAD(
+        backbone=backbone, localization="hybrid", position_levels=position_levels, folds=0, crop="none"
+    )
     model.fit(training_images(category))
     results = level_results(model, [t.path for t in tests])
     shared = combine_maps(results.level_maps, None, model.input_size_, model.blur_sigma)

@@ -47,7 +47,7 @@ def run(category: Path) -> dict[str, float]:
     train = training_images(category)
     row: dict[str, float] = {}
     for grid in GRIDS:
-        model = GaussAD(image_grid=grid, folds=0).fit(train)
+        model = GaussAD(image_grid=grid, folds=0, crop="none").fit(train)
         test = map_tops(model, [t.path for t in tests], TOP_SHARES)
         reference = map_tops(model, train[::4], TOP_SHARES)  # a scale for each score, no labels
         scaled = {name: values / np.median(reference[name]) for name, values in test.items()}

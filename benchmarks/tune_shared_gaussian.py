@@ -137,7 +137,7 @@ def run(category: Path, done: set[str]) -> dict[str, dict[str, tuple[float, floa
     """Pixel AUROC and AUPRO of every variant's maps not `done` on one data set, shared and hybrid (the
     variant's map in place of the hybrid map's shared half, the per-position half the model's)."""
     tests = list_test_images(category)
-    model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0)
+    model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0, crop="none")
     model.fit(training_images(category))
     train_levels, _ = level_features(model, training_images(category))
     test_levels, position_maps = level_features(model, [test.path for test in tests], with_positions=True)
@@ -170,7 +170,9 @@ def proxy(category: Path) -> dict[str, float]:
     every fifth image, at most `MAX_SYNTHETIC_IMAGES`."""
     images = training_images(category)
     held_out, kept = images[::5][:MAX_SYNTHETIC_IMAGES], [image for i, image in enumerate(images) if i % 5]
-    model = GaussAD(localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0).fit(kept)
+    model = GaussAD(
+        localization="hybrid", map_levels=MAP_LEVELS, image_score="pooled", folds=0, crop="none"
+    ).fit(kept)
     pixels = np.stack([prepare(image, model.input_size_)[0] for image in held_out])
     defective, masks, kinds = synthetic_defects(pixels, pixels)
     patches_only = np.array(kinds) == LOCALIZATION_KIND

@@ -1,5 +1,6 @@
 """Per-level results of a fitted model, for ablations and tuning (the benchmarks): what each image level
-adds to the score and each map level's own map, before they are combined."""
+adds to the score and each map level's own map, before they are combined. The maps are on the whole
+image's grid, so the model must see whole images (`crop="none"`, or no window learnt)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner
 from gaussad.images import ImageInput, collect_images
 from gaussad.model import GaussAD
@@ -35,6 +37,8 @@ def level_results(model: GaussAD, images: ImageInput | Iterable[ImageInput]) -> 
         return distances, level_maps, scorer.map_head.position_map(stacked) if stacked is not None else None
 
     model._check_fitted()
+    if model.crop_ is not None:
+        raise GaussADError("per-level results need a model of whole images: fit it with crop='none'")
     runner = BatchRunner(
         parts,
         model.backbone_.preprocessing,

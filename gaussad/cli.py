@@ -571,6 +571,7 @@ def describe_selection(selection: dict) -> str:
 
 
 def run_info(args: argparse.Namespace) -> None:
+    from gaussad.framing import describe_crop
     from gaussad.modelfolder import FORMAT_VERSION
 
     model = _load_folder(args.model_dir, device="cpu")
@@ -578,6 +579,7 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"model: {Path(args.model_dir)} (format version {FORMAT_VERSION})")
     print(f"backbone: {backbone.name} ({backbone.weights_source}, SHA-256 {backbone.weights_sha256})")
     print(f"input: {describe_size(model.image_size_)}; trained on {model.n_train_} images")
+    print(f"crop: {config.crop}, {describe_crop(model.crop_)}")
     state = model.state_
     localization = state.localization
     if config.localization == "auto":

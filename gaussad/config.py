@@ -22,6 +22,7 @@ IMAGE_SCORES: tuple[str, ...] = ("pooled", "map", "combined", "auto")
 # setting, not a model option.
 FEATURE_STORES: tuple[str, ...] = ("disk", "memory", "none")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+CROPS: tuple[str, ...] = ("part", "none")
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096  # far beyond what a 2-core CPU scores in reasonable time; guards saved models
 ImageSize = int | tuple[int, int]  # a square input's side, or (height, width)
@@ -78,6 +79,12 @@ class ModelConfig:
         "it (default: the backbone's native size)",
         kind="size",
     )
+    crop: str = _option(
+        "part: cut each image to a window around its part before resizing it, sized from the training "
+        "images' parts where they lie on a background and leave room; none: the whole image",
+        "part",
+        CROPS,
+    )
     blur_sigma: float = _option("map blur in input pixels; 0 = off", 2.0)
     image_grid: int = _option(
         "image score: features averaged per cell of an N x N grid; 1 = global (paper)", 4
@@ -107,7 +114,7 @@ class ModelConfig:
             if not isinstance(self.weights, (str, os.PathLike)):
                 raise GaussADError(f"--weights {self.weights!r}: expected a file path")
             object.__setattr__(self, "weights", str(Path(os.fspath(self.weights)).absolute()))
-        for name in ("reduction", "localization", "precision", "image_score"):
+        for name in ("reduction", "localization", "precision", "image_score", "crop"):
             allowed = _metadata(name)["choices"]
             if getattr(self, name) not in allowed:
                 raise GaussADError(

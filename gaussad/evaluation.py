@@ -21,6 +21,7 @@ from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
 from gaussad.config import describe_size
 from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
+from gaussad.framing import describe_crop
 from gaussad.images import DEFAULT_MAX_PIXELS, open_image
 from gaussad.layout import LabeledImage, has_masks, list_test_images, training_images
 from gaussad.metrics import image_auroc, pixel_metrics
@@ -190,14 +191,15 @@ def stored_size(values: np.ndarray, side: int = STORED_SIDE) -> np.ndarray:
 
 
 def model_info(model: GaussAD) -> dict:
-    """What reports show about a fitted model: backbone, weights, input size, levels, components, and the
-    hybrid map's mixtures."""
+    """What reports show about a fitted model: backbone, weights, input size, crop, levels, components, and
+    the hybrid map's mixtures."""
     rows = model.describe_levels()
     clusters = {f"{r['role']} {r['level']}": r["clusters"] for r in rows if "clusters" in r}
     return {
         "backbone": model.backbone_.name,
         "weights": f"{model.backbone_.weights_source} (SHA-256 {model.backbone_.weights_sha256})",
         "input size": describe_size(model.image_size_),
+        "crop": describe_crop(model.crop_),
         "levels (image score)": list(model.levels_),
         "levels (map)": list(model.map_levels_),
         "levels (score map)": list(model.state_.score_map_levels),

@@ -19,6 +19,7 @@ from gaussad.backbones import Preprocessing
 from gaussad.config import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, ImageSize, size_pair
 from gaussad.decoding import ImageError, decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
+from gaussad.framing import Crop, Window, frame
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, check_max_pixels, load_pixels
 from gaussad.tuning import ForwardThreads, tuning_enabled
 
@@ -48,6 +49,7 @@ class Batch(Generic[Output]):
     indices: list[int]
     outputs: Output | None
     sizes: list[tuple[int, int]]  # each image's original (height, width)
+    windows: list[Window]  # the part of each image the model saw (the whole image without a crop)
     errors: list[ImageError]
     pixels: np.ndarray | None = None  # the model inputs (B, H, W, 3) uint8, when asked to keep them
 
@@ -58,32 +60,35 @@ class Batch(Generic[Output]):
 
 
 def prepare(
-    item: ImageInput, image_size: ImageSize, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image and resize it to the model input, a square side or (height, width), whatever its
-    aspect ratio: (H, W, 3) uint8 and the original size.
+    item: ImageInput, image_size: ImageSize, max_pixels: int = DEFAULT_MAX_PIXELS, crop: Crop | None = None
+) -> tuple[np.ndarray, tuple[int, int], Window]:
+    """Decode one image, cut it to its part's window where the model has a `crop` (`gaussad.framing`), and
+    resize it to the model input, a square side or (height, width), whatever its aspect ratio: (H, W, 3)
+    uint8, the original size and the window.
 
     An image declaring more than `max_pixels` is refused before it is decoded (`ImageTooLargeError`).
     Resized by PyTorch's bilinear filter with antialiasing on the 8-bit pixels as they lie (HWC): Pillow's
     BILINEAR filter within 1 of 255, several times faster.
     """
     pixels = load_pixels(item, max_pixels)
+    size = pixels.shape[:2]
+    pixels, window = frame(pixels, crop)
     if not pixels.flags.writeable:  # as PIL's arrays are: torch warns of them, though nothing writes here
         pixels = pixels.copy()
     channels_last = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), no copy
     resized = F.interpolate(
         channels_last, size=size_pair(image_size), mode="bilinear", antialias=True, align_corners=False
     )
-    return resized[0].permute(1, 2, 0).numpy(), pixels.shape[:2]
+    return resized[0].permute(1, 2, 0).numpy(), size, window
 
 
 def _timed_prepare(
-    item: ImageInput, image_size: ImageSize, max_pixels: int
-) -> tuple[np.ndarray, tuple[int, int], float]:
+    item: ImageInput, image_size: ImageSize, max_pixels: int, crop: Crop | None
+) -> tuple[np.ndarray, tuple[int, int], Window, float]:
     """`prepare`, with the CPU seconds its thread spent on it."""
     start = time.thread_time()
-    pixels, size = prepare(item, image_size, max_pixels)
-    return pixels, size, time.thread_time() - start
+    pixels, size, window = prepare(item, image_size, max_pixels, crop)
+    return pixels, size, window, time.thread_time() - start
 
 
 @lru_cache(maxsize=64)
@@ -131,8 +136,9 @@ def stack_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class BatchRunner:
-    """Runs a model over images in batches: decodes and resizes each image to the model input in threads
-    beside the model, normalizes the batch and calls `model(batch)` under inference mode."""
+    """Runs a model over images in batches: decodes each image, cuts it to its part's window (`crop`) and
+    resizes it to the model input in threads beside the model, normalizes the batch and calls `model(batch)`
+    under inference mode."""
 
     def __init__(
         self,
@@ -143,6 +149,7 @@ class BatchRunner:
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = DEFAULT_WORKERS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        crop: Crop | None = None,
     ) -> None:
         if batch_size < 1:
             raise GaussADError(f"batch size {batch_size}: expected at least 1")
@@ -152,6 +159,7 @@ class BatchRunner:
         self.device = device
         self.batch_size = batch_size
         self.workers = max(1, workers)
+        self.crop = crop
         mean, std = preprocessing.mean, preprocessing.std
         self._scale = (1.0 / (255.0 * torch.tensor(std))).to(device)
         self._offset = (-torch.tensor(mean) / torch.tensor(std)).to(device)
@@ -182,7 +190,9 @@ class BatchRunner:
         favour (`ForwardThreads`). `keep_pixels` returns each batch's model inputs too.
         """
         tuned_cpu = tuning_enabled() and self.device.type == "cpu"
-        decode = partial(_timed_prepare, image_size=self.image_size, max_pixels=self.max_pixels)
+        decode = partial(
+            _timed_prepare, image_size=self.image_size, max_pixels=self.max_pixels, crop=self.crop
+        )
         with (
             _progress_bar(len(items), progress) as bar,
             keep_freed_memory() if tuned_cpu else nullcontext(),
@@ -191,16 +201,17 @@ class BatchRunner:
         ):
             for indices, chunk, errors in decoded_batches(items, decode, self.batch_size, pool, skip_errors):
                 if not chunk:
-                    yield Batch(indices, None, [], errors)
+                    yield Batch(indices, None, [], [], errors)
                     bar.update(len(errors))
                     continue
                 main_start = time.thread_time()
-                inputs = np.stack([pixels for pixels, _, _ in chunk])
+                inputs = np.stack([pixels for pixels, _, _, _ in chunk])
                 outputs = self._run(inputs)
-                sizes = [size for _, size, _ in chunk]
-                yield Batch(indices, outputs, sizes, errors, inputs if keep_pixels else None)
+                sizes = [size for _, size, _, _ in chunk]
+                windows = [window for _, _, window, _ in chunk]
+                yield Batch(indices, outputs, sizes, windows, errors, inputs if keep_pixels else None)
                 threads.observe(
-                    time.thread_time() - main_start, sum(seconds for _, _, seconds in chunk), len(chunk)
+                    time.thread_time() - main_start, sum(seconds for *_, seconds in chunk), len(chunk)
                 )
                 bar.update(len(chunk) + len(errors))
 

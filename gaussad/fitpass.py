@@ -21,6 +21,7 @@ from gaussad.config import ImageSize
 from gaussad.decoding import ImageError
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, pool_features, resolve_device, stack_levels
+from gaussad.framing import Crop
 from gaussad.images import ImageInput
 from gaussad.mixture import PatchSample
 from gaussad.moments import Moments
@@ -41,6 +42,7 @@ class Extractor:
     batch_size: int
     workers: int
     max_pixels: int
+    crop: Crop | None = None  # the window around each image's part (`gaussad.framing`), if any
 
     def runner(self, backbone: TappedBackbone | None = None) -> BatchRunner:
         """A runner yielding the extracted levels' feature maps per batch (`backbone`: one already loaded)."""
@@ -57,6 +59,7 @@ class Extractor:
             self.batch_size,
             self.workers,
             self.max_pixels,
+            self.crop,
         )
 
 

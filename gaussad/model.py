@@ -44,12 +44,14 @@ from gaussad.config import (
     level_union,
     size_pair,
 )
+from gaussad.decoding import decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, resolve_device
 from gaussad.fitpass import Extractor, FitPlan, run_pass
+from gaussad.framing import Box, Crop, crop_ruled_out, learn_crop, map_in_image, part_box
 from gaussad.gaussian import Gaussian, Reduction
 from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
-from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe
+from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe, load_pixels
 from gaussad.maps import resize_map
 from gaussad.mixture import GaussianMixture, PatchSample, fit_mixtures
 from gaussad.pooled import PooledFeatures
@@ -131,6 +133,7 @@ class GaussAD:
         localization: str = DEFAULTS.localization,
         mixture_clusters: int = DEFAULTS.mixture_clusters,
         image_size: ImageSize | None = DEFAULTS.image_size,
+        crop: str = DEFAULTS.crop,
         blur_sigma: float = DEFAULTS.blur_sigma,
         image_grid: int = DEFAULTS.image_grid,
         image_score: str = DEFAULTS.image_score,
@@ -160,6 +163,7 @@ class GaussAD:
         self.localization = localization
         self.mixture_clusters = mixture_clusters
         self.image_size = image_size
+        self.crop = crop
         self.blur_sigma = blur_sigma
         self.image_grid = image_grid
         self.image_score = image_score
@@ -203,6 +207,10 @@ class GaussAD:
         image_size = config.image_size or backbone.preprocessing.image_size
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
+        # The window around the part, learnt before the pass that cuts every image to it.
+        crop = None
+        if config.crop == "part":
+            crop = _part_crop(items, self.workers, self.max_pixels, skip_errors)
         config, fallback = _without_folds(config, n_folds)
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
         # fitted for both.
@@ -231,6 +239,7 @@ class GaussAD:
             self.batch_size,
             self.workers,
             self.max_pixels,
+            crop,
         )
         runner = extractor.runner(backbone)
         features = runner.model
@@ -385,6 +394,7 @@ class GaussAD:
                 image_score=config.image_score,
                 image_grid=config.image_grid,
                 score_map_levels=score_map_levels,
+                crop=crop,
             )
             # Auto weighs the paper's shared maps first: hybrid maps must beat them (`selection.choose`).
             localizations = ["shared", "hybrid"] if config.localization == "auto" else [config.localization]
@@ -532,6 +542,7 @@ class GaussAD:
             self.batch_size,
             self.workers,
             self.max_pixels,
+            self.state_.crop,
         )
         for batch in runner.batches(items, "predict" if self.progress else None, skip_errors):
             if batch.outputs is None:
@@ -540,8 +551,13 @@ class GaussAD:
             batch_scores, batch_maps = batch.outputs
             maps: list[np.ndarray] = []
             if with_maps:
-                sizes = batch.sizes if map_sizes is None else [map_sizes[index] for index in batch.indices]
-                maps = [resize_map(m, size).cpu().numpy() for m, size in zip(batch_maps, sizes, strict=True)]
+                targets = batch.sizes if map_sizes is None else [map_sizes[index] for index in batch.indices]
+                maps = [
+                    map_in_image(m, window, size, target, _resized)
+                    for m, window, size, target in zip(
+                        batch_maps, batch.windows, batch.sizes, targets, strict=True
+                    )
+                ]
             yield PredictionBatch(
                 batch.indices,
                 [describe(items[index], index) for index in batch.indices],
@@ -583,6 +599,11 @@ class GaussAD:
     def image_size_(self) -> ImageSize:
         """The input size as fitted: a square input's side, or (height, width)."""
         return self.state_.image_size
+
+    @property
+    def crop_(self) -> Crop | None:
+        """The window around each image's part, as shares of its height and width; None: the whole image."""
+        return self.state_.crop
 
     @property
     def input_size_(self) -> tuple[int, int]:
@@ -694,6 +715,29 @@ class GaussAD:
             model.device_
         )
         return model
+
+
+def _resized(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return resize_map(anomaly_map, size).cpu().numpy()
+
+
+def _part_crop(items: Sequence[ImageInput], workers: int, max_pixels: int, skip_errors: bool) -> Crop | None:
+    """The window around the part that the training images show (`gaussad.framing.learn_crop`), from a
+    decoding pass over them in threads that stops as soon as their parts rule a window out (a texture, a
+    part filling the frame: after the first batch); unreadable images stop it or are left out, as in the
+    fit's pass."""
+    boxes: list[Box | None] = []
+    with decoding_pool(len(items), workers) as pool:
+        decode = partial(_decoded_part_box, max_pixels=max_pixels)
+        for _, chunk, _ in decoded_batches(items, decode, DEFAULT_BATCH_SIZE, pool, skip_errors):
+            boxes += chunk
+            if crop_ruled_out(boxes, len(items)):
+                return None
+    return learn_crop(boxes)
+
+
+def _decoded_part_box(item: ImageInput, max_pixels: int) -> Box | None:
+    return part_box(load_pixels(item, max_pixels))
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:

@@ -12,15 +12,15 @@ from pathlib import Path
 from gaussad.errors import GaussADError
 
 FORMAT = "gaussad-model"
-# 7: the hybrid map's mixtures (the levels of its shared half with K Gaussians each); 6: the levels of the
-# score map (the map part of map and combined scores) and their map Gaussians; 5: the combined score's
-# global part (its levels, Gaussians and scale); 4: the image score's kind, grid and scales, and the
-# evidence of auto options; 3: the hybrid map's position Gaussian; 2: grid-pooled image features (1 is not
-# read)
-FORMAT_VERSION = 7
+# 8: the window around the part (`crop`); 7: the hybrid map's mixtures (the levels of its shared half
+# with K Gaussians each); 6: the levels of the score map (the map part of map and combined scores) and
+# their map Gaussians; 5: the combined score's global part (its levels, Gaussians and scale); 4: the image
+# score's kind, grid and scales, and the evidence of auto options; 3: the hybrid map's position Gaussian;
+# 2: grid-pooled image features (1 is not read)
+FORMAT_VERSION = 8
 # Versions 2 and 3 score pooled features, 4 a combined score of two parts; 2 has no position Gaussian;
-# up to 5, the map part of a score is the anomaly map's.
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
+# up to 5, the map part of a score is the anomaly map's; up to 7, the whole image is the input.
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 CONFIG_FILE = "model.json"
 TENSORS_FILE = "gaussians.safetensors"
 

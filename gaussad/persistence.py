@@ -80,6 +80,8 @@ def load_model(directory: Path) -> tuple[ModelConfig, FittedState]:
         raise GaussADError(f"{path}: model parameters missing or not an object")
     if document["format_version"] < 7:  # before mixtures: one Gaussian per map level
         params = {"mixture_clusters": 1, **params}
+    if document["format_version"] < 8:  # before the crop: the whole image
+        params = {"crop": "none", **params}
     resolved = state.resolved_options
     weights = document["backbone"].get("weights_path") if state.backbone.weights_source == "file" else None
     config = ModelConfig.from_dict({**resolved, "weights": weights, **params}, where=str(path))

@@ -1,9 +1,10 @@
 """Scoring with an exported gaussad ONNX file without PyTorch: numpy, Pillow/imagecodecs and onnxruntime.
 
-`OnnxModel` reads the file's metadata (input size, thresholds), decodes and resizes images as
-`GaussAD.predict` does, runs the graph (normalization, backbone, scores, maps and image decisions are all
-inside it) and resizes each map to its image's own size. The two resamplings around the graph are PyTorch's,
-ported to numpy so that an edge PC scores what the trained model scores:
+`OnnxModel` reads the file's metadata (input size, crop, thresholds), decodes, crops and resizes images
+as `GaussAD.predict` does, runs the graph (normalization, backbone, scores, maps and image decisions are
+all inside it) and resizes each map to its image's own size (to its window's place, with a crop). The two
+resamplings around the graph are PyTorch's, ported to numpy so that an edge PC scores what the trained
+model scores:
 
 - the input resize is `F.interpolate(bilinear, antialias=True)` on 8-bit pixels: PyTorch's fixed-point
   filter, ported from Pillow's but with 16-bit weights, reproduced bit for bit. Pillow's own BILINEAR
@@ -38,6 +39,7 @@ from gaussad.config import (
 )
 from gaussad.decoding import ImageError, decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
+from gaussad.framing import Crop, Window, frame, map_in_image
 from gaussad.images import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
@@ -48,7 +50,8 @@ from gaussad.images import (
 )
 
 FORMAT = "gaussad-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the window around the part (META_CROP); files of version 1 have none
+READABLE_VERSIONS = ("1", "2")
 INPUT = "images"
 OUTPUTS = ("scores", "maps")
 DECISION_OUTPUTS = ("normalized_scores", "is_anomalous")
@@ -73,6 +76,10 @@ META_PARAMS = "gaussad.params"  # JSON: the model's parameters (ModelConfig) but
 META_OUTPUTS = "gaussad.outputs"  # comma-separated output names: OUTPUTS, and DECISION_OUTPUTS if any
 META_BATCH = "gaussad.batch"  # "dynamic" or the fixed batch size
 META_MAP_RESIZE = "gaussad.map_resize"  # MAP_RESIZE: how a map becomes its image's size (outside the graph)
+# JSON: null, or the window around each image's part as [height share, width share] (`gaussad.framing`),
+# cut before the resize; the map goes back to the window's place, its lowest value elsewhere. Files without
+# it have no window.
+META_CROP = "gaussad.crop"
 MAP_RESIZE = "bilinear, align_corners=False, float32"
 METADATA_KEYS = (
     META_FORMAT,
@@ -81,6 +88,7 @@ METADATA_KEYS = (
     META_INPUT_SIZE,
     META_RESIZE,
     META_MAP_RESIZE,
+    META_CROP,
     META_NORMALIZATION,
     META_IMAGE_THRESHOLD,
     META_PIXEL_THRESHOLD,
@@ -241,11 +249,38 @@ def _input_size(text: str | None, path: Path) -> ImageSize:
     return size
 
 
-def _prepare(item: ImageInput, size: tuple[int, int], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image to 8-bit RGB (gaussad.images; refused over max_pixels) and resize it to the model
-    input (height, width)."""
+def _crop(text: str | None, path: Path) -> Crop | None:
+    """The file's window around the part: none where it has no such metadata (files before it)."""
+    try:
+        values = json.loads(text or "null")
+        if values is None:
+            return None
+        if (
+            isinstance(values, list)
+            and len(values) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in values)
+        ):
+            return float(values[0]), float(values[1])
+    except json.JSONDecodeError:
+        pass
+    raise GaussADError(f"{path}: malformed {META_CROP} metadata {text!r}")
+
+
+def prepare_pixels(pixels: np.ndarray, size: tuple[int, int], crop: Crop | None) -> tuple[np.ndarray, Window]:
+    """(H, W, 3) uint8 pixels cut to their part's window (`crop`) and resized to the model input (height,
+    width), as `gaussad.features.prepare` does it; and the window."""
+    pixels, window = frame(pixels, crop)
+    return resize_pixels(pixels, size), window
+
+
+def _prepare(
+    item: ImageInput, size: tuple[int, int], max_pixels: int, crop: Crop | None
+) -> tuple[np.ndarray, tuple[int, int], Window]:
+    """Decode one image to 8-bit RGB (gaussad.images; refused over max_pixels) and make it the model input
+    (`prepare_pixels`): the input, the image's (height, width) and its window."""
     pixels = load_pixels(item, max_pixels)
-    return resize_pixels(pixels, size), (int(pixels.shape[0]), int(pixels.shape[1]))
+    inputs, window = prepare_pixels(pixels, size, crop)
+    return inputs, (int(pixels.shape[0]), int(pixels.shape[1])), window
 
 
 class OnnxRuntimeEngine:
@@ -339,14 +374,15 @@ class OnnxModel:
         metadata = engine.metadata
         if metadata.get(META_FORMAT) != FORMAT:
             raise GaussADError(f"{path}: not a gaussad ONNX file (no {META_FORMAT} metadata)")
-        if metadata.get(META_FORMAT_VERSION) != str(FORMAT_VERSION):
+        if metadata.get(META_FORMAT_VERSION) not in READABLE_VERSIONS:
             raise GaussADError(
                 f"{path}: gaussad ONNX format version {metadata.get(META_FORMAT_VERSION)} is not supported "
-                f"(this gaussad reads version {FORMAT_VERSION}); export the model again"
+                f"(this gaussad reads versions {' and '.join(READABLE_VERSIONS)}); export the model again"
             )
         self.metadata = metadata
         self.image_size_ = _input_size(metadata.get(META_INPUT_SIZE), path)  # as `GaussAD.image_size_`
         self.input_size_ = size_pair(self.image_size_)  # (height, width)
+        self.crop_ = _crop(metadata.get(META_CROP), path)  # as `GaussAD.crop_`
         self.image_threshold_ = _threshold(metadata, META_IMAGE_THRESHOLD)
         self.pixel_threshold_ = _threshold(metadata, META_PIXEL_THRESHOLD)
         self.graph_batch_ = None if metadata[META_BATCH] == "dynamic" else int(metadata[META_BATCH])
@@ -394,7 +430,7 @@ class OnnxModel:
     def _decoded(self, items: Sequence[ImageInput]) -> Iterator[tuple[list[int], list, list[ImageError]]]:
         """Decoded, resized images in chunks of batch_size, decoded in threads ahead of the graph; an
         unreadable image stops the run or, with on_error="skip", is reported in the next chunk."""
-        decode = partial(_prepare, size=self.input_size_, max_pixels=self.max_pixels)
+        decode = partial(_prepare, size=self.input_size_, max_pixels=self.max_pixels, crop=self.crop_)
         with decoding_pool(len(items), self.workers) as pool:
             yield from decoded_batches(items, decode, self.batch_size, pool, self.on_error == "skip")
 
@@ -408,15 +444,19 @@ class OnnxModel:
             if not chunk:
                 yield PredictionBatch([], [], [], np.empty(0), [], errors)
                 continue
-            outputs = self.run(np.stack([pixels for pixels, _ in chunk]))
-            sizes = [size for _, size in chunk]
+            outputs = self.run(np.stack([pixels for pixels, _, _ in chunk]))
+            sizes = [size for _, size, _ in chunk]
             targets = sizes if map_sizes is None else [tuple(map_sizes[index]) for index in indices]
+            maps = [
+                map_in_image(m, window, size, target, resize_map)
+                for m, (_, size, window), target in zip(outputs["maps"], chunk, targets, strict=True)
+            ]
             yield PredictionBatch(
                 indices,
                 [describe(items[index], index) for index in indices],
                 sizes,
                 outputs["scores"].astype(np.float64),
-                [resize_map(m, size) for m, size in zip(outputs["maps"], targets, strict=True)],
+                maps,
                 errors,
                 outputs.get("normalized_scores"),
                 outputs.get("is_anomalous"),

@@ -16,6 +16,7 @@ import numpy as np
 from gaussad.calibration import Threshold
 from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, level_union, size_pair
 from gaussad.errors import GaussADError
+from gaussad.framing import Crop
 from gaussad.gaussian import Gaussian
 from gaussad.mixture import GaussianMixture
 
@@ -65,6 +66,9 @@ class FittedState:
     # "map" and "combined": the levels of the map whose top share is the score's map part; () for the
     # anomaly map's own (models saved before it had levels of its own, and pooled scores).
     score_map_levels: tuple[int, ...] = ()
+    # The window around each image's part, as shares of its height and width (`gaussad.framing`); None: the
+    # whole image.
+    crop: Crop | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -162,6 +166,7 @@ class FittedState:
             "image_grid": self.image_grid,
             "global_levels": list(self.global_levels),
             "score_scales": list(self.score_scales),
+            "crop": None if self.crop is None else list(self.crop),
             "selection": self.selection,
             "gaussians": self.describe_levels(),
             "thresholds": {
@@ -230,6 +235,7 @@ class FittedState:
                 score_scales=_scales(metadata.get("score_scales", [1.0] * parts), parts),
                 selection=_selection(metadata.get("selection")),
                 score_map_levels=score_map_levels,
+                crop=_crop(metadata.get("crop")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GaussADError(
@@ -280,6 +286,18 @@ def _scales(values: Any, parts: int) -> tuple[float, ...]:
     ):
         raise ValueError(f"score scales {values!r} are not {parts} positive numbers")
     return tuple(float(v) for v in values)
+
+
+def _crop(values: Any) -> Crop | None:
+    if values is None:
+        return None
+    if (
+        not isinstance(values, list)
+        or len(values) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in values)
+    ):
+        raise ValueError(f"crop {values!r} is not two shares in (0, 1]")
+    return float(values[0]), float(values[1])
 
 
 def _selection(values: Any) -> dict[str, Any] | None:

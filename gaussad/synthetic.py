@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from gaussad.framing import part_region
+
 KINDS = ("patch", "blend")
 PATCH_AREA = (0.004, 0.04)  # share of the image a pasted rectangle covers
 PATCH_ASPECT = (1 / 3, 3.0)
@@ -29,15 +31,6 @@ BLEND_OPACITY = (0.5, 1.0)
 DETAIL_SMOOTHING = 0.05  # how far a place's detail is averaged, as a share of the side
 DETAIL_GRID = 56  # cells a side on which the detail is measured
 DETAIL_FLOOR = 0.05  # of the mean detail, so that plain regions are rare places, not impossible ones
-# The part on a background: the largest region of pixels whose colour and contrast, averaged over
-# PART_SMOOTHING of the side, lie more than PART_DISTANCE robust deviations from those of the image's border
-# (a band of BORDER_BAND of the side); one under PART_MIN_SHARE of the image is no part.
-PART_SMOOTHING = 0.02
-BORDER_BAND = 0.03
-PART_DISTANCE = 4.0
-PART_MIN_SHARE = 0.1
-DEVIATION_FLOOR = 2.0  # grey levels added to the border's deviation: a plain border makes any shade part
-CONTRAST_WEIGHT = 20.0  # grey levels per unit of log contrast: a doubled contrast counts as 14 grey levels
 
 
 def synthetic_defects(
@@ -146,34 +139,3 @@ def _corner_on_part(
             row, column = np.unravel_index(places[rng.integers(len(places))], fits.shape)
             return _corner_around((int(row), int(column)), size, image.shape[:2])
     return _corner(image, size, rng)
-
-
-def part_region(image: np.ndarray) -> np.ndarray | None:
-    """Where an (H, W, 3) uint8 image's part lies on a background, as an (H, W) bool mask: the largest
-    connected region of pixels whose local colour and contrast are unlike the image's border (robust
-    distance from the border's median over its median absolute deviation), opened and with holes filled.
-    None where it is under `PART_MIN_SHARE` of the image: a texture or a part filling the frame, whose
-    border is the part itself and whose unlike places are its own features."""
-    pixels = image.astype(np.float32)
-    height, width = pixels.shape[:2]
-    sigma = max(1.0, PART_SMOOTHING * min(height, width))
-    colour = np.stack([ndimage.gaussian_filter(pixels[..., channel], sigma) for channel in range(3)], axis=-1)
-    grey = pixels.mean(axis=-1)
-    variance = ndimage.gaussian_filter(grey**2, sigma) - ndimage.gaussian_filter(grey, sigma) ** 2
-    contrast = CONTRAST_WEIGHT * np.log1p(np.sqrt(np.maximum(variance, 0.0)))
-    local = np.concatenate([colour, contrast[..., None]], axis=-1)
-    band = max(1, int(BORDER_BAND * min(height, width)))
-    border = np.concatenate(
-        [local[:band].reshape(-1, 4), local[-band:].reshape(-1, 4)]
-        + [local[:, :band].reshape(-1, 4), local[:, -band:].reshape(-1, 4)]
-    )
-    median = np.median(border, axis=0)
-    # The median absolute deviation, scaled to a normal standard deviation.
-    deviation = 1.4826 * np.median(np.abs(border - median), axis=0) + DEVIATION_FLOOR
-    distance = np.sqrt((((local - median) / deviation) ** 2).sum(axis=-1))
-    labels, count = ndimage.label(ndimage.binary_opening(distance > PART_DISTANCE, iterations=2))
-    if not count:
-        return None
-    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    region = ndimage.binary_fill_holes(labels == largest)
-    return region if region.mean() >= PART_MIN_SHARE else None

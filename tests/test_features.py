@@ -39,7 +39,7 @@ def test_inputs_are_squashed_as_pillow_bilinear_does(shape: tuple[int, int, int]
     original.setflags(write=False)  # as PIL's arrays are: no warning, no write
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pixels, size = prepare(original, 64)
+        pixels, size, _ = prepare(original, 64)
     expected = np.asarray(Image.fromarray(original).resize((64, 64), Image.Resampling.BILINEAR))
     assert size == shape[:2] and pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - expected).max() <= 1  # rounding only

@@ -77,7 +77,7 @@ def test_sizes_are_described_by_height_and_width() -> None:
 # ------------------------------------------------------------------------------------------ model
 def test_a_non_square_model_maps_each_image_at_its_own_size(wide: GaussAD, images: list[Path]) -> None:
     assert wide.image_size_ == SIZE and wide.input_size_ == SIZE
-    pixels, _ = prepare(images[0], SIZE)
+    pixels, _, _ = prepare(images[0], SIZE)
     assert pixels.shape == (*SIZE, 3)
     prediction = wide.predict(images)
     for path, anomaly_map in zip(images, prediction.maps, strict=True):
@@ -133,4 +133,4 @@ def test_a_non_square_export_scores_as_the_library(
     for served in (ExportedModel("wide", path, "cpu"), TorchModel("wide", folder, "cpu")):
         described = served.describe()
         assert described["input_size"] == [48, 80] and "height, width" in described["preprocessing"]["resize"]
-        assert served.prepare(np.zeros((30, 200, 3), np.uint8)).shape == (48, 80, 3)
+        assert served.prepare(np.zeros((30, 200, 3), np.uint8))[0].shape == (48, 80, 3)

@@ -77,7 +77,7 @@ def save_dir(model: GaussAD, folder: Path) -> Path:
 def test_save_and_load_round_trip(fitted: GaussAD, category: Path, tmp_path: Path) -> None:
     fitted.save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert config["format_version"] == 7 and config["backbone"]["weights_sha256"]
+    assert config["format_version"] == 8 and config["backbone"]["weights_sha256"]
     assert config["params"]["image_grid"] == 4
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.json", "gaussians.safetensors"}
     loaded = GaussAD.load(tmp_path / "model", device="cpu")

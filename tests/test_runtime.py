@@ -163,6 +163,7 @@ print(json.dumps({{"scores": prediction.scores.tolist(), "modules": modules}}))
         "gaussad.config",
         "gaussad.decoding",
         "gaussad.errors",
+        "gaussad.framing",
         "gaussad.images",
         "gaussad.runtime",
     }

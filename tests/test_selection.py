@@ -12,11 +12,12 @@ from scipy import ndimage
 
 from gaussad import GaussAD
 from gaussad.evaluation import model_info
+from gaussad.framing import PART_SMOOTHING, part_region
 from gaussad.images import read_image
 from gaussad.layout import training_images
 from gaussad.maps import top_share_mean
 from gaussad.selection import CONFIDENCE, MARGIN, Candidate, choose, image_score_evidence, synthetic_sample
-from gaussad.synthetic import KINDS, PART_SMOOTHING, part_region, synthetic_defects
+from gaussad.synthetic import KINDS, synthetic_defects
 
 SMALL = {"image_size": 64, "batch_size": 8, "device": "cpu"}
 AUTO = {"image_score": "auto", "localization": "auto"}

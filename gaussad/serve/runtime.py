@@ -26,6 +26,7 @@ import numpy as np
 from gaussad.calibration import Threshold
 from gaussad.errors import GaussADError
 from gaussad.fileio import file_sha256
+from gaussad.framing import Window, map_in_image
 from gaussad.runtime import (
     META_BACKBONE,
     META_BACKBONE_SHA256,
@@ -34,8 +35,8 @@ from gaussad.runtime import (
     META_PARAMS,
     META_VERSION,
     OnnxModel,
+    prepare_pixels,
     resize_map,
-    resize_pixels,
 )
 from gaussad.serve.settings import check_model_path, is_exported
 
@@ -53,14 +54,15 @@ class ServedModel(Protocol):
     pixel_threshold: Threshold | None
     held_out_scores: np.ndarray  # normal scores kept at fit time: drift's reference (empty where unknown)
 
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 pixels -> the model input (h, w, 3) uint8."""
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Window]:
+        """(H, W, 3) uint8 pixels -> the model input (h, w, 3) uint8, and the window of the image it shows."""
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, h, w, 3) inputs -> float64 scores (B,) and, with maps, float32 maps (B, h, w)."""
 
-    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A map (h, w) at an image's (height, width), as prediction resizes it."""
+    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int], window: Window) -> np.ndarray:
+        """A map (h, w) made for `window` of an image, at the image's (height, width), as prediction
+        resizes it."""
 
     def describe(self) -> dict[str, Any]:
         """Metadata for clients: input size, preprocessing, thresholds, training set, backbone, config."""
@@ -84,15 +86,15 @@ class ExportedModel:
         )
         self.held_out_scores = np.empty(0)
 
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return resize_pixels(pixels, self.model.input_size_)
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Window]:
+        return prepare_pixels(pixels, self.model.input_size_, self.model.crop_)
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.model.run(inputs)
         return outputs["scores"].astype(np.float64), outputs["maps"] if with_maps else None
 
-    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        return resize_map(anomaly_map, size)
+    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int], window: Window) -> np.ndarray:
+        return map_in_image(anomaly_map, window, size, size, resize_map)
 
     def describe(self) -> dict[str, Any]:
         metadata = self.model.metadata

@@ -24,6 +24,7 @@ import numpy as np
 from gaussad.allocator import keep_freed_memory
 from gaussad.decisions import decide, defect_mask
 from gaussad.errors import GaussADError, ImageTooLargeError, UnreadableImageError
+from gaussad.framing import Window
 from gaussad.serve.audit import AuditRecord, AuditStore, AuditWriter
 from gaussad.serve.batching import Batcher
 from gaussad.serve.decode import decode
@@ -44,6 +45,7 @@ class Prepared:
 
     inputs: np.ndarray  # (h, w, 3) uint8: the model input
     size: tuple[int, int]  # (height, width) as decoded
+    window: Window  # the part of the image the input shows (the whole image without a crop)
     sha256: str
 
 
@@ -166,7 +168,8 @@ class InspectionService:
     # ------------------------------------------------------------------------------------ inspection
     def _prepare(self, model: ServedModel, data: bytes) -> Prepared:
         pixels = decode(data, self.settings.max_pixels)
-        return Prepared(model.prepare(pixels), pixels.shape[:2], hashlib.sha256(data).hexdigest())
+        inputs, window = model.prepare(pixels)
+        return Prepared(inputs, pixels.shape[:2], window, hashlib.sha256(data).hexdigest())
 
     async def prepare(self, name: str, data: bytes) -> tuple[ServedModel, Prepared]:
         """Decode one encoded image for the model now serving `name` (in the decoding threads): 413 for
@@ -204,7 +207,9 @@ class InspectionService:
         decision = decide(scored.score, used.image_threshold)
         anomaly_map = mask = None
         if scored.anomaly_map is not None:
-            anomaly_map = await self.in_threads(used.full_size_map, scored.anomaly_map, prepared.size)
+            anomaly_map = await self.in_threads(
+                used.full_size_map, scored.anomaly_map, prepared.size, prepared.window
+            )
             mask = defect_mask(anomaly_map, used.pixel_threshold, decision.is_anomalous)
         if self.kept is not None:
             await self.in_threads(self.kept.keep, prepared.sha256, data)

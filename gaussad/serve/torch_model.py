@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gaussad.features import BatchRunner, prepare
+from gaussad.framing import Window, map_in_image
 from gaussad.maps import resize_map
 from gaussad.model import GaussAD
 from gaussad.persistence import model_sha256
@@ -36,16 +37,17 @@ class TorchModel:
             self.model.scorer_, self.model.backbone_.preprocessing, self.model.input_size_, self.model.device_
         )
 
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return prepare(pixels, self.model.input_size_)[0]
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Window]:
+        inputs, _, window = prepare(pixels, self.model.input_size_, crop=self.model.crop_)
+        return inputs, window
 
     def score(self, inputs: np.ndarray, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
             scores, maps = self.model.scorer_(self._input.normalize(inputs), with_maps=with_maps)
         return scores.cpu().numpy().astype(np.float64), maps.cpu().numpy() if with_maps else None
 
-    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        return resize_map(torch.from_numpy(anomaly_map), size).numpy()
+    def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int], window: Window) -> np.ndarray:
+        return map_in_image(torch.from_numpy(anomaly_map), window, size, size, _resized)
 
     def describe(self) -> dict[str, Any]:
         model, state = self.model, self.model.state_
@@ -61,3 +63,7 @@ class TorchModel:
             "backbone": {"name": state.backbone.name, "weights_sha256": state.backbone.weights_sha256},
             "config": model.config.as_dict(),
         }
+
+
+def _resized(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return resize_map(anomaly_map, size).numpy()
