@@ -20,9 +20,12 @@ default, written outside the repository.
 - `fixture`: the part at one size, turned at random about the frame's centre (within 2% of its side), on a
   background whose grain and light are the same in every image (as a tire on a fixture in a fixed
   station): every position of the background looks the same in every image, and the part turns in place.
+- `tiny`: the `scene`'s part and background, the part shrunk to 20-30% of the side: a part a few hundred
+  pixels across in a large frame, as MVTec AD's screws are, whose defects the squashed input all but
+  erases.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed fixture tiny --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -44,6 +47,7 @@ from gaussad.layout import list_test_images, training_images
 
 MAX_SHIFT = 0.1  # of the image's side
 SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side
+TINY_SCALES = (0.2, 0.3)  # the `tiny` variant's
 SCENE_LIGHT = 20.0  # the `scene` background's largest change of brightness, in grey levels
 SCENE_GRAIN = 6.0  # the standard deviation of its grain, in grey levels
 SCENE_LIGHT_CELLS = 32  # image side / the light's correlation length
@@ -72,10 +76,16 @@ def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     return _warp(image, mask, matrix, offset, "constant", border)
 
 
-def scene(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, centred: bool = False):
+def scene(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    rng: np.random.Generator,
+    centred: bool = False,
+    scales: tuple[float, float] = SMALL_SCALES,
+):
     """As `small`, on the border's colour with grain and uneven light (`_background`) instead of a plain
-    fill (`centred`: placed near the frame's centre); the mask follows."""
-    matrix, offset, border = _placement(image, rng, centred)
+    fill (`centred`: placed near the frame's centre; `scales`: the part's sizes); the mask follows."""
+    matrix, offset, border = _placement(image, rng, centred, scales)
     return _on_background(image, mask, matrix, offset, _background(image.shape[:2], border, rng))
 
 
@@ -107,6 +117,11 @@ def _on_background(
 def posed(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     """As `scene`, placed within `MAX_SHIFT` of the frame's side from its centre; the mask follows."""
     return scene(image, mask, rng, centred=True)
+
+
+def tiny(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """As `scene`, the part shrunk to 20-30% of the side (`TINY_SCALES`); the mask follows."""
+    return scene(image, mask, rng, scales=TINY_SCALES)
 
 
 def _placement(
@@ -231,6 +246,7 @@ TRANSFORMS = {
     "strip": strip,
     "posed": posed,
     "fixture": fixture,
+    "tiny": tiny,  # last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
 

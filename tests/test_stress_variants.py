@@ -71,10 +71,10 @@ def test_strip_keeps_the_whole_defect_in_the_same_tall_window() -> None:
     assert shape == (90, int(90 / stress_variants.STRIP_ASPECT))
 
 
-@pytest.mark.parametrize("variant", ["small", "scene", "posed"])
-def test_small_scene_and_posed_shrink_the_part_inside_the_frame(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["small", "scene", "posed", "tiny"])
+def test_small_scene_posed_and_tiny_shrink_the_part_inside_the_frame(variant: str) -> None:
     image, mask = _part_with_defect()
-    low, high = stress_variants.SMALL_SCALES
+    low, high = stress_variants.TINY_SCALES if variant == "tiny" else stress_variants.SMALL_SCALES
     for seed in range(8):
         placed, moved = getattr(stress_variants, variant)(image, mask, np.random.default_rng(seed))
         assert placed.shape == image.shape
