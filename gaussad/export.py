@@ -147,7 +147,7 @@ def _metadata(model: GaussAD, sha256: str, batch: int | str) -> dict[str, str]:
         META_INPUT_SIZE: json.dumps(state.image_size),  # "224" for a square input, else "[height, width]"
         META_RESIZE: RESIZE,
         META_MAP_RESIZE: MAP_RESIZE,
-        META_CROP: json.dumps(None if state.crop is None else list(state.crop)),
+        META_CROP: json.dumps(None if state.crop is None else state.crop.as_json()),
         META_NORMALIZATION: json.dumps(normalization),
         META_IMAGE_THRESHOLD: threshold(state.image_threshold),
         META_PIXEL_THRESHOLD: threshold(state.pixel_threshold),

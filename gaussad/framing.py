@@ -16,28 +16,37 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from scipy import ndimage
 
 # The part on a background: the largest region of pixels whose colour and contrast, averaged over
 # PART_SMOOTHING of the side, lie more than PART_DISTANCE robust deviations from those of the image's border
-# (a band of BORDER_BAND of the side); one under PART_MIN_SHARE of the image is no part.
+# (a band of BORDER_BAND of the side); one under PART_MIN_SHARE of the image is no part. Synthetic defects
+# need that much room on the part; the window needs only to know where a part is, and matters most for
+# the smallest ones, so it takes parts down to WINDOW_PART_MIN_SHARE, where they hold at least
+# WINDOW_PART_DOMINANCE of all the pixels unlike the border: a part on a background is the one thing
+# there, while a mark on a texture is one of several (a texture's marks are no part to cut around).
 PART_SMOOTHING = 0.02
 BORDER_BAND = 0.03
 PART_DISTANCE = 4.0
 PART_MIN_SHARE = 0.1
+WINDOW_PART_MIN_SHARE = 0.02
+WINDOW_PART_DOMINANCE = 0.6
 DEVIATION_FLOOR = 2.0  # grey levels added to the border's deviation: a plain border makes any shade part
 CONTRAST_WEIGHT = 20.0  # grey levels per unit of log contrast: a doubled contrast counts as 14 grey levels
 
 
-def part_region(image: np.ndarray) -> np.ndarray | None:
+def part_region(
+    image: np.ndarray, min_share: float = PART_MIN_SHARE, min_dominance: float = 0.0
+) -> np.ndarray | None:
     """Where an (H, W, 3) uint8 image's part lies on a background, as an (H, W) bool mask: the largest
     connected region of pixels whose local colour and contrast are unlike the image's border (robust
     distance from the border's median over its median absolute deviation), opened and with holes filled.
-    None where it is under `PART_MIN_SHARE` of the image: a texture or a part filling the frame, whose
-    border is the part itself and whose unlike places are its own features."""
+    None where it is under `min_share` of the image, or holds less than `min_dominance` of the unlike
+    pixels: a texture or a part filling the frame, whose border is the part itself and whose unlike places
+    are its own features."""
     pixels = image.astype(np.float32)
     height, width = pixels.shape[:2]
     sigma = max(1.0, PART_SMOOTHING * min(height, width))
@@ -58,9 +67,12 @@ def part_region(image: np.ndarray) -> np.ndarray | None:
     labels, count = ndimage.label(ndimage.binary_opening(distance > PART_DISTANCE, iterations=2))
     if not count:
         return None
-    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    sizes = np.bincount(labels.ravel())[1:]
+    if sizes.max() < min_dominance * sizes.sum():
+        return None
+    largest = 1 + int(np.argmax(sizes))
     region = ndimage.binary_fill_holes(labels == largest)
-    return region if region.mean() >= PART_MIN_SHARE else None
+    return region if region.mean() >= min_share else None
 
 
 # The window: the largest part extent over the training images times CROP_MARGIN, per axis, as a share of
@@ -72,8 +84,39 @@ MAX_WINDOW_SHARE = 0.9
 FIND_SIDE = 112  # the part is found on every k-th pixel, k such that the short side keeps about this many
 
 Box = tuple[float, float, float, float]  # top, bottom, left, right of a part, as shares of the sides
-Crop = tuple[float, float]  # a window's height and width, as shares of the image's
 MapT = TypeVar("MapT")  # a map as the caller holds it (a tensor in PyTorch, an array in the runtime)
+
+
+class Crop(NamedTuple):
+    """A window's height and width as shares of the image's, and where it sits: at `centre` (row and
+    column, as shares of the height and width) in every image, or, without one, on each image's own part."""
+
+    height: float
+    width: float
+    centre: tuple[float, float] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"height": self.height, "width": self.width, "centre": self.centre and list(self.centre)}
+
+    @classmethod
+    def from_json(cls, values: Any) -> Crop | None:
+        """A saved window (`as_json`), or None for none; ValueError where it is malformed."""
+        if values is None:
+            return None
+        if not isinstance(values, dict) or set(values) != {"height", "width", "centre"}:
+            raise ValueError(f"crop {values!r} is not an object of height, width and centre")
+        shares = [values["height"], values["width"]]
+        centre = values["centre"]
+        if centre is not None:
+            if not isinstance(centre, list) or len(centre) != 2:
+                raise ValueError(f"crop centre {centre!r} is not a row and a column")
+            shares += centre
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in shares):
+            raise ValueError(f"crop {values!r} has shares outside [0, 1]")
+        if not (shares[0] > 0 and shares[1] > 0):
+            raise ValueError(f"crop {values!r} is empty")
+        fixed = None if centre is None else (float(shares[2]), float(shares[3]))
+        return cls(float(shares[0]), float(shares[1]), fixed)
 
 
 @dataclass(frozen=True)
@@ -104,11 +147,12 @@ def _scaled_span(start: int, length: int, total: int, target: int) -> tuple[int,
 
 
 def part_box(pixels: np.ndarray) -> Box | None:
-    """The bounding box of an (H, W, 3) uint8 image's part (`part_region`), found on every k-th pixel,
-    as shares of the image's sides; None where it has no part on a background."""
+    """The bounding box of an (H, W, 3) uint8 image's part (`part_region`, down to
+    `WINDOW_PART_MIN_SHARE` of the image and `WINDOW_PART_DOMINANCE`), found on every k-th pixel, as shares
+    of the image's sides; None where it has no part on a background."""
     height, width = pixels.shape[:2]
     step = max(1, min(height, width) // FIND_SIDE)
-    region = part_region(pixels[::step, ::step])
+    region = part_region(pixels[::step, ::step], WINDOW_PART_MIN_SHARE, WINDOW_PART_DOMINANCE)
     if region is None:
         return None
     rows, columns = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
@@ -122,11 +166,30 @@ def part_box(pixels: np.ndarray) -> Box | None:
 
 
 def learn_crop(boxes: Sequence[Box | None]) -> Crop | None:
-    """The window for images whose parts' boxes these are (the training images'), or None for none."""
+    """The window for images whose parts' boxes these are (the training images'), or None for none. Where
+    one window at the parts' median centre holds every part found, the parts sit still (aligned, or turning
+    in place) and the window stays there in every image: centring it on each image's part would only add
+    the finder's jitter to an alignment that the grid and the per-position Gaussian rely on."""
     if not boxes or crop_ruled_out(boxes, len(boxes)):
         return None
-    crop = _window_shares(boxes)
-    return float(crop[0]), float(crop[1])
+    height, width = _window_shares(boxes)
+    found = np.array([box for box in boxes if box is not None], dtype=np.float64)
+    centre = (
+        _inside(float(np.median(found[:, :2].mean(axis=1))), height),
+        _inside(float(np.median(found[:, 2:].mean(axis=1))), width),
+    )
+    holds = (
+        (found[:, 0] >= centre[0] - height / 2 - 1e-9).all()
+        and (found[:, 1] <= centre[0] + height / 2 + 1e-9).all()
+        and (found[:, 2] >= centre[1] - width / 2 - 1e-9).all()
+        and (found[:, 3] <= centre[1] + width / 2 + 1e-9).all()
+    )
+    return Crop(float(height), float(width), centre if holds else None)
+
+
+def _inside(centre: float, share: float) -> float:
+    """A window's centre (a share of the side) moved so that a window of `share` lies inside the image."""
+    return min(max(centre, share / 2), 1.0 - share / 2)
 
 
 def crop_ruled_out(boxes: Sequence[Box | None], total: int) -> bool:
@@ -147,25 +210,29 @@ def _window_shares(boxes: Sequence[Box | None]) -> np.ndarray:
 
 
 def part_window(size: tuple[int, int], box: Box | None, crop: Crop) -> Window:
-    """The `crop` window of an image of `size` (height, width), centred on its part's `box` (the image's
-    centre where none was found), moved inside the image."""
+    """The `crop` window of an image of `size` (height, width): at the crop's centre, or else centred on
+    the part's `box` (the image's centre where none was found); moved inside the image."""
     height, width = size
-    window_height = max(1, min(height, round(crop[0] * height)))
-    window_width = max(1, min(width, round(crop[1] * width)))
-    centre_row, centre_column = (
-        ((box[0] + box[1]) / 2 * height, (box[2] + box[3]) / 2 * width) if box else (height / 2, width / 2)
-    )
+    window_height = max(1, min(height, round(crop.height * height)))
+    window_width = max(1, min(width, round(crop.width * width)))
+    if crop.centre is not None:
+        centre_row, centre_column = crop.centre[0] * height, crop.centre[1] * width
+    elif box is not None:
+        centre_row, centre_column = (box[0] + box[1]) / 2 * height, (box[2] + box[3]) / 2 * width
+    else:
+        centre_row, centre_column = height / 2, width / 2
     top = int(np.clip(round(centre_row - window_height / 2), 0, height - window_height))
     left = int(np.clip(round(centre_column - window_width / 2), 0, width - window_width))
     return Window(top, left, window_height, window_width)
 
 
 def frame(pixels: np.ndarray, crop: Crop | None) -> tuple[np.ndarray, Window]:
-    """An (H, W, 3) image cut to its part's window (a view), and the window; the whole image without one."""
+    """An (H, W, 3) image cut to its window (a view), and the window; the whole image without one. The part
+    is found only where the window follows it."""
     size = pixels.shape[:2]
     if crop is None:
         return pixels, Window.whole(size)
-    window = part_window(size, part_box(pixels), crop)
+    window = part_window(size, part_box(pixels) if crop.centre is None else None, crop)
     return pixels[window.top : window.top + window.height, window.left : window.left + window.width], window
 
 
@@ -196,4 +263,5 @@ def describe_crop(crop: Crop | None) -> str:
     """The window in words, for `gaussad info` and reports."""
     if crop is None:
         return "whole image"
-    return f"a window of {crop[0]:.0%} x {crop[1]:.0%} (height x width) around each image's part"
+    where = "each image's part" if crop.centre is None else "the parts' place, the same in every image"
+    return f"a window of {crop.height:.0%} x {crop.width:.0%} (height x width) around {where}"

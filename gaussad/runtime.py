@@ -76,9 +76,8 @@ META_PARAMS = "gaussad.params"  # JSON: the model's parameters (ModelConfig) but
 META_OUTPUTS = "gaussad.outputs"  # comma-separated output names: OUTPUTS, and DECISION_OUTPUTS if any
 META_BATCH = "gaussad.batch"  # "dynamic" or the fixed batch size
 META_MAP_RESIZE = "gaussad.map_resize"  # MAP_RESIZE: how a map becomes its image's size (outside the graph)
-# JSON: null, or the window around each image's part as [height share, width share] (`gaussad.framing`),
-# cut before the resize; the map goes back to the window's place, its lowest value elsewhere. Files without
-# it have no window.
+# JSON: null, or the window around the part, `gaussad.framing.Crop.as_json()`, cut before the resize; the
+# map goes back to the window's place, its lowest value elsewhere. Files without it have no window.
 META_CROP = "gaussad.crop"
 MAP_RESIZE = "bilinear, align_corners=False, float32"
 METADATA_KEYS = (
@@ -252,18 +251,9 @@ def _input_size(text: str | None, path: Path) -> ImageSize:
 def _crop(text: str | None, path: Path) -> Crop | None:
     """The file's window around the part: none where it has no such metadata (files before it)."""
     try:
-        values = json.loads(text or "null")
-        if values is None:
-            return None
-        if (
-            isinstance(values, list)
-            and len(values) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in values)
-        ):
-            return float(values[0]), float(values[1])
-    except json.JSONDecodeError:
-        pass
-    raise GaussADError(f"{path}: malformed {META_CROP} metadata {text!r}")
+        return Crop.from_json(json.loads(text or "null"))
+    except ValueError:  # JSON's decoding errors too
+        raise GaussADError(f"{path}: malformed {META_CROP} metadata {text!r}") from None
 
 
 def prepare_pixels(pixels: np.ndarray, size: tuple[int, int], crop: Crop | None) -> tuple[np.ndarray, Window]:

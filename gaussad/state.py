@@ -166,7 +166,7 @@ class FittedState:
             "image_grid": self.image_grid,
             "global_levels": list(self.global_levels),
             "score_scales": list(self.score_scales),
-            "crop": None if self.crop is None else list(self.crop),
+            "crop": None if self.crop is None else self.crop.as_json(),
             "selection": self.selection,
             "gaussians": self.describe_levels(),
             "thresholds": {
@@ -235,7 +235,7 @@ class FittedState:
                 score_scales=_scales(metadata.get("score_scales", [1.0] * parts), parts),
                 selection=_selection(metadata.get("selection")),
                 score_map_levels=score_map_levels,
-                crop=_crop(metadata.get("crop")),
+                crop=Crop.from_json(metadata.get("crop")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GaussADError(
@@ -286,18 +286,6 @@ def _scales(values: Any, parts: int) -> tuple[float, ...]:
     ):
         raise ValueError(f"score scales {values!r} are not {parts} positive numbers")
     return tuple(float(v) for v in values)
-
-
-def _crop(values: Any) -> Crop | None:
-    if values is None:
-        return None
-    if (
-        not isinstance(values, list)
-        or len(values) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in values)
-    ):
-        raise ValueError(f"crop {values!r} is not two shares in (0, 1]")
-    return float(values[0]), float(values[1])
 
 
 def _selection(values: Any) -> dict[str, Any] | None:

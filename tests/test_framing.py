@@ -11,6 +11,7 @@ from gaussad import GaussAD
 from gaussad.framing import (
     CROP_MARGIN,
     MAX_WINDOW_SHARE,
+    Crop,
     Window,
     crop_ruled_out,
     frame,
@@ -18,6 +19,7 @@ from gaussad.framing import (
     learn_crop,
     map_in_image,
     part_box,
+    part_region,
     part_window,
 )
 
@@ -25,13 +27,15 @@ SIDE = 96
 RADIUS = 16  # the part's diameter is a third of the frame
 
 
-def part_on_table(rng: np.random.Generator, defect: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+def part_on_table(
+    rng: np.random.Generator, defect: bool = False, radius: int = RADIUS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A textured disk (the part) at a random place on a plain grey table, and its centre; with `defect`, a
     bright scratch across the part's middle."""
     image = np.clip(rng.normal(90, 2, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
-    row, column = (int(v) for v in rng.integers(RADIUS + 2, SIDE - RADIUS - 2, size=2))
+    row, column = (int(v) for v in rng.integers(radius + 2, SIDE - radius - 2, size=2))
     y, x = np.mgrid[0:SIDE, 0:SIDE]
-    disk = (y - row) ** 2 + (x - column) ** 2 <= RADIUS**2
+    disk = (y - row) ** 2 + (x - column) ** 2 <= radius**2
     image[disk] = texture(rng, SIDE)[disk]
     if defect:
         image[row - 2 : row + 2, column - 8 : column + 8] = (250, 40, 40)
@@ -40,9 +44,11 @@ def part_on_table(rng: np.random.Generator, defect: bool = False) -> tuple[np.nd
 
 def test_the_window_is_the_largest_part_with_a_margin_and_none_where_it_would_not_pay() -> None:
     small = [(0.3, 0.6, 0.1, 0.4), (0.5, 0.7, 0.2, 0.6)]  # extents (0.3, 0.3) and (0.2, 0.4)
-    assert learn_crop(small) == pytest.approx((CROP_MARGIN * 0.3, CROP_MARGIN * 0.4))
+    height, width, centre = learn_crop(small)
+    assert (height, width) == pytest.approx((CROP_MARGIN * 0.3, CROP_MARGIN * 0.4))
+    assert centre is None  # the parts move: the window follows each one
     # One axis the part fills, the other it does not: only that one is cut.
-    assert learn_crop([(0.0, 1.0, 0.2, 0.5)]) == pytest.approx((1.0, CROP_MARGIN * 0.3))
+    assert learn_crop([(0.0, 1.0, 0.2, 0.5)])[:2] == pytest.approx((1.0, CROP_MARGIN * 0.3))
     # Nearly the whole frame on both axes, parts found on too few images, or none: no window.
     assert learn_crop([(0.0, MAX_WINDOW_SHARE, 0.05, 0.95)]) is None
     assert learn_crop([*small, None]) is None
@@ -53,10 +59,24 @@ def test_the_window_is_the_largest_part_with_a_margin_and_none_where_it_would_no
     assert not crop_ruled_out([None] * 10, 100) and not crop_ruled_out([*small, None], 100)
 
 
+def test_parts_that_sit_still_keep_one_window_in_every_image() -> None:
+    # Aligned parts, as the finder sees them: a pixel or two apart. One window at their median centre
+    # holds them all, so it stays there rather than follow the finder's jitter.
+    still = [(0.30 + d, 0.60 + d, 0.20 - d, 0.50 - d) for d in (0.0, 0.01, -0.01, 0.005)]
+    height, width, centre = learn_crop(still)
+    assert centre == pytest.approx((0.4525, 0.3475)) and height == pytest.approx(CROP_MARGIN * 0.3)
+    assert part_window((100, 200), (0.0, 0.3, 0.0, 0.3), learn_crop(still)) == Window(29, 36, 33, 66)
+    # Parts that move by more than the window's margin: it follows each one.
+    assert learn_crop([*still, (0.5, 0.8, 0.2, 0.5)]).centre is None
+    # A fixed centre is moved so that the window lies inside the image.
+    assert learn_crop([(0.0, 0.3, 0.0, 0.3)] * 3).centre == pytest.approx((0.165, 0.165))
+
+
 def test_the_window_centres_on_the_part_and_stays_inside_the_image() -> None:
-    assert part_window((100, 200), (0.4, 0.6, 0.4, 0.6), (0.3, 0.2)) == Window(35, 80, 30, 40)
-    assert part_window((100, 200), (0.0, 0.1, 0.9, 1.0), (0.3, 0.2)) == Window(0, 160, 30, 40)
-    assert part_window((100, 200), None, (0.3, 0.2)) == Window(35, 80, 30, 40)  # not found: the centre
+    crop = Crop(0.3, 0.2)
+    assert part_window((100, 200), (0.4, 0.6, 0.4, 0.6), crop) == Window(35, 80, 30, 40)
+    assert part_window((100, 200), (0.0, 0.1, 0.9, 1.0), crop) == Window(0, 160, 30, 40)
+    assert part_window((100, 200), None, crop) == Window(35, 80, 30, 40)  # not found: the centre
     assert Window(35, 80, 30, 40).scaled((100, 200), (50, 100)) == Window(18, 40, 15, 20)
     assert Window(0, 0, 3, 3).scaled((3, 3), (1, 1)) == Window(0, 0, 1, 1)  # never empty
 
@@ -81,7 +101,18 @@ def test_the_part_is_found_on_a_plain_table_and_not_in_a_texture() -> None:
     assert 0 <= row - RADIUS - top <= 6 and 0 <= bottom - (row + RADIUS + 1) <= 6
     assert 0 <= column - RADIUS - left <= 6 and 0 <= right - (column + RADIUS + 1) <= 6
     assert part_box(texture(rng, SIDE)) is None
-    cut, window = frame(image, (0.5, 0.5))
+    # A part of 3% of the frame is still a part for the window, though too small to hold synthetic defects.
+    tiny, _ = part_on_table(rng, radius=9)
+    assert part_box(tiny) is not None and part_region(tiny) is None
+    # Marks on a texture are no part: a dark disc beside a bright bar, each unlike the border, holds too
+    # little of what is unlike it.
+    marked = texture(rng, SIDE).astype(np.float64)
+    y, x = np.mgrid[0:SIDE, 0:SIDE]
+    marked[(y - 30) ** 2 + (x - 34) ** 2 < 14**2] *= 0.25
+    marked[(np.abs(y - 70) < 5) & (x > 20) & (x < 80)] = 240
+    marked = marked.astype(np.uint8)
+    assert part_region(marked, min_share=0.02) is not None and part_box(marked) is None
+    cut, window = frame(image, Crop(0.5, 0.5))
     assert cut.shape == (48, 48, 3) and window.top <= row - RADIUS and window.left <= column - RADIUS
     np.testing.assert_array_equal(frame(image, None)[0], image)
 
@@ -109,9 +140,10 @@ def cropped(parts) -> GaussAD:
 
 def test_a_model_learns_the_window_of_parts_on_a_table_and_maps_whole_images(cropped: GaussAD, parts) -> None:
     _, tests, centres = parts
-    height, width = cropped.crop_
-    # The largest part's box (widened by up to 6 pixels a side, as above) with the margin.
-    assert height == width
+    height, width, centre = cropped.crop_
+    # The largest part's box (widened by up to 6 pixels a side, as above) with the margin, following
+    # each part.
+    assert height == width and centre is None
     assert CROP_MARGIN * (2 * RADIUS + 1) / SIDE <= height <= CROP_MARGIN * (2 * RADIUS + 13) / SIDE
     prediction = cropped.predict(tests)
     for anomaly_map, (row, column) in zip(prediction.maps, centres, strict=True):
