@@ -3,9 +3,10 @@ pixels on the part.
 
 `part_region` finds the part in one image (synthetic defects are placed on it, `gaussad.synthetic`).
 `learn_crop` sizes a window from the training images' parts: the largest extent of any of them on each
-axis, with a margin, so every good part fits and every image is cut at the same scale. `frame` cuts each
-image to that window centred on its own part before it is resized to the model input, and `framed` puts a
-map made for the window back in the whole image. Where the training images show no part on a background
+axis, with a margin, so every good part fits and every image is cut at the same scale; it stays at the
+parts' place where they sit still, and follows each image's part where they move. `frame` cuts an image
+to its window before it is resized to the model input, and `framed` puts a map made for the window back
+in the whole image. Where the training images show no part on a background
 (a texture, a part filling the frame, a part found on too few of them), or the window would be nearly the
 whole frame, there is no window: the whole image is the input, as without one. Pure numpy and scipy, so
 the exported model's runtime frames images as the library does.
@@ -96,7 +97,8 @@ class Crop(NamedTuple):
     centre: tuple[float, float] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"height": self.height, "width": self.width, "centre": self.centre and list(self.centre)}
+        centre = None if self.centre is None else list(self.centre)
+        return {"height": self.height, "width": self.width, "centre": centre}
 
     @classmethod
     def from_json(cls, values: Any) -> Crop | None:

@@ -1,5 +1,6 @@
 """The window around the part: how it is learnt and placed, and that every path scores through it alike."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,16 @@ def test_parts_that_sit_still_keep_one_window_in_every_image() -> None:
     assert learn_crop([*still, (0.5, 0.8, 0.2, 0.5)]).centre is None
     # A fixed centre is moved so that the window lies inside the image.
     assert learn_crop([(0.0, 0.3, 0.0, 0.3)] * 3).centre == pytest.approx((0.165, 0.165))
+    # Saved and read back; a malformed one is refused.
+    moving = learn_crop([*still, (0.5, 0.8, 0.2, 0.5)])
+    for crop in (learn_crop(still), moving):
+        assert Crop.from_json(json.loads(json.dumps(crop.as_json()))) == crop
+    assert Crop.from_json(None) is None
+    for bad in ([0.5, 0.5], {"height": 0.5, "width": 0.0, "centre": None}, {"height": 2, "width": 0.5}):
+        with pytest.raises(ValueError):
+            Crop.from_json(bad)
+    with pytest.raises(ValueError, match="centre"):
+        Crop.from_json({"height": 0.5, "width": 0.5, "centre": [0.5]})
 
 
 def test_the_window_centres_on_the_part_and_stays_inside_the_image() -> None:
