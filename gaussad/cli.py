@@ -567,6 +567,9 @@ def describe_selection(selection: dict) -> str:
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
         lines.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
+    rule = (selection.get("localization") or {}).get("rule")
+    if isinstance(rule, str):
+        lines.append(f"  localization {rule}")
     return "\n".join(lines)
 
 

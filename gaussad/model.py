@@ -71,6 +71,8 @@ from gaussad.tuning import one_blas_thread
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
+# Why the auto localization weighed no hybrid maps (kept with the evidence).
+FOLLOWING_RULE = "shared: the window follows each image's part, so parts move about"
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
@@ -211,6 +213,11 @@ class GaussAD:
         crop = None
         if config.crop == "part":
             crop = _part_crop(items, self.workers, self.max_pixels, skip_errors)
+        # A window that follows each part says the parts move about: a per-position Gaussian has no place
+        # to know, and the auto localization keeps the paper's shared maps without weighing hybrid ones.
+        follows_parts = config.localization == "auto" and crop is not None and crop.centre is None
+        if follows_parts:
+            position_levels = ()
         config, fallback = _without_folds(config, n_folds)
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
         # fitted for both.
@@ -227,7 +234,7 @@ class GaussAD:
             pooled_sets["global"] = (global_levels, 1)
         extracted = level_union(gaussian_levels, position_levels, *(lvs for lvs, _ in pooled_sets.values()))
         # Hybrid maps' shared half: a mixture per map level, fitted on a sample of the training patches.
-        hybrid_weighed = config.localization in ("hybrid", "auto") and config.mixture_clusters > 1
+        hybrid_weighed = bool(position_levels) and config.mixture_clusters > 1
         mixture_levels = map_levels if hybrid_weighed else ()
         extractor = Extractor(
             config.backbone,
@@ -398,6 +405,8 @@ class GaussAD:
             )
             # Auto weighs the paper's shared maps first: hybrid maps must beat them (`selection.choose`).
             localizations = ["shared", "hybrid"] if config.localization == "auto" else [config.localization]
+            if follows_parts:
+                localizations = ["shared"]
             synthetic = None
             if auto:
                 # Only a chosen image score reads the pooled levels; the maps stop at their deepest level.
@@ -445,6 +454,8 @@ class GaussAD:
         )
         if fallback:
             state = replace(state, selection={"fallback": fallback})
+        elif follows_parts and state.selection:
+            state.selection["localization"]["rule"] = FOLLOWING_RULE
         self.state_ = state.with_thresholds(
             *_label_free_thresholds(state, config.max_false_alarm_rate, n_folds)
         )

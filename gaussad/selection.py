@@ -165,7 +165,9 @@ def summary(selection: dict[str, Any] | None) -> dict[str, str]:
     for option, name, metrics, chosen in candidate_rows(selection):
         proxies[option].append(f"{name}{'*' if chosen else ''} {metrics.get('proxy', float('nan')):.4f}")
     named = {f"auto {option.replace('_', ' ')} (proxy)": rows for option, rows in proxies.items()}
-    return {name: ", ".join(rows) for name, rows in named.items() if rows}
+    lines = {name: ", ".join(rows) for name, rows in named.items() if rows}
+    rule = (selection.get("localization") or {}).get("rule")
+    return lines | ({"auto localization (rule)": rule} if isinstance(rule, str) else {})
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:

@@ -201,3 +201,17 @@ def test_a_saved_model_keeps_its_window_and_every_runtime_frames_alike(
         for anomaly_map, (_, window), want in zip(maps, prepared, expected.maps, strict=True):
             placed = served.full_size_map(anomaly_map, (SIDE, SIDE), window)
             np.testing.assert_allclose(placed, want, rtol=0, atol=1e-3 * np.ptp(want))
+
+
+def test_parts_that_move_keep_shared_maps_under_auto(parts) -> None:
+    """A window that follows each part: the auto localization weighs no per-position Gaussian, says why,
+    and the model holds none."""
+    auto = fit_small(parts[0])
+    assert auto.crop_.centre is None and auto.state_.localization == "shared"
+    assert auto.state_.position_gaussian is None and auto.position_levels_ == ()
+    localization = auto.state_.selection["localization"]
+    assert list(localization["candidates"]) == ["shared"]
+    assert "follows each image's part" in localization["rule"]
+    # Without the window the same parts weigh both.
+    whole = fit_small(parts[0], crop="none").state_.selection["localization"]
+    assert set(whole["candidates"]) == {"shared", "hybrid"} and "rule" not in whole
