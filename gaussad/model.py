@@ -213,12 +213,13 @@ class GaussAD:
         crop = None
         if config.crop == "part":
             crop = _part_crop(items, self.workers, self.max_pixels, skip_errors)
+        config, fallback = _without_folds(config, n_folds)
         # A window that follows each part says the parts move about: a per-position Gaussian has no place
         # to know, and the auto localization keeps the paper's shared maps without weighing hybrid ones.
+        # (Without folds there is no auto choice: the fallback's localization stands.)
         follows_parts = config.localization == "auto" and crop is not None and crop.centre is None
         if follows_parts:
             position_levels = ()
-        config, fallback = _without_folds(config, n_folds)
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
         # fitted for both.
         score_map_levels = config.resolve_score_map_levels(backbone) if config.image_score != "pooled" else ()

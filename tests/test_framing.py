@@ -215,3 +215,7 @@ def test_parts_that_move_keep_shared_maps_under_auto(parts) -> None:
     # Without the window the same parts weigh both.
     whole = fit_small(parts[0], crop="none").state_.selection["localization"]
     assert set(whole["candidates"]) == {"shared", "hybrid"} and "rule" not in whole
+    # Without folds there is no choice to make: the fallback's hybrid maps, as its reason says.
+    unfolded = fit_small(parts[0], folds=0)
+    assert unfolded.crop_ == auto.crop_ and unfolded.state_.localization == "hybrid"
+    assert "localization hybrid" in unfolded.state_.selection["fallback"]
