@@ -559,7 +559,7 @@ def describe_thresholds(model: GaussAD) -> str:
 
 def describe_selection(selection: dict) -> str:
     """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
-    from gaussad.selection import candidate_rows
+    from gaussad.selection import candidate_rows, localization_rule
 
     if "fallback" in selection:
         return f"auto options: {selection['fallback']}"
@@ -567,8 +567,8 @@ def describe_selection(selection: dict) -> str:
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
         lines.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
-    rule = (selection.get("localization") or {}).get("rule")
-    if isinstance(rule, str):
+    rule = localization_rule(selection)
+    if rule:
         lines.append(f"  localization {rule}")
     return "\n".join(lines)
 

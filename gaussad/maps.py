@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -99,3 +100,8 @@ def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     if tuple(anomaly_map.shape) == tuple(size):
         return anomaly_map
     return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def resized_array(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """`resize_map`, as a numpy array on the CPU: what prediction hands out."""
+    return resize_map(anomaly_map, size).cpu().numpy()

@@ -52,7 +52,7 @@ from gaussad.framing import Box, Crop, crop_ruled_out, learn_crop, map_in_image,
 from gaussad.gaussian import Gaussian, Reduction
 from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe, load_pixels
-from gaussad.maps import resize_map
+from gaussad.maps import resized_array
 from gaussad.mixture import GaussianMixture, PatchSample, fit_mixtures
 from gaussad.pooled import PooledFeatures
 from gaussad.pooled import fit_level as fit_pooled
@@ -565,7 +565,7 @@ class GaussAD:
             if with_maps:
                 targets = batch.sizes if map_sizes is None else [map_sizes[index] for index in batch.indices]
                 maps = [
-                    map_in_image(m, window, size, target, _resized)
+                    map_in_image(m, window, size, target, resized_array)
                     for m, window, size, target in zip(
                         batch_maps, batch.windows, batch.sizes, targets, strict=True
                     )
@@ -727,10 +727,6 @@ class GaussAD:
             model.device_
         )
         return model
-
-
-def _resized(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return resize_map(anomaly_map, size).cpu().numpy()
 
 
 def _part_crop(items: Sequence[ImageInput], workers: int, max_pixels: int, skip_errors: bool) -> Crop | None:

@@ -166,8 +166,15 @@ def summary(selection: dict[str, Any] | None) -> dict[str, str]:
         proxies[option].append(f"{name}{'*' if chosen else ''} {metrics.get('proxy', float('nan')):.4f}")
     named = {f"auto {option.replace('_', ' ')} (proxy)": rows for option, rows in proxies.items()}
     lines = {name: ", ".join(rows) for name, rows in named.items() if rows}
+    rule = localization_rule(selection)
+    return lines | ({"auto localization (rule)": rule} if rule else {})
+
+
+def localization_rule(selection: dict[str, Any]) -> str | None:
+    """Why the auto localization weighed fewer candidates, where a rule decided (read defensively, as
+    `candidate_rows`)."""
     rule = (selection.get("localization") or {}).get("rule")
-    return lines | ({"auto localization (rule)": rule} if isinstance(rule, str) else {})
+    return rule if isinstance(rule, str) else None
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import torch
 
 from gaussad.features import BatchRunner, prepare
 from gaussad.framing import Window, map_in_image
-from gaussad.maps import resize_map
+from gaussad.maps import resized_array
 from gaussad.model import GaussAD
 from gaussad.persistence import model_sha256
 from gaussad.serve.runtime import decision_thresholds, describe_input, read_consistent
@@ -47,7 +47,7 @@ class TorchModel:
         return scores.cpu().numpy().astype(np.float64), maps.cpu().numpy() if with_maps else None
 
     def full_size_map(self, anomaly_map: np.ndarray, size: tuple[int, int], window: Window) -> np.ndarray:
-        return map_in_image(torch.from_numpy(anomaly_map), window, size, size, _resized)
+        return map_in_image(torch.from_numpy(anomaly_map), window, size, size, resized_array)
 
     def describe(self) -> dict[str, Any]:
         model, state = self.model, self.model.state_
@@ -63,7 +63,3 @@ class TorchModel:
             "backbone": {"name": state.backbone.name, "weights_sha256": state.backbone.weights_sha256},
             "config": model.config.as_dict(),
         }
-
-
-def _resized(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return resize_map(anomaly_map, size).numpy()
