@@ -68,6 +68,15 @@ def texture(rng: np.random.Generator, size: int = 96) -> np.ndarray:
     return np.clip(image * 255, 0, 255).astype(np.uint8)
 
 
+def marked_texture(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A textured part with a dark disc and a bright bar, each always at the same place."""
+    image = texture(rng, size).astype(np.float64)
+    y, x = np.mgrid[0:size, 0:size]
+    image[(y - 30) ** 2 + (x - 34) ** 2 < 14**2] *= 0.25
+    image[(np.abs(y - 70) < 5) & (x > 20) & (x < 80)] = 240
+    return image.astype(np.uint8)
+
+
 def with_defect(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     """A textured image with a bright scratch, and its mask."""
     image = texture(rng, size)

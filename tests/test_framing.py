@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fit_small, texture
+from conftest import fit_small, marked_texture, texture
 from PIL import Image
 
 from gaussad import GaussAD
@@ -117,11 +117,7 @@ def test_the_part_is_found_on_a_plain_table_and_not_in_a_texture() -> None:
     assert part_box(tiny) is not None and part_region(tiny) is None
     # Marks on a texture are no part: a dark disc beside a bright bar, each unlike the border, holds too
     # little of what is unlike it.
-    marked = texture(rng, SIDE).astype(np.float64)
-    y, x = np.mgrid[0:SIDE, 0:SIDE]
-    marked[(y - 30) ** 2 + (x - 34) ** 2 < 14**2] *= 0.25
-    marked[(np.abs(y - 70) < 5) & (x > 20) & (x < 80)] = 240
-    marked = marked.astype(np.uint8)
+    marked = marked_texture(rng, SIDE)
     assert part_region(marked, min_share=0.02) is not None and part_box(marked) is None
     cut, window = frame(image, Crop(0.5, 0.5))
     assert cut.shape == (48, 48, 3) and window.top <= row - RADIUS and window.left <= column - RADIUS

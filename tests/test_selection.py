@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MAGNETIC_TILE, benchmark_script, needs, texture
+from conftest import MAGNETIC_TILE, benchmark_script, marked_texture, needs, texture
 from PIL import Image
 from scipy import ndimage
 
@@ -163,15 +163,6 @@ def test_choosing_only_the_localization_weighs_only_its_patches(auto_model: Gaus
     assert "auto localization (proxy)" in info and "auto image score (proxy)" not in info
 
 
-def _part(rng: np.random.Generator, size: int = 96) -> np.ndarray:
-    """A textured part with a dark disc and a bright bar, each always at the same place."""
-    image = texture(rng, size).astype(np.float64)
-    y, x = np.mgrid[0:size, 0:size]
-    image[(y - 30) ** 2 + (x - 34) ** 2 < 14**2] *= 0.25
-    image[(np.abs(y - 70) < 5) & (x > 20) & (x < 80)] = 240
-    return image.astype(np.uint8)
-
-
 def test_the_image_scores_evidence_follows_alignment(tmp_path: Path) -> None:
     """The same parts, aligned and then turned and shifted at random as the development data's `rotate`
     variant does it: on the aligned ones the grid-pooled features separate the synthetic defects and the
@@ -179,7 +170,8 @@ def test_the_image_scores_evidence_follows_alignment(tmp_path: Path) -> None:
     A choice that follows alignment: `test_auto_localization_chooses_by_alignment_on_real_parts`."""
     rotate = benchmark_script("stress_variants").rotate
     rng, turns = np.random.default_rng(2), np.random.default_rng(3)
-    aligned = [_part(rng) for _ in range(128)]  # as many as the proxy takes: the choice needs them all
+    # As many as the proxy takes: the choice needs them all.
+    aligned = [marked_texture(rng) for _ in range(128)]
     sets = {"aligned": aligned, "rotated": [rotate(part, None, turns)[0] for part in aligned]}
     chosen, evidence = {}, {}
     for name, parts in sets.items():
