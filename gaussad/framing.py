@@ -79,8 +79,11 @@ def part_region(
 # The window: the largest part extent over the training images times CROP_MARGIN, per axis, as a share of
 # the image's height and width. No window where the parts were found on fewer than MIN_FOUND_SHARE of the
 # training images, or where it would span MAX_WINDOW_SHARE of the frame on both axes (a zoom under 1.1).
+# Parts found on MOVING_FOUND_SHARE of them already show whether they move about (`parts_move`): that
+# cuts nothing, so it needs less than a window, which cuts blind in every image whose part is not found.
 CROP_MARGIN = 1.1
 MIN_FOUND_SHARE = 0.9
+MOVING_FOUND_SHARE = 0.5
 MAX_WINDOW_SHARE = 0.9
 FIND_SIDE = 112  # the part is found on every k-th pixel, k such that the short side keeps about this many
 
@@ -167,12 +170,13 @@ def part_box(pixels: np.ndarray) -> Box | None:
     )
 
 
-def learn_crop(boxes: Sequence[Box | None]) -> Crop | None:
-    """The window for images whose parts' boxes these are (the training images'), or None for none. Where
-    one window at the parts' median centre holds every part found, the parts sit still (aligned, or turning
-    in place) and the window stays there in every image: centring it on each image's part would only add
-    the finder's jitter to an alignment that the grid and the per-position Gaussian rely on."""
-    if not boxes or crop_ruled_out(boxes, len(boxes)):
+def learn_crop(boxes: Sequence[Box | None], min_found: float = MIN_FOUND_SHARE) -> Crop | None:
+    """The window for images whose parts' boxes these are (the training images'), or None for none (also
+    where parts were found on fewer than `min_found` of them). Where one window at the parts' median centre
+    holds every part found, the parts sit still (aligned, or turning in place) and the window stays there
+    in every image: centring it on each image's part would only add the finder's jitter to an alignment
+    that the grid and the per-position Gaussian rely on."""
+    if not boxes or crop_ruled_out(boxes, len(boxes), min_found):
         return None
     height, width = _window_shares(boxes)
     found = np.array([box for box in boxes if box is not None], dtype=np.float64)
@@ -194,12 +198,20 @@ def _inside(centre: float, share: float) -> float:
     return min(max(centre, share / 2), 1.0 - share / 2)
 
 
-def crop_ruled_out(boxes: Sequence[Box | None], total: int) -> bool:
+def parts_move(boxes: Sequence[Box | None]) -> bool:
+    """Whether the parts of images whose boxes these are move about the frame: found on at least
+    `MOVING_FOUND_SHARE` of them (a texture's marks, found here and there, are not parts), a window around
+    them would follow each one. A per-position Gaussian has then no place to know a feature at."""
+    crop = learn_crop(boxes, MOVING_FOUND_SHARE)
+    return crop is not None and crop.centre is None
+
+
+def crop_ruled_out(boxes: Sequence[Box | None], total: int, min_found: float = MIN_FOUND_SHARE) -> bool:
     """Whether the boxes of some of `total` training images rule a window out whatever the others' are:
-    parts not found on too many of all the images, or found spanning nearly the frame on both axes (the
-    window only grows with more parts). A fit stops finding parts as soon as this holds."""
+    parts not found on more than 1 - `min_found` of all the images, or found spanning nearly the frame on
+    both axes (the window only grows with more parts). A fit stops finding parts as soon as this holds."""
     missing = sum(box is None for box in boxes)
-    if total - missing < MIN_FOUND_SHARE * total:  # even if every other image shows its part
+    if total - missing < min_found * total:  # even if every other image shows its part
         return True
     return missing < len(boxes) and _window_shares(boxes).min() >= MAX_WINDOW_SHARE
 

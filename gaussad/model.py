@@ -48,7 +48,7 @@ from gaussad.decoding import decoded_batches, decoding_pool
 from gaussad.errors import GaussADError
 from gaussad.features import BatchRunner, ImageError, resolve_device
 from gaussad.fitpass import Extractor, FitPlan, run_pass
-from gaussad.framing import Box, Crop, crop_ruled_out, learn_crop, map_in_image, part_box
+from gaussad.framing import Box, Crop, crop_ruled_out, learn_crop, map_in_image, part_box, parts_move
 from gaussad.gaussian import Gaussian, Reduction
 from gaussad.heldout import FoldHeads, HeldOutMaps, map_head
 from gaussad.images import DEFAULT_MAX_PIXELS, ImageInput, collect_images, describe, load_pixels
@@ -72,7 +72,7 @@ from gaussad.tuning import one_blas_thread
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 # Why the auto localization weighed no hybrid maps (kept with the evidence).
-FOLLOWING_RULE = "shared: the window follows each image's part, so parts move about"
+MOVING_RULE = "shared: the parts found move about the frame, so a feature has no one place"
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
@@ -210,14 +210,14 @@ class GaussAD:
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
         # The window around the part, learnt before the pass that cuts every image to it.
-        crop = None
+        crop, moving = None, False
         if config.crop == "part":
-            crop = _part_crop(items, self.workers, self.max_pixels, skip_errors)
+            crop, moving = _part_crop(items, self.workers, self.max_pixels, skip_errors)
         config, fallback = _without_folds(config, n_folds)
-        # A window that follows each part says the parts move about: a per-position Gaussian has no place
-        # to know, and the auto localization keeps the paper's shared maps without weighing hybrid ones.
-        # (Without folds there is no auto choice: the fallback's localization stands.)
-        follows_parts = config.localization == "auto" and crop is not None and crop.centre is None
+        # Parts that move about (a window, learnt or not, would follow each one): a per-position Gaussian
+        # has no place to know, and the auto localization keeps the paper's shared maps without weighing
+        # hybrid ones. (Without folds there is no auto choice: the fallback's localization stands.)
+        follows_parts = config.localization == "auto" and moving
         if follows_parts:
             position_levels = ()
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
@@ -456,7 +456,7 @@ class GaussAD:
         if fallback:
             state = replace(state, selection={"fallback": fallback})
         elif follows_parts and state.selection:
-            state.selection["localization"]["rule"] = FOLLOWING_RULE
+            state.selection["localization"]["rule"] = MOVING_RULE
         self.state_ = state.with_thresholds(
             *_label_free_thresholds(state, config.max_false_alarm_rate, n_folds)
         )
@@ -729,8 +729,11 @@ class GaussAD:
         return model
 
 
-def _part_crop(items: Sequence[ImageInput], workers: int, max_pixels: int, skip_errors: bool) -> Crop | None:
-    """The window around the part that the training images show (`gaussad.framing.learn_crop`), from a
+def _part_crop(
+    items: Sequence[ImageInput], workers: int, max_pixels: int, skip_errors: bool
+) -> tuple[Crop | None, bool]:
+    """The window around the part that the training images show (`gaussad.framing.learn_crop`), and whether
+    their parts move about (`parts_move`, on the parts found so far where a window is ruled out), from a
     decoding pass over them in threads that stops as soon as their parts rule a window out (a texture, a
     part filling the frame: after the first batch); unreadable images stop it or are left out, as in the
     fit's pass."""
@@ -740,8 +743,8 @@ def _part_crop(items: Sequence[ImageInput], workers: int, max_pixels: int, skip_
         for _, chunk, _ in decoded_batches(items, decode, DEFAULT_BATCH_SIZE, pool, skip_errors):
             boxes += chunk
             if crop_ruled_out(boxes, len(items)):
-                return None
-    return learn_crop(boxes)
+                return None, parts_move(boxes)
+    return learn_crop(boxes), parts_move(boxes)
 
 
 def _decoded_part_box(item: ImageInput, max_pixels: int) -> Box | None:

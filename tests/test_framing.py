@@ -22,6 +22,7 @@ from gaussad.framing import (
     part_box,
     part_region,
     part_window,
+    parts_move,
 )
 
 SIDE = 96
@@ -58,6 +59,17 @@ def test_the_window_is_the_largest_part_with_a_margin_and_none_where_it_would_no
     # What a fit's first images already rule out, more images cannot bring back: it stops finding parts.
     assert crop_ruled_out([(0.0, 0.95, 0.0, 0.9)], 100) and crop_ruled_out([None] * 11, 100)
     assert not crop_ruled_out([None] * 10, 100) and not crop_ruled_out([*small, None], 100)
+
+
+def test_parts_move_about_where_found_on_half_the_images_and_a_window_would_follow_them() -> None:
+    moving = [(0.1, 0.4, 0.1, 0.4), (0.5, 0.8, 0.5, 0.8)]
+    still = [(0.30 + d, 0.60 + d, 0.20 - d, 0.50 - d) for d in (0.0, 0.01, -0.01, 0.005)]
+    # Found on two of three images: too few for a window, enough to see them move.
+    assert learn_crop([*moving, None]) is None and parts_move([*moving, None])
+    assert parts_move(moving) and not parts_move(still) and not parts_move([*still, None])
+    # Found on fewer than half (a texture's marks), or spanning the frame: nothing to say.
+    assert not parts_move([*moving, None, None, None])
+    assert not parts_move([(0.0, 0.95, 0.0, 0.9), (0.05, 0.95, 0.1, 0.95)])
 
 
 def test_parts_that_sit_still_keep_one_window_in_every_image() -> None:
@@ -199,18 +211,28 @@ def test_a_saved_model_keeps_its_window_and_every_runtime_frames_alike(
             np.testing.assert_allclose(placed, want, rtol=0, atol=1e-3 * np.ptp(want))
 
 
-def test_parts_that_move_keep_shared_maps_under_auto(parts) -> None:
-    """A window that follows each part: the auto localization weighs no per-position Gaussian, says why,
-    and the model holds none."""
+def test_parts_that_move_keep_shared_maps_under_auto(parts, tmp_path: Path) -> None:
+    """Parts that move about (a window follows each one, or would where too few are found for one): the
+    auto localization weighs no per-position Gaussian, says why, and the model holds none."""
     auto = fit_small(parts[0])
     assert auto.crop_.centre is None and auto.state_.localization == "shared"
     assert auto.state_.position_gaussian is None and auto.position_levels_ == ()
     localization = auto.state_.selection["localization"]
     assert list(localization["candidates"]) == ["shared"]
-    assert "follows each image's part" in localization["rule"]
+    assert "parts found move about" in localization["rule"]
     # Without the window the same parts weigh both.
     whole = fit_small(parts[0], crop="none").state_.selection["localization"]
     assert set(whole["candidates"]) == {"shared", "hybrid"} and "rule" not in whole
+    # Parts found on too few images for a window (12 of 16) that move about: shared maps all the same.
+    rng = np.random.default_rng(2)
+    tables = []
+    for index in range(4):
+        table = np.clip(rng.normal(90, 2, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+        tables.append(tmp_path / f"table{index}.png")
+        Image.fromarray(table).save(tables[-1])
+    unwindowed = fit_small([*parts[0][:12], *tables])
+    assert unwindowed.crop_ is None and unwindowed.state_.localization == "shared"
+    assert unwindowed.state_.selection["localization"]["rule"] == localization["rule"]
     # Without folds there is no choice to make: the fallback's hybrid maps, as its reason says.
     unfolded = fit_small(parts[0], folds=0)
     assert unfolded.crop_ == auto.crop_ and unfolded.state_.localization == "hybrid"
