@@ -559,17 +559,19 @@ def describe_thresholds(model: GaussAD) -> str:
 
 def describe_selection(selection: dict) -> str:
     """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
-    from gaussad.selection import candidate_rows, localization_rule
+    from gaussad.selection import candidate_rows, rules
 
     if "fallback" in selection:
         return f"auto options: {selection['fallback']}"
-    lines = [f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"]
+    lines = []
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
         lines.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
-    rule = localization_rule(selection)
-    if rule:
-        lines.append(f"  localization {rule}")
+    if lines:
+        lines.insert(
+            0, f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"
+        )
+    lines += [f"{option.replace('_', ' ')} by rule: {rule}" for option, rule in rules(selection).items()]
     return "\n".join(lines)
 
 
@@ -591,7 +593,11 @@ def run_info(args: argparse.Namespace) -> None:
         f"reduction: {config.reduction} {config.variance}; localization: {localization}; "
         f"blur sigma: {config.blur_sigma}"
     )
-    score = state.image_score if config.image_score != "auto" else f"auto, chose {state.image_score}"
+    score = state.image_score
+    if config.image_score != state.image_score:
+        score = (
+            f"{config.image_score}, {'chose' if config.image_score == 'auto' else 'took'} {state.image_score}"
+        )
     levels = ",".join(map(str, state.levels))
     whole = f"; global levels {','.join(map(str, state.global_levels))}" if state.global_levels else ""
     if state.score_map_levels:

@@ -4,7 +4,8 @@ pixels on the part.
 `part_region` finds the part in one image (synthetic defects are placed on it, `gaussad.synthetic`).
 `learn_crop` sizes a window from the training images' parts: the largest extent of any of them on each
 axis, with a margin, so every good part fits and every image is cut at the same scale; it stays at the
-parts' place where they sit still, and follows each image's part where they move. `frame` cuts an image
+parts' place where they sit still, and follows each image's part where they move; `parts_move` tells from
+the same boxes whether parts move about, for the rules of a fit's options. `frame` cuts an image
 to its window before it is resized to the model input, and `framed` puts a map made for the window back
 in the whole image. Where the training images show no part on a background
 (a texture, a part filling the frame, a part found on too few of them), or the window would be nearly the

@@ -71,8 +71,11 @@ from gaussad.tuning import one_blas_thread
 # The hybrid map's per-position Gaussian keeps all stacked features, as PaDiM does: reduced to the OPCA
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
-# Why the auto localization weighed no hybrid maps (kept with the evidence).
-MOVING_RULE = "shared: the parts found move about the frame, so a feature has no one place"
+# Why an option was decided by a rule where the training images' parts move about (kept with the evidence).
+MOVING_RULES = {
+    "localization": "shared: the parts found move about the frame, so a feature has no one place",
+    "image_score": "map: the parts found move about the frame, so pooled features have no one place",
+}
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
@@ -214,11 +217,8 @@ class GaussAD:
         if config.crop == "part":
             crop, moving = _part_crop(items, self.workers, self.max_pixels, skip_errors)
         config, fallback = _without_folds(config, n_folds)
-        # Parts that move about (a window, learnt or not, would follow each one): a per-position Gaussian
-        # has no place to know, and the auto localization keeps the paper's shared maps without weighing
-        # hybrid ones. (Without folds there is no auto choice: the fallback's localization stands.)
-        follows_parts = config.localization == "auto" and moving
-        if follows_parts:
+        config, rules = _for_moving_parts(config, moving)
+        if "localization" in rules:
             position_levels = ()
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
         # fitted for both.
@@ -406,7 +406,7 @@ class GaussAD:
             )
             # Auto weighs the paper's shared maps first: hybrid maps must beat them (`selection.choose`).
             localizations = ["shared", "hybrid"] if config.localization == "auto" else [config.localization]
-            if follows_parts:
+            if "localization" in rules:
                 localizations = ["shared"]
             synthetic = None
             if auto:
@@ -455,8 +455,14 @@ class GaussAD:
         )
         if fallback:
             state = replace(state, selection={"fallback": fallback})
-        elif follows_parts and state.selection:
-            state.selection["localization"]["rule"] = MOVING_RULE
+        elif rules:
+            selection = state.selection or {}
+            chosen = {"localization": state.localization, "image_score": state.image_score}
+            decided = {
+                option: {**selection.get(option, {}), "chosen": chosen[option], "rule": rule}
+                for option, rule in rules.items()
+            }
+            state = replace(state, selection=selection | decided)
         self.state_ = state.with_thresholds(
             *_label_free_thresholds(state, config.max_false_alarm_rate, n_folds)
         )
@@ -749,6 +755,23 @@ def _part_crop(
 
 def _decoded_part_box(item: ImageInput, max_pixels: int) -> Box | None:
     return part_box(load_pixels(item, max_pixels))
+
+
+def _for_moving_parts(config: ModelConfig, moving: bool) -> tuple[ModelConfig, dict[str, str]]:
+    """The config a fit uses where the training images' parts move about the frame (`parts_move`), and the
+    rules that decided it (`MOVING_RULES`, by option). The auto localization weighs shared maps alone: a
+    per-position Gaussian has no place to know. The combined and auto image scores are the score map's
+    top share alone: a grid cell, or the whole frame, holds a moving part's features in no one place and
+    with more or less background. Applied after `_without_folds`: without folds its options stand."""
+    if not moving:
+        return config, {}
+    rules = {}
+    if config.localization == "auto":
+        rules["localization"] = MOVING_RULES["localization"]
+    if config.image_score in ("combined", "auto"):
+        rules["image_score"] = MOVING_RULES["image_score"]
+        config = replace(config, image_score="map")
+    return config, rules
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:

@@ -166,15 +166,15 @@ def summary(selection: dict[str, Any] | None) -> dict[str, str]:
         proxies[option].append(f"{name}{'*' if chosen else ''} {metrics.get('proxy', float('nan')):.4f}")
     named = {f"auto {option.replace('_', ' ')} (proxy)": rows for option, rows in proxies.items()}
     lines = {name: ", ".join(rows) for name, rows in named.items() if rows}
-    rule = localization_rule(selection)
-    return lines | ({"auto localization (rule)": rule} if rule else {})
+    return lines | {f"{option.replace('_', ' ')} (rule)": rule for option, rule in rules(selection).items()}
 
 
-def localization_rule(selection: dict[str, Any]) -> str | None:
-    """Why the auto localization weighed fewer candidates, where a rule decided (read defensively, as
-    `candidate_rows`)."""
-    rule = (selection.get("localization") or {}).get("rule")
-    return rule if isinstance(rule, str) else None
+def rules(selection: dict[str, Any]) -> dict[str, str]:
+    """Per option, the rule that decided it or narrowed its candidates, where one did (read defensively,
+    as `candidate_rows`)."""
+    parts = {option: selection.get(option) for option in OPTIONS}
+    found = {option: part.get("rule") for option, part in parts.items() if isinstance(part, dict)}
+    return {option: rule for option, rule in found.items() if isinstance(rule, str)}
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:

@@ -9,6 +9,8 @@ from conftest import fit_small, marked_texture, texture
 from PIL import Image
 
 from gaussad import GaussAD
+from gaussad.cli import main
+from gaussad.evaluation import model_info
 from gaussad.framing import (
     CROP_MARGIN,
     MAX_WINDOW_SHARE,
@@ -211,18 +213,36 @@ def test_a_saved_model_keeps_its_window_and_every_runtime_frames_alike(
             np.testing.assert_allclose(placed, want, rtol=0, atol=1e-3 * np.ptp(want))
 
 
-def test_parts_that_move_keep_shared_maps_under_auto(parts, tmp_path: Path) -> None:
+def test_parts_that_move_keep_shared_maps_under_auto(parts, tmp_path: Path, capsys) -> None:
     """Parts that move about (a window follows each one, or would where too few are found for one): the
-    auto localization weighs no per-position Gaussian, says why, and the model holds none."""
+    auto localization weighs no per-position Gaussian, the combined image score is the score map's top
+    share alone, each says why, and the model holds neither a per-position Gaussian nor the pooled
+    score's scales."""
+    _, tests, _ = parts
     auto = fit_small(parts[0])
     assert auto.crop_.centre is None and auto.state_.localization == "shared"
     assert auto.state_.position_gaussian is None and auto.position_levels_ == ()
     localization = auto.state_.selection["localization"]
     assert list(localization["candidates"]) == ["shared"]
     assert "parts found move about" in localization["rule"]
-    # Without the window the same parts weigh both.
-    whole = fit_small(parts[0], crop="none").state_.selection["localization"]
-    assert set(whole["candidates"]) == {"shared", "hybrid"} and "rule" not in whole
+    assert auto.state_.image_score == "map" and auto.state_.global_levels == ()
+    assert auto.state_.selection["image_score"]["rule"].startswith("map: the parts found move about")
+    # Shown by `gaussad info` and in reports.
+    assert main(["info", str(auto.save(tmp_path / "model"))]) == 0
+    printed = capsys.readouterr().out
+    assert "image score: combined, took map;" in printed
+    assert "localization by rule: shared: the parts" in printed and "image score by rule: map: the" in printed
+    assert model_info(auto)["image score (rule)"] == auto.state_.selection["image_score"]["rule"]
+    # The same model as the map score asked for, whose rule is the localization's alone.
+    asked = fit_small(parts[0], image_score="map")
+    np.testing.assert_allclose(asked.score_samples(tests), auto.score_samples(tests), rtol=1e-6)
+    assert "image_score" not in asked.state_.selection
+    # A pooled score asked for stays pooled.
+    assert fit_small(parts[0], image_score="pooled").state_.image_score == "pooled"
+    # Without the window the same parts weigh both maps and keep the combined score.
+    whole = fit_small(parts[0], crop="none").state_
+    assert set(whole.selection["localization"]["candidates"]) == {"shared", "hybrid"}
+    assert "rule" not in whole.selection["localization"] and whole.image_score == "combined"
     # Parts found on too few images for a window (12 of 16) that move about: shared maps all the same.
     rng = np.random.default_rng(2)
     tables = []
@@ -232,8 +252,10 @@ def test_parts_that_move_keep_shared_maps_under_auto(parts, tmp_path: Path) -> N
         Image.fromarray(table).save(tables[-1])
     unwindowed = fit_small([*parts[0][:12], *tables])
     assert unwindowed.crop_ is None and unwindowed.state_.localization == "shared"
+    assert unwindowed.state_.image_score == "map"
     assert unwindowed.state_.selection["localization"]["rule"] == localization["rule"]
     # Without folds there is no choice to make: the fallback's hybrid maps, as its reason says.
     unfolded = fit_small(parts[0], folds=0)
     assert unfolded.crop_ == auto.crop_ and unfolded.state_.localization == "hybrid"
+    assert unfolded.state_.image_score == "pooled"
     assert "localization hybrid" in unfolded.state_.selection["fallback"]
