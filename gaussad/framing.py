@@ -202,7 +202,7 @@ def _inside(centre: float, share: float) -> float:
 def parts_move(boxes: Sequence[Box | None]) -> bool:
     """Whether the parts of images whose boxes these are move about the frame: found on at least
     `MOVING_FOUND_SHARE` of them (a texture's marks, found here and there, are not parts), a window around
-    them would follow each one. A per-position Gaussian has then no place to know a feature at."""
+    them would follow each one. A feature then has no one place in the frame."""
     crop = learn_crop(boxes, MOVING_FOUND_SHARE)
     return crop is not None and crop.centre is None
 

@@ -213,11 +213,10 @@ def test_a_saved_model_keeps_its_window_and_every_runtime_frames_alike(
             np.testing.assert_allclose(placed, want, rtol=0, atol=1e-3 * np.ptp(want))
 
 
-def test_parts_that_move_keep_shared_maps_under_auto(parts, tmp_path: Path, capsys) -> None:
+def test_parts_that_move_take_shared_maps_and_the_map_score(parts, tmp_path: Path, capsys) -> None:
     """Parts that move about (a window follows each one, or would where too few are found for one): the
     auto localization weighs no per-position Gaussian, the combined image score is the score map's top
-    share alone, each says why, and the model holds neither a per-position Gaussian nor the pooled
-    score's scales."""
+    share alone, each says why, and the model holds neither a per-position nor a global Gaussian."""
     _, tests, _ = parts
     auto = fit_small(parts[0])
     assert auto.crop_.centre is None and auto.state_.localization == "shared"
