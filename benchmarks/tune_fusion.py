@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_ndtr, logsumexp
 
+from gaussad.config import CROPS
 from gaussad.layout import list_test_images, training_images
 from gaussad.metrics import image_auroc
 from gaussad.model import GaussAD
@@ -199,7 +200,7 @@ def summary(results: dict[str, dict[str, tuple[float, ...]]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("categories", nargs="+", type=Path)
-    parser.add_argument("--crop", choices=("none", "part"), default="none", help="the parts' --crop")
+    parser.add_argument("--crop", choices=CROPS, default="none", help="the parts' --crop")
     parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args()
     _, command, description = __doc__.split("\n\n", 2)
