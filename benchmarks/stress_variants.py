@@ -23,9 +23,13 @@ default, written outside the repository.
 - `tiny`: the `scene`'s part and background, the part shrunk to 20-30% of the side: a part a few hundred
   pixels across in a large frame, as MVTec AD's screws are, whose defects the squashed input all but
   erases.
+- `count`: the `tiny` images, and a logical anomaly besides the structural ones: test images of the
+  defect type `extra` hold two good parts where one belongs (as a second screw in a bag, or an extra item
+  in a box), each placed as `tiny` places one, apart; the mask covers the second. Every patch of such an
+  image is normal: only what the image holds as a whole is not.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture tiny --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed fixture tiny count --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -177,6 +181,30 @@ def _fixed_background(shape: tuple[int, int]) -> np.ndarray:
     return ndimage.zoom(_fixture_pattern(), zoom, order=1, grid_mode=True, mode="nearest")
 
 
+def two_parts(
+    first: np.ndarray, second: np.ndarray, rng: np.random.Generator, tries: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two parts in one frame of `first`'s size, each shrunk, turned and placed as `tiny` places one, on
+    the `scene`'s background, the second (resized to the frame) where it covers none of the first (or, in
+    `tries` draws, the least); and the mask of the second's footprint."""
+    shape = first.shape[:2]
+    second = np.asarray(Image.fromarray(second).resize(shape[::-1], Image.Resampling.BILINEAR))
+    full = np.full(shape, 255, np.uint8)
+    matrix, offset, border = _placement(first, rng, scales=TINY_SCALES)
+    composed, footprint = _on_background(first, full, matrix, offset, _background(shape, border, rng))
+    best = None
+    for _ in range(tries):
+        placement = _placement(second, rng, scales=TINY_SCALES)
+        other = ndimage.affine_transform(full, placement[0], placement[1], order=0, cval=0)
+        overlap = np.logical_and(footprint, other).sum()
+        if best is None or overlap < best[0]:
+            best = (overlap, placement)
+        if overlap == 0:
+            break
+    matrix, offset, _ = best[1]
+    return _on_background(second, full, matrix, offset, composed.astype(np.float32))
+
+
 def _turn(radians: float) -> np.ndarray:
     """The 2 x 2 rotation by `radians` of (y, x) coordinates."""
     cos, sin = math.cos(radians), math.sin(radians)
@@ -246,9 +274,11 @@ TRANSFORMS = {
     "strip": strip,
     "posed": posed,
     "fixture": fixture,
-    "tiny": tiny,  # last: each variant's seed is its place in this list
+    "tiny": tiny,
+    "count": tiny,  # last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
+EXTRA = "extra"  # the `count` variant's logical defect type
 
 
 def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
@@ -272,8 +302,25 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
         if moved is not None:
             _save(moved, target / "ground_truth" / test.defect / f"{test.path.stem}_mask.png")
         kept += 1
+    if variant == "count":
+        kept += _write_extra_parts(category, target, rng)
     print(f"{target}: {kept} test images ({dropped} defective dropped: defect outside the window)")
     return target
+
+
+def _write_extra_parts(category: Path, target: Path, rng: np.random.Generator) -> int:
+    """The `count` variant's logical anomalies: per good test image, it and the other good test image
+    nearest to it in aspect (so that the second is little distorted) as `two_parts`; how many."""
+    goods = [test.path for test in list_test_images(category) if test.defect == "good"]
+    images = [np.asarray(read_image(path)) for path in goods]
+    aspects = np.array([image.shape[0] / image.shape[1] for image in images])
+    for index, (path, image) in enumerate(zip(goods, images, strict=True)):
+        distance = np.abs(np.log(aspects / aspects[index]))
+        distance[index] = np.inf
+        pixels, mask = two_parts(image, images[int(np.argmin(distance))], rng)
+        _save(pixels, target / "test" / EXTRA / f"{path.stem}.png")
+        _save(mask, target / "ground_truth" / EXTRA / f"{path.stem}_mask.png")
+    return len(goods)
 
 
 def _save(pixels: np.ndarray, path: Path) -> None:

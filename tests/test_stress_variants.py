@@ -33,7 +33,7 @@ def _red(image: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("variant", stress_variants.VARIANTS)
 def test_each_variant_moves_the_mask_with_the_image_and_repeats_by_seed(variant: str) -> None:
-    transform = getattr(stress_variants, variant)
+    transform = stress_variants.TRANSFORMS[variant]
     image, mask = _part_with_defect()
     for seed in range(5):
         moved_image, moved_mask = transform(image, mask, np.random.default_rng(seed))
@@ -125,6 +125,25 @@ def test_fixture_turns_the_part_in_place_on_one_background() -> None:
     assert len({tuple(np.argwhere(_red(moved)).mean(axis=0).round()) for moved, _ in placed}) > 1
 
 
+def test_two_parts_places_a_second_good_part_apart_from_the_first_and_masks_it() -> None:
+    image, _ = _part_with_defect()
+    image = np.pad(image, ((75, 75), (60, 60), (0, 0)), constant_values=128)  # a 240 x 240 frame
+    first = np.where(_red(image)[..., None], 0, image).astype(np.uint8)  # red only in the second
+    second = image[::-1].copy()
+    for seed in range(4):
+        pixels, mask = stress_variants.two_parts(first, second, np.random.default_rng(seed))
+        assert pixels.shape == first.shape and mask.shape == first.shape[:2]
+        inside = mask > 0
+        low, high = stress_variants.TINY_SCALES
+        assert low**2 * 0.8 < inside.mean() < high**2 * 1.2  # one shrunk frame's footprint
+        red = _red(pixels)
+        assert red.any() and inside[red].all()  # the second part's defect lies in the mask
+        texture = np.abs(pixels.astype(float) - 128).max(axis=-1) > 40
+        assert texture[~inside].sum() > 0.5 * texture[inside].sum()  # and the first part outside it
+        again = stress_variants.two_parts(first, second, np.random.default_rng(seed))
+        np.testing.assert_array_equal(again[0], pixels)
+
+
 def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
     """Where the variant puts the part (a plain white image run through the same transform)."""
     white = np.full((*shape, 3), 255, np.uint8)
@@ -140,7 +159,11 @@ def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_pat
         assert written == tmp_path / f"{category.name}-{variant}"
         assert len(training_images(written)) == len(training_images(category))
         tests = list_test_images(written)
-        assert {item.defect for item in tests} == {item.defect for item in source}
+        added = {stress_variants.EXTRA} if variant == "count" else set()
+        assert {item.defect for item in tests} == {item.defect for item in source} | added
+        if variant == "count":  # one image with two good parts per good test image
+            goods = sum(item.defect == "good" for item in source)
+            assert sum(item.defect == stress_variants.EXTRA for item in tests) == goods
         for item in tests:
             if item.mask_path is not None:
                 assert Image.open(item.mask_path).size == Image.open(item.path).size
