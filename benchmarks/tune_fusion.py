@@ -8,6 +8,8 @@ joined, compared on every development set.
     python benchmarks/tune_fusion.py ~/.cache/gaussad/stress/bottle-{small,scene,posed,tiny,fixture} \
         ~/.cache/gaussad/stress/magnetic_tile-{tiny,small,scene,posed,fixture} --crop part \
         --out benchmarks/results/tune_fusion_moving.md
+    python benchmarks/tune_fusion.py ~/.cache/gaussad/stress/*-count --crop part --apart extra \
+        --out benchmarks/results/tune_fusion_count.md
 
 Per data set, five fits with the default folds give each part's held-out scores on the training images and
 its scores on the test images: the default model with image score `pooled` (the grid-pooled levels 4-5), then
@@ -23,12 +25,14 @@ threshold at a 1% target). A z-score is a part's value less its held-out mean, o
 deviation; summing z-scores ranks and thresholds exactly as the default's sum over standard deviations does.
 The parts are fitted on whole images (`--crop none`, as the first table was measured) or, with `--crop part`,
 cut to the window around the part where the fit learns one (the second table: the sets whose parts move
-about, or turn in place).
+about, or turn in place; the third: the `count` sets, whose logical anomalies, two good parts where one
+belongs, `--apart extra` scores apart from the structural defects).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,12 +161,19 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     return result
 
 
-def run(category: Path, crop: str) -> dict[str, tuple[float, float, float, float]]:
+def run(category: Path, crop: str, apart: str | None = None) -> dict[str, tuple[float, ...]]:
     """Per way of scoring: image AUROC, detected at 5% false alarms, false alarms and misses at the
-    label-free threshold, each part fitted with `crop`."""
+    label-free threshold, each part fitted with `crop`; with `apart`, a defect type, also the image AUROC
+    and misses of that type's images alone and of the other defective ones (each against the good)."""
     tests = list_test_images(category)
     paths = [item.path for item in tests]
-    labels = np.array([item.path.parent.name != "good" for item in tests])
+    labels = np.array([item.defect != "good" for item in tests])
+    groups = []
+    if apart is not None:
+        chosen = np.array([item.defect == apart for item in tests])
+        if not chosen.any():
+            raise SystemExit(f"{category}: no test images of the defect type {apart!r}")
+        groups = [chosen, labels & ~chosen]
     parts = {}
     for name, options in PARTS.items():
         model = GaussAD(crop=crop, **options).fit(training_images(category))
@@ -174,7 +185,18 @@ def run(category: Path, crop: str) -> dict[str, tuple[float, float, float, float
         false_alarms = float(np.mean(test[~labels] > threshold))
         misses = float(np.mean(test[labels] <= threshold))
         results[name] = (image_auroc(labels, test), detected, false_alarms, misses)
+        for group in groups:
+            results[name] += _apart(group, labels, test, threshold)
     return results
+
+
+def _apart(group: np.ndarray, labels: np.ndarray, test: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Image AUROC of one group of defective images against the good ones, and its misses at the
+    threshold; not a number for an empty group."""
+    if not group.any():
+        return math.nan, math.nan
+    shown = group | ~labels
+    return image_auroc(group[shown], test[shown]), float(np.mean(test[group] <= threshold))
 
 
 def summary(results: dict[str, dict[str, tuple[float, ...]]]) -> list[str]:
@@ -201,20 +223,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--crop", choices=CROPS, default="none", help="the parts' --crop")
+    parser.add_argument(
+        "--apart", metavar="TYPE", help="also score this defect type's images apart from the other defects"
+    )
     parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args()
     _, command, description = __doc__.split("\n\n", 2)
     lines = ["# The combined image score", "", command, "", description.strip(), ""]
+    columns = ["image AUROC", "detected at 5%", "false alarms", "misses"]
+    if args.apart:
+        columns += [
+            f"image AUROC, {args.apart}",
+            f"misses, {args.apart}",
+            "image AUROC, others",
+            "misses, others",
+        ]
     results = {}
     with cpu_tuning():
         for category in args.categories:
-            results[category.name] = run(category, args.crop)
+            results[category.name] = run(category, args.crop, args.apart)
             first = len(lines)
             lines += [f"### {category.name}", ""]
-            lines += ["| score | image AUROC | detected at 5% | false alarms | misses |"]
-            lines += ["|---|---:|---:|---:|---:|"]
-            for name, (auroc, detected, false_alarms, misses) in results[category.name].items():
-                lines.append(f"| {name} | {auroc:.4f} | {detected:.3f} | {false_alarms:.3f} | {misses:.3f} |")
+            lines += ["| score | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+            for name, values in results[category.name].items():
+                cells = [f"{values[0]:.4f}"] + [f"{value:.3f}" for value in values[1:4]]
+                cells += [
+                    f"{value:.4f}" if index % 2 == 0 else f"{value:.3f}"
+                    for index, value in enumerate(values[4:])
+                ]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
             print("\n".join(lines[first:]), flush=True)
     lines += summary(results)

@@ -1,11 +1,17 @@
 """The ways of joining the combined score's parts compared by `benchmarks/tune_fusion.py`: the default's
-row ranks as the model's own combined score, the joins between a sum and a maximum lie between them, and
-the sum-or-grid join takes the larger z-score."""
+row ranks as the model's own combined score, the joins between a sum and a maximum lie between them, the
+sum-or-grid join takes the larger z-score, and one defect type is scored apart from the others."""
+
+import functools
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import benchmark_script
 from scipy.stats import rankdata
 
+from gaussad.model import GaussAD
 from gaussad.scorer import combined_scores
 
 tune_fusion = benchmark_script("tune_fusion")
@@ -62,3 +68,25 @@ def test_the_sum_or_the_grid_takes_the_larger_of_their_z_scores() -> None:
     np.testing.assert_allclose(held, np.maximum(sum_held, grid_held))
     np.testing.assert_allclose(test, np.maximum(sum_test, grid_test))
     assert np.any(test == grid_test) and np.any(test == sum_test)  # each decides somewhere
+
+
+def test_a_defect_type_apart_is_scored_against_the_good_images_alone(
+    category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second defect type, "same", whose images are the good test images themselves: scored apart, it
+    # cannot be told from the good ones (AUROC 0.5, every image missed), while the scratches can.
+    data = tmp_path / category.name
+    shutil.copytree(category, data)
+    shutil.copytree(data / "test" / "good", data / "test" / "same")
+    masks = sorted((data / "ground_truth" / "scratch").iterdir())
+    (data / "ground_truth" / "same").mkdir()
+    for path, mask in zip(sorted((data / "test" / "same").iterdir()), masks, strict=False):
+        shutil.copy(mask, data / "ground_truth" / "same" / f"{path.stem}_mask.png")
+    monkeypatch.setattr(tune_fusion, "GaussAD", functools.partial(GaussAD, image_size=64, batch_size=4))
+    with pytest.raises(SystemExit, match="no test images of the defect type 'dent'"):
+        tune_fusion.run(data, "none", apart="dent")
+    auroc, _, false_alarms, misses, same, same_misses, others, others_misses = tune_fusion.run(
+        data, "none", apart="same"
+    )["pooled alone"]
+    assert (same, others) == (0.5, 1.0) and 0.5 < auroc < 1.0
+    assert same_misses == 1.0 - false_alarms and others_misses < misses
