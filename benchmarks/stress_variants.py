@@ -23,10 +23,11 @@ default, written outside the repository.
 - `tiny`: the `scene`'s part and background, the part shrunk to 20-30% of the side: a part a few hundred
   pixels across in a large frame, as MVTec AD's screws are, whose defects the squashed input all but
   erases.
-- `count`: the `tiny` images, and a logical anomaly besides the structural ones: test images of the
+- `count`: the `tiny` images, and two logical anomalies besides the structural ones: test images of the
   defect type `extra` hold two good parts where one belongs (as a second screw in a bag, or an extra item
-  in a box), each placed as `tiny` places one, apart; the mask covers the second. Every patch of such an
-  image is normal: only what the image holds as a whole is not.
+  in a box), each placed as `tiny` places one, apart, the mask on the second; those of `missing` hold the
+  background alone (an empty tray or fixture), with an empty mask: there is nothing to point at. Every
+  patch of such an image is normal: only what the image holds as a whole is not.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         --variants rotate crop small scene strip posed fixture tiny count --out ~/.cache/gaussad/stress
@@ -205,6 +206,14 @@ def two_parts(
     return _on_background(second, full, matrix, offset, composed.astype(np.float32))
 
 
+def no_part(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The `scene`'s background alone, in the colour of the image's border at its size, and an empty mask:
+    the frame with its part missing."""
+    border = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+    background = _background(image.shape[:2], border, rng)
+    return np.clip(np.rint(background), 0, 255).astype(np.uint8), np.zeros(image.shape[:2], np.uint8)
+
+
 def _turn(radians: float) -> np.ndarray:
     """The 2 x 2 rotation by `radians` of (y, x) coordinates."""
     cos, sin = math.cos(radians), math.sin(radians)
@@ -278,7 +287,7 @@ TRANSFORMS = {
     "count": tiny,  # last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
-EXTRA = "extra"  # the `count` variant's logical defect type
+EXTRA, MISSING = "extra", "missing"  # the `count` variant's logical defect types
 
 
 def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
@@ -303,24 +312,28 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
             _save(moved, target / "ground_truth" / test.defect / f"{test.path.stem}_mask.png")
         kept += 1
     if variant == "count":
-        kept += _write_extra_parts(category, target, rng)
+        kept += _write_logical_anomalies(category, target, rng)
     print(f"{target}: {kept} test images ({dropped} defective dropped: defect outside the window)")
     return target
 
 
-def _write_extra_parts(category: Path, target: Path, rng: np.random.Generator) -> int:
-    """The `count` variant's logical anomalies: per good test image, it and the other good test image
-    nearest to it in aspect (so that the second is little distorted) as `two_parts`; how many."""
+def _write_logical_anomalies(category: Path, target: Path, rng: np.random.Generator) -> int:
+    """The `count` variant's logical anomalies, per good test image: it and the other good test image
+    nearest to it in aspect (so that the second is little distorted) as `two_parts`, and its frame with no
+    part (`no_part`); how many images."""
     goods = [test.path for test in list_test_images(category) if test.defect == "good"]
     images = [np.asarray(read_image(path)) for path in goods]
     aspects = np.array([image.shape[0] / image.shape[1] for image in images])
     for index, (path, image) in enumerate(zip(goods, images, strict=True)):
         distance = np.abs(np.log(aspects / aspects[index]))
         distance[index] = np.inf
-        pixels, mask = two_parts(image, images[int(np.argmin(distance))], rng)
-        _save(pixels, target / "test" / EXTRA / f"{path.stem}.png")
-        _save(mask, target / "ground_truth" / EXTRA / f"{path.stem}_mask.png")
-    return len(goods)
+        for defect, (pixels, mask) in (
+            (EXTRA, two_parts(image, images[int(np.argmin(distance))], rng)),
+            (MISSING, no_part(image, rng)),
+        ):
+            _save(pixels, target / "test" / defect / f"{path.stem}.png")
+            _save(mask, target / "ground_truth" / defect / f"{path.stem}_mask.png")
+    return 2 * len(goods)
 
 
 def _save(pixels: np.ndarray, path: Path) -> None:

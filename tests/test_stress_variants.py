@@ -144,6 +144,17 @@ def test_two_parts_places_a_second_good_part_apart_from_the_first_and_masks_it()
         np.testing.assert_array_equal(again[0], pixels)
 
 
+def test_no_part_is_the_background_alone_with_an_empty_mask() -> None:
+    image, _ = _part_with_defect()
+    pixels, mask = stress_variants.no_part(image, np.random.default_rng(0))
+    assert pixels.shape == image.shape and pixels.dtype == np.uint8 and not mask.any()
+    change = np.abs(pixels.astype(float) - 128)  # the border's grey, with grain and light...
+    assert change.mean() > stress_variants.SCENE_GRAIN / 2
+    assert change.max() <= stress_variants.SCENE_LIGHT + 6 * stress_variants.SCENE_GRAIN  # ...and no part
+    again, _ = stress_variants.no_part(image, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, pixels)
+
+
 def _part_region(shape: tuple[int, int], variant: str, seed: int) -> np.ndarray:
     """Where the variant puts the part (a plain white image run through the same transform)."""
     white = np.full((*shape, 3), 255, np.uint8)
@@ -159,11 +170,14 @@ def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_pat
         assert written == tmp_path / f"{category.name}-{variant}"
         assert len(training_images(written)) == len(training_images(category))
         tests = list_test_images(written)
-        added = {stress_variants.EXTRA} if variant == "count" else set()
+        added = {stress_variants.EXTRA, stress_variants.MISSING} if variant == "count" else set()
         assert {item.defect for item in tests} == {item.defect for item in source} | added
-        if variant == "count":  # one image with two good parts per good test image
-            goods = sum(item.defect == "good" for item in source)
-            assert sum(item.defect == stress_variants.EXTRA for item in tests) == goods
+        goods = sum(item.defect == "good" for item in source)
+        for defect in added:  # per good test image, one with two good parts and one with none
+            assert sum(item.defect == defect for item in tests) == goods
+        for item in tests:
+            if item.defect == stress_variants.MISSING:  # nothing to point at
+                assert not np.asarray(Image.open(item.mask_path)).any()
         for item in tests:
             if item.mask_path is not None:
                 assert Image.open(item.mask_path).size == Image.open(item.path).size
