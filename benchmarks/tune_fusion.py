@@ -8,7 +8,7 @@ joined, compared on every development set.
     python benchmarks/tune_fusion.py ~/.cache/gaussad/stress/bottle-{small,scene,posed,tiny,fixture} \
         ~/.cache/gaussad/stress/magnetic_tile-{tiny,small,scene,posed,fixture} --crop part \
         --out benchmarks/results/tune_fusion_moving.md
-    python benchmarks/tune_fusion.py ~/.cache/gaussad/stress/*-count --crop part --apart extra \
+    python benchmarks/tune_fusion.py ~/.cache/gaussad/stress/*-count --crop part --apart extra missing \
         --out benchmarks/results/tune_fusion_count.md
 
 Per data set, five fits with the default folds give each part's held-out scores on the training images and
@@ -26,14 +26,14 @@ deviation; summing z-scores ranks and thresholds exactly as the default's sum ov
 The parts are fitted on whole images (`--crop none`, as the first table was measured) or, with `--crop part`,
 cut to the window around the part where the fit learns one (the second table: the sets whose parts move
 about, or turn in place; the third: the `count` sets, whose logical anomalies, two good parts where one
-belongs, `--apart extra` scores apart from the structural defects).
+belongs and none, `--apart extra missing` scores apart from the structural defects).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,19 +161,20 @@ def ways(parts: dict[str, Scores]) -> dict[str, Scores]:
     return result
 
 
-def run(category: Path, crop: str, apart: str | None = None) -> dict[str, tuple[float, ...]]:
+def run(category: Path, crop: str, apart: Sequence[str] = ()) -> dict[str, tuple[float, ...]]:
     """Per way of scoring: image AUROC, detected at 5% false alarms, false alarms and misses at the
-    label-free threshold, each part fitted with `crop`; with `apart`, a defect type, also the image AUROC
-    and misses of that type's images alone and of the other defective ones (each against the good)."""
+    label-free threshold, each part fitted with `crop`; with `apart`, defect types, also the image AUROC
+    and misses of each type's images alone and of the other defective ones (each against the good)."""
     tests = list_test_images(category)
     paths = [item.path for item in tests]
-    labels = np.array([item.defect != "good" for item in tests])
-    groups = []
-    if apart is not None:
-        chosen = np.array([item.defect == apart for item in tests])
-        if not chosen.any():
-            raise SystemExit(f"{category}: no test images of the defect type {apart!r}")
-        groups = [chosen, labels & ~chosen]
+    defects = np.array([item.defect for item in tests])
+    labels = defects != "good"
+    for defect in apart:
+        if defect not in defects:
+            raise SystemExit(f"{category}: no test images of the defect type {defect!r}")
+    groups = [defects == defect for defect in apart]
+    if apart:
+        groups.append(labels & ~np.isin(defects, apart))
     parts = {}
     for name, options in PARTS.items():
         model = GaussAD(crop=crop, **options).fit(training_images(category))
@@ -224,20 +225,19 @@ def main() -> None:
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--crop", choices=CROPS, default="none", help="the parts' --crop")
     parser.add_argument(
-        "--apart", metavar="TYPE", help="also score this defect type's images apart from the other defects"
+        "--apart",
+        nargs="+",
+        default=[],
+        metavar="TYPE",
+        help="also score each of these defect types' images apart from the other defects",
     )
     parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args()
     _, command, description = __doc__.split("\n\n", 2)
     lines = ["# The combined image score", "", command, "", description.strip(), ""]
     columns = ["image AUROC", "detected at 5%", "false alarms", "misses"]
-    if args.apart:
-        columns += [
-            f"image AUROC, {args.apart}",
-            f"misses, {args.apart}",
-            "image AUROC, others",
-            "misses, others",
-        ]
+    for group in [*args.apart, "others"] if args.apart else []:
+        columns += [f"image AUROC, {group}", f"misses, {group}"]
     results = {}
     with cpu_tuning():
         for category in args.categories:

@@ -84,9 +84,9 @@ def test_a_defect_type_apart_is_scored_against_the_good_images_alone(
         shutil.copy(mask, data / "ground_truth" / "same" / f"{path.stem}_mask.png")
     monkeypatch.setattr(tune_fusion, "GaussAD", functools.partial(GaussAD, image_size=64, batch_size=4))
     with pytest.raises(SystemExit, match="no test images of the defect type 'dent'"):
-        tune_fusion.run(data, "none", apart="dent")
+        tune_fusion.run(data, "none", apart=["same", "dent"])
     auroc, _, false_alarms, misses, same, same_misses, others, others_misses = tune_fusion.run(
-        data, "none", apart="same"
+        data, "none", apart=["same"]
     )["pooled alone"]
     assert (same, others) == (0.5, 1.0) and 0.5 < auroc < 1.0
     assert same_misses == 1.0 - false_alarms and others_misses < misses
