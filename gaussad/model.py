@@ -74,8 +74,13 @@ POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 # Why an option was decided by a rule where the training images' parts move about (kept with the evidence).
 MOVING_RULES = {
     "localization": "shared: the parts found move about the frame, so a feature has no one place",
-    "image_score": "map: the parts found move about the frame, so pooled features have no one place",
+    "image_score": (
+        "combined without the grid, the score map's top share and the whole frame's pooling: the parts "
+        "found move about the frame, so a grid cell has no one piece of the part"
+    ),
 }
+# The image score's rule for a model without a global part to pool the whole frame with.
+MOVING_MAP_RULE = "map: the parts found move about the frame, so a grid cell has no one piece of the part"
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
@@ -208,7 +213,6 @@ class GaussAD:
         started = time.perf_counter()
         device = resolve_device(self.device)
         backbone = load_backbone(config.backbone, config.weights)
-        levels, map_levels, position_levels = config.resolve_levels(backbone)
         image_size = config.image_size or backbone.preprocessing.image_size
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
@@ -217,7 +221,8 @@ class GaussAD:
         if config.crop == "part":
             crop, moving = _part_crop(items, self.workers, self.max_pixels, skip_errors)
         config, fallback = _without_folds(config, n_folds)
-        config, rules = _for_moving_parts(config, moving)
+        config, rules = _for_moving_parts(config, moving, config.resolve_global_levels(backbone))
+        levels, map_levels, position_levels = config.resolve_levels(backbone)
         if "localization" in rules:
             position_levels = ()
         # The map part of a map or combined score reads a map of its own levels; the maps' Gaussians are
@@ -757,20 +762,31 @@ def _decoded_part_box(item: ImageInput, max_pixels: int) -> Box | None:
     return part_box(load_pixels(item, max_pixels))
 
 
-def _for_moving_parts(config: ModelConfig, moving: bool) -> tuple[ModelConfig, dict[str, str]]:
+def _for_moving_parts(
+    config: ModelConfig, moving: bool, global_levels: tuple[int, ...]
+) -> tuple[ModelConfig, dict[str, str]]:
     """The config a fit uses where the training images' parts move about the frame (`parts_move`), and the
     rules that decided it (`MOVING_RULES`, by option). The auto localization weighs shared maps alone: a
-    per-position Gaussian has no place to know. The combined and auto image scores are the score map's
-    top share alone: a grid cell, or the whole frame, holds a moving part's features in no one place and
-    with more or less background. Applied after `_without_folds`: without folds its options stand."""
+    per-position Gaussian has no place to know. The combined and auto image scores drop the grid, whose
+    cells hold a moving part's pieces in no one place: the combined score's pooled part becomes the
+    whole frame's pooling of `global_levels` (the global part), beside the score map's top share, which
+    finds a defect wherever it is, while the pooling sees an image that holds no part, or two; without a
+    global part, the score map's top share alone. Applied after `_without_folds`: without folds its
+    options stand."""
     if not moving:
         return config, {}
     rules = {}
     if config.localization == "auto":
         rules["localization"] = MOVING_RULES["localization"]
     if config.image_score in ("combined", "auto"):
-        rules["image_score"] = MOVING_RULES["image_score"]
-        config = replace(config, image_score="map")
+        if global_levels:
+            rules["image_score"] = MOVING_RULES["image_score"]
+            config = replace(
+                config, image_score="combined", levels=global_levels, image_grid=1, global_levels=()
+            )
+        else:
+            rules["image_score"] = MOVING_MAP_RULE
+            config = replace(config, image_score="map")
     return config, rules
 
 

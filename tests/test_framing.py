@@ -213,10 +213,13 @@ def test_a_saved_model_keeps_its_window_and_every_runtime_frames_alike(
             np.testing.assert_allclose(placed, want, rtol=0, atol=1e-3 * np.ptp(want))
 
 
-def test_parts_that_move_take_shared_maps_and_the_map_score(parts, tmp_path: Path, capsys) -> None:
+def test_parts_that_move_take_shared_maps_and_a_combined_score_without_the_grid(
+    parts, tmp_path: Path, capsys
+) -> None:
     """Parts that move about (a window follows each one, or would where too few are found for one): the
-    auto localization weighs no per-position Gaussian, the combined image score is the score map's top
-    share alone, each says why, and the model holds neither a per-position nor a global Gaussian."""
+    auto localization weighs no per-position Gaussian, the combined image score joins the score map's top
+    share with the whole frame's pooling (the global part's levels) in place of the grid, each says why,
+    and the model holds no per-position Gaussian."""
     _, tests, _ = parts
     auto = fit_small(parts[0])
     assert auto.crop_.centre is None and auto.state_.localization == "shared"
@@ -224,20 +227,31 @@ def test_parts_that_move_take_shared_maps_and_the_map_score(parts, tmp_path: Pat
     localization = auto.state_.selection["localization"]
     assert list(localization["candidates"]) == ["shared"]
     assert "parts found move about" in localization["rule"]
-    assert auto.state_.image_score == "map" and auto.state_.global_levels == ()
-    assert auto.state_.selection["image_score"]["rule"].startswith("map: the parts found move about")
+    whole_frame = (3, 4, 5, 6, 7)  # the global part's levels, the paper's
+    state = auto.state_
+    assert state.image_score == "combined" and state.global_levels == ()
+    assert (auto.levels_, state.image_grid) == (whole_frame, 1)
+    assert state.selection["image_score"]["rule"].startswith("combined without the grid")
     # Shown by `gaussad info` and in reports.
     assert main(["info", str(auto.save(tmp_path / "model"))]) == 0
     printed = capsys.readouterr().out
-    assert "image score: combined, took map;" in printed
-    assert "localization by rule: shared: the parts" in printed and "image score by rule: map: the" in printed
-    assert model_info(auto)["image score (rule)"] == auto.state_.selection["image_score"]["rule"]
-    # The same model as the map score asked for, whose rule is the localization's alone.
-    asked = fit_small(parts[0], image_score="map")
-    np.testing.assert_allclose(asked.score_samples(tests), auto.score_samples(tests), rtol=1e-6)
-    assert "image_score" not in asked.state_.selection
-    # A pooled score asked for stays pooled.
+    assert "image score: combined; levels 3,4,5,6,7; grid 1 x 1; score map levels 3,4,5,6,7" in printed
+    assert "localization by rule: shared: the parts" in printed
+    assert "image score by rule: combined without the grid" in printed
+    assert model_info(auto)["image score (rule)"] == state.selection["image_score"]["rule"]
+    # The sum of the two parts asked for alone (whose rule is the localization's alone), each over the
+    # spread of its held-out scores.
+    map_part = fit_small(parts[0], image_score="map")
+    pooled_part = fit_small(parts[0], image_score="pooled", levels=whole_frame, image_grid=1)
+    assert "image_score" not in map_part.state_.selection | pooled_part.state_.selection
+    spreads = [np.std(part.held_out_scores_) for part in (pooled_part, map_part)]
+    np.testing.assert_allclose(state.score_scales, spreads, rtol=1e-9)
+    expected = pooled_part.score_samples(tests) / spreads[0] + map_part.score_samples(tests) / spreads[1]
+    np.testing.assert_allclose(auto.score_samples(tests), expected, rtol=1e-6)
+    # A pooled score asked for stays pooled; without a global part, the score map's top share is alone.
     assert fit_small(parts[0], image_score="pooled").state_.image_score == "pooled"
+    alone = fit_small(parts[0], global_levels=()).state_
+    assert alone.image_score == "map" and alone.selection["image_score"]["rule"].startswith("map: the parts")
     # Without the window the same parts weigh both maps and keep the combined score.
     whole = fit_small(parts[0], crop="none").state_
     assert set(whole.selection["localization"]["candidates"]) == {"shared", "hybrid"}
@@ -251,7 +265,7 @@ def test_parts_that_move_take_shared_maps_and_the_map_score(parts, tmp_path: Pat
         Image.fromarray(table).save(tables[-1])
     unwindowed = fit_small([*parts[0][:12], *tables])
     assert unwindowed.crop_ is None and unwindowed.state_.localization == "shared"
-    assert unwindowed.state_.image_score == "map"
+    assert unwindowed.state_.image_score == "combined" and unwindowed.state_.image_grid == 1
     assert unwindowed.state_.selection["localization"]["rule"] == localization["rule"]
     # Without folds there is no choice to make: the fallback's hybrid maps, as its reason says.
     unfolded = fit_small(parts[0], folds=0)
