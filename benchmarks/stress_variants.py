@@ -150,8 +150,12 @@ def _placement(
         placed = np.array([rng.uniform(min(reach, s / 2), max(s - 1 - reach, s / 2)) for s in size])
     matrix = _turn(angle) / scale
     offset = (size - 1) / 2 - matrix @ placed
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return matrix, offset, np.median(border, axis=0)
+    return matrix, offset, _border_colour(image)
+
+
+def _border_colour(image: np.ndarray) -> np.ndarray:
+    """The median colour of the image's outermost rows and columns: what its part lies on."""
+    return np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
 
 
 def _background(shape: tuple[int, int], colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -209,8 +213,7 @@ def two_parts(
 def no_part(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The `scene`'s background alone, in the colour of the image's border at its size, and an empty mask:
     the frame with its part missing."""
-    border = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
-    background = _background(image.shape[:2], border, rng)
+    background = _background(image.shape[:2], _border_colour(image), rng)
     return np.clip(np.rint(background), 0, 255).astype(np.uint8), np.zeros(image.shape[:2], np.uint8)
 
 
