@@ -80,12 +80,10 @@ def part_region(
 # The window: the largest part extent over the training images times CROP_MARGIN, per axis, as a share of
 # the image's height and width. No window where the parts were found on fewer than MIN_FOUND_SHARE of the
 # training images, or where it would span MAX_WINDOW_SHARE of the frame on both axes (a zoom under 1.1).
-# A window cuts blind in every image whose part is not found, so it needs its part on all but one image
-# in twenty (found on 90% of the count tiles, a window cost more than it gained; `docs/design.md`). Parts
-# found on MOVING_FOUND_SHARE of them already show whether they move about (`parts_move`): that cuts
-# nothing, so it needs less.
+# Parts found on MOVING_FOUND_SHARE of them already show whether they move about (`parts_move`): that
+# cuts nothing, so it needs less than a window, which cuts blind in every image whose part is not found.
 CROP_MARGIN = 1.1
-MIN_FOUND_SHARE = 0.95
+MIN_FOUND_SHARE = 0.9
 MOVING_FOUND_SHARE = 0.5
 MAX_WINDOW_SHARE = 0.9
 FIND_SIDE = 112  # the part is found on every k-th pixel, k such that the short side keeps about this many
