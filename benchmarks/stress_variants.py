@@ -28,9 +28,12 @@ default, written outside the repository.
   in a box), each placed as `tiny` places one, apart, the mask on the second; those of `missing` hold the
   background alone (an empty tray or fixture), with an empty mask: there is nothing to point at. Every
   patch of such an image is normal: only what the image holds as a whole is not.
+- `few`: the images as they are, but only `FEW_IMAGES` of the training images, drawn at random (seeded):
+  a line's first model, fitted on a few dozen good parts, where every Gaussian that pools an image into
+  one vector has one sample per image to learn from.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture tiny count --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed fixture tiny count few --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -61,6 +64,7 @@ FIXTURE_SCALE = 0.6  # the `fixture` variant's part, as a share of the image's s
 FIXTURE_SHIFT = 0.02  # how far from the frame's centre it may sit, as a share of the side
 FIXTURE_SIDE = 256  # its background is drawn once at this side, then resized to each image
 FIXTURE_SEED = 7  # and from this seed, whatever the image
+FEW_IMAGES = 30  # the `few` variant's training images
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -72,6 +76,11 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator)
     centre = np.array([(height - 1) / 2, (width - 1) / 2])
     offset = centre - matrix @ (centre + shift)  # output (y, x) -> input matrix @ (y, x) + offset
     return _warp(image, mask, matrix, offset, "nearest", np.zeros(3))
+
+
+def unchanged(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """The image and its mask as they are (the `few` variant changes how many training images there are)."""
+    return image, mask
 
 
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -287,7 +296,8 @@ TRANSFORMS = {
     "posed": posed,
     "fixture": fixture,
     "tiny": tiny,
-    "count": tiny,  # last: each variant's seed is its place in this list
+    "count": tiny,
+    "few": unchanged,  # last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
 EXTRA, MISSING = "extra", "missing"  # the `count` variant's logical defect types
@@ -298,7 +308,10 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
     transform = TRANSFORMS[variant]
     rng = np.random.default_rng(seed)
     target = out / f"{category.name}-{variant}"
-    for path in training_images(category):
+    train = training_images(category)
+    if variant == "few" and len(train) > FEW_IMAGES:
+        train = [train[index] for index in sorted(rng.choice(len(train), FEW_IMAGES, replace=False))]
+    for path in train:
         pixels, _ = transform(np.asarray(read_image(path)), None, rng)
         _save(pixels, target / "train" / "good" / f"{path.stem}.png")
     kept = dropped = 0

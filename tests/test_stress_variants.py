@@ -168,7 +168,8 @@ def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_pat
     for variant in stress_variants.VARIANTS:
         written = stress_variants.write_variant(category, variant, tmp_path, seed=0)
         assert written == tmp_path / f"{category.name}-{variant}"
-        assert len(training_images(written)) == len(training_images(category))
+        kept = min(stress_variants.FEW_IMAGES, len(training_images(category)))
+        assert len(training_images(written)) == (kept if variant == "few" else len(training_images(category)))
         tests = list_test_images(written)
         added = {stress_variants.EXTRA, stress_variants.MISSING} if variant == "count" else set()
         assert {item.defect for item in tests} == {item.defect for item in source} | added
@@ -181,3 +182,21 @@ def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_pat
         for item in tests:
             if item.mask_path is not None:
                 assert Image.open(item.mask_path).size == Image.open(item.path).size
+
+
+def test_few_keeps_a_seeded_draw_of_the_training_images_as_they_are(
+    category: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stress_variants, "FEW_IMAGES", 3)
+    source = {path.name: path for path in training_images(category)}
+    drawn = []
+    for seed, out in ((5, tmp_path / "a"), (5, tmp_path / "b"), (6, tmp_path / "c")):
+        written = training_images(stress_variants.write_variant(category, "few", out, seed))
+        assert len(written) == 3
+        for path in written:  # the same pixels, saved again
+            original = np.asarray(Image.open(source[path.name]).convert("RGB"))
+            np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), original)
+        drawn.append([path.name for path in written])
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
+    tests = list_test_images(tmp_path / "a" / f"{category.name}-few")
+    assert len(tests) == len(list_test_images(category))
