@@ -46,9 +46,13 @@ def check_rate(rate: float) -> None:
 
 
 def quantile_threshold(normal: np.ndarray, rate: float, method: str, source: str) -> Threshold:
-    """The (1 - rate) quantile of normal values: about `rate` of normal data lies above it."""
+    """The (1 - rate) quantile of normal values: about `rate` of normal data lies above it. From fewer than
+    1 / rate + 1 values it lies between the highest two whatever the rate, so they cannot tell how much
+    normal data it flags; the source then says so."""
     check_rate(rate)
     normal = np.asarray(normal, dtype=np.float64)
+    if normal.size >= 2 and (normal.size - 1) * rate < 1:
+        source += f"; {normal.size} values are too few for that rate: it lies between the highest two"
     return Threshold(float(np.quantile(normal, 1.0 - rate)), float(np.median(normal)), method, source)
 
 

@@ -17,6 +17,17 @@ def test_quantile_threshold_flags_about_the_target_rate() -> None:
         quantile_threshold(normal, 1.5, "label-free", "test")
 
 
+def test_a_quantile_from_too_few_values_for_the_rate_says_so() -> None:
+    # From n values the (1 - rate) quantile lies between the highest two where (n - 1) * rate < 1.
+    for n, rate, too_few in ((100, 0.01, True), (101, 0.01, False), (30, 0.05, False), (20, 0.05, True)):
+        normal = np.random.default_rng(n).normal(10, 2, size=n)
+        threshold = quantile_threshold(normal, rate, "label-free", "test")
+        assert ("too few for that rate" in threshold.source) is too_few, (n, rate)
+        assert threshold.source.startswith("test")
+        highest_two = np.sort(normal)[-2:]
+        assert (highest_two[0] <= threshold.value <= highest_two[1]) or not too_few
+
+
 def test_f1_threshold_is_the_best_threshold() -> None:
     rng = np.random.default_rng(1)
     labels = np.r_[np.zeros(200), np.ones(50)]
