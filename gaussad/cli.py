@@ -563,14 +563,12 @@ def describe_selection(selection: dict) -> str:
 
     if "fallback" in selection:
         return f"auto options: {selection['fallback']}"
-    lines = []
+    candidates = []
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
-        lines.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
-    if lines:
-        lines.insert(
-            0, f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"
-        )
+        candidates.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
+    header = f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"
+    lines = [header, *candidates] if candidates else []
     lines += [f"{option.replace('_', ' ')} by rule: {rule}" for option, rule in rules(selection).items()]
     return "\n".join(lines)
 
