@@ -31,9 +31,14 @@ default, written outside the repository.
 - `few`: the images as they are, but only `FEW_IMAGES` of the training images, drawn at random (seeded):
   a line's first model, fitted on a few dozen good parts, where every Gaussian that pools an image into
   one vector has one sample per image to learn from.
+- `light`: every image lit otherwise, each at random: its exposure (a gain on every grey level), the
+  camera's response (a gamma), light that falls off across the frame in a random direction, and, where
+  the image has colour, its white balance; the part stays where it is, and the mask with it. A line whose
+  lamps age, whose ambient light changes with the hour, or whose camera sets its own exposure.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture tiny count few --out ~/.cache/gaussad/stress
+        --variants rotate crop small scene strip posed fixture tiny count few light \
+        --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
 the window are dropped from the test set (their mask would be empty).
@@ -65,6 +70,10 @@ FIXTURE_SHIFT = 0.02  # how far from the frame's centre it may sit, as a share o
 FIXTURE_SIDE = 256  # its background is drawn once at this side, then resized to each image
 FIXTURE_SEED = 7  # and from this seed, whatever the image
 FEW_IMAGES = 30  # the `few` variant's training images
+LIGHT_GAIN = (0.75, 1.25)  # the `light` variant's range of exposure, a factor on every grey level
+LIGHT_GAMMA = (0.8, 1.25)  # its range of gammas, drawn uniformly in log
+LIGHT_FALLOFF = 0.3  # its largest change of brightness from one side of the frame to the other, as a share
+LIGHT_CAST = 0.05  # each colour channel's own factor lies within this share of 1
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -81,6 +90,25 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator)
 def unchanged(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     """The image and its mask as they are (the `few` variant changes how many training images there are)."""
     return image, mask
+
+
+def light(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """Light the image otherwise: a random gamma (`LIGHT_GAMMA`), gain (`LIGHT_GAIN`), a linear fall-off
+    across the frame in a random direction (up to `LIGHT_FALLOFF`) and, where the channels differ, a
+    factor per channel (`LIGHT_CAST`); values beyond white clip, as an over-exposed camera's do. The mask
+    is unchanged."""
+    gamma = math.exp(rng.uniform(*np.log(LIGHT_GAMMA)))
+    gain = rng.uniform(*LIGHT_GAIN)
+    direction = rng.uniform(0.0, 2 * math.pi)
+    cast = 1.0 + rng.uniform(-LIGHT_CAST, LIGHT_CAST, 3)
+    height, width = image.shape[:2]
+    rows, columns = np.meshgrid(np.linspace(-0.5, 0.5, height), np.linspace(-0.5, 0.5, width), indexing="ij")
+    along = math.cos(direction) * rows + math.sin(direction) * columns  # within +-0.5 * sqrt(2)
+    falloff = 1.0 + LIGHT_FALLOFF * along / math.sqrt(2)
+    coloured = bool(np.ptp(image, axis=-1).any())
+    factor = gain * falloff[..., None] * (cast if coloured else np.ones(3))
+    lit = 255.0 * (image.astype(np.float64) / 255.0) ** gamma * factor
+    return np.clip(np.rint(lit), 0, 255).astype(np.uint8), mask
 
 
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -297,7 +325,8 @@ TRANSFORMS = {
     "fixture": fixture,
     "tiny": tiny,
     "count": tiny,
-    "few": unchanged,  # last: each variant's seed is its place in this list
+    "few": unchanged,
+    "light": light,  # new variants go last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
 EXTRA, MISSING = "extra", "missing"  # the `count` variant's logical defect types

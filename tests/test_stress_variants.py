@@ -51,6 +51,30 @@ def test_each_variant_moves_the_mask_with_the_image_and_repeats_by_seed(variant:
             np.testing.assert_array_equal(without_mask, moved_image)
 
 
+def test_light_changes_exposure_and_falloff_keeps_the_mask_and_a_grey_image_grey() -> None:
+    image, mask = _part_with_defect()
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    border = np.ones(mask.shape, bool)
+    border[5:-5, 5:-5] = False  # plain grey (128) before the light
+    low, high = stress_variants.LIGHT_FALLOFF / (2 * np.sqrt(2)), stress_variants.LIGHT_FALLOFF / 2
+    levels = []
+    for seed in range(8):
+        lit, kept = stress_variants.light(grey, mask, np.random.default_rng(seed))
+        assert kept is mask and lit.shape == grey.shape and lit.dtype == np.uint8
+        assert (lit == lit[..., :1]).all()  # a monochrome camera has no white balance
+        values = lit[..., 0][border].astype(float)
+        assert (1 + low) / (1 - low) - 0.03 < values.max() / values.min() < (1 + high) / (1 - high) + 0.03
+        levels.append(values.mean())
+        coloured, _ = stress_variants.light(image, mask, np.random.default_rng(seed))
+        channels = coloured[border].astype(float).mean(axis=0)
+        assert (
+            1.0
+            < channels.max() / channels.min()
+            < (1 + stress_variants.LIGHT_CAST) / (1 - stress_variants.LIGHT_CAST) + 0.01
+        )
+    assert max(levels) / min(levels) > 1.2  # the exposure changes from image to image
+
+
 def test_crop_keeps_the_whole_defect_in_a_two_to_one_window() -> None:
     image, mask = _part_with_defect()
     for seed in range(8):
