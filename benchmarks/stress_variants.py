@@ -35,9 +35,12 @@ default, written outside the repository.
   camera's response (a gamma), light that falls off across the frame in a random direction, and, where
   the image has colour, its white balance; the part stays where it is, and the mask with it. A line whose
   lamps age, whose ambient light changes with the hour, or whose camera sets its own exposure.
+- `dirty`: the images as they are, but `DIRTY_SHARE` as many defective images as there are training images,
+  drawn at random (seeded) from the test set, moved into the training images: a folder of "good" parts
+  that a few bad ones slipped into, as happens when a line collects its own training images.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture tiny count few light \
+        --variants rotate crop small scene strip posed fixture tiny count few light dirty \
         --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
@@ -56,7 +59,7 @@ from PIL import Image
 from scipy import ndimage
 
 from gaussad.images import read_image
-from gaussad.layout import list_test_images, training_images
+from gaussad.layout import LabeledImage, list_test_images, training_images
 
 MAX_SHIFT = 0.1  # of the image's side
 SMALL_SCALES = (0.4, 0.6)  # the `small` variant's range of sizes, as a share of the image's side
@@ -74,6 +77,7 @@ LIGHT_GAIN = (0.75, 1.25)  # the `light` variant's range of exposure, a factor o
 LIGHT_GAMMA = (0.8, 1.25)  # its range of gammas, drawn uniformly in log
 LIGHT_FALLOFF = 0.3  # its largest change of brightness from one side of the frame to the other, as a share
 LIGHT_CAST = 0.05  # each colour channel's own factor lies within this share of 1
+DIRTY_SHARE = 0.05  # the `dirty` variant's defective training images, as a share of the good ones
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -326,7 +330,8 @@ TRANSFORMS = {
     "tiny": tiny,
     "count": tiny,
     "few": unchanged,
-    "light": light,  # new variants go last: each variant's seed is its place in this list
+    "light": light,
+    "dirty": unchanged,  # new variants go last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
 EXTRA, MISSING = "extra", "missing"  # the `count` variant's logical defect types
@@ -337,14 +342,18 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
     transform = TRANSFORMS[variant]
     rng = np.random.default_rng(seed)
     target = out / f"{category.name}-{variant}"
-    train = training_images(category)
+    train = [(path, path.stem) for path in training_images(category)]
     if variant == "few" and len(train) > FEW_IMAGES:
         train = [train[index] for index in sorted(rng.choice(len(train), FEW_IMAGES, replace=False))]
-    for path in train:
+    tests = list_test_images(category)
+    if variant == "dirty":  # named by type too: a test image's name may be a training image's
+        tests, slipped = _slipped_in(tests, round(DIRTY_SHARE * len(train)), rng)
+        train += [(test.path, f"{test.defect}_{test.path.stem}") for test in slipped]
+    for path, name in train:
         pixels, _ = transform(np.asarray(read_image(path)), None, rng)
-        _save(pixels, target / "train" / "good" / f"{path.stem}.png")
+        _save(pixels, target / "train" / "good" / f"{name}.png")
     kept = dropped = 0
-    for test in list_test_images(category):
+    for test in tests:
         mask = None
         if test.mask_path is not None:
             mask = (np.asarray(Image.open(test.mask_path).convert("L")) > 127).astype(np.uint8) * 255
@@ -360,6 +369,16 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
         kept += _write_logical_anomalies(category, target, rng)
     print(f"{target}: {kept} test images ({dropped} defective dropped: defect outside the window)")
     return target
+
+
+def _slipped_in(
+    tests: list[LabeledImage], count: int, rng: np.random.Generator
+) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """The test images less `count` defective ones drawn at random (at least one stays), and those."""
+    defective = [index for index, test in enumerate(tests) if test.label == 1]
+    drawn = set(rng.choice(defective, min(count, len(defective) - 1), replace=False).tolist())
+    kept = [test for index, test in enumerate(tests) if index not in drawn]
+    return kept, [tests[index] for index in sorted(drawn)]
 
 
 def _write_logical_anomalies(category: Path, target: Path, rng: np.random.Generator) -> int:

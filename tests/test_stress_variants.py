@@ -192,8 +192,12 @@ def test_a_written_variant_is_a_data_set_in_mvtec_layout(category: Path, tmp_pat
     for variant in stress_variants.VARIANTS:
         written = stress_variants.write_variant(category, variant, tmp_path, seed=0)
         assert written == tmp_path / f"{category.name}-{variant}"
-        kept = min(stress_variants.FEW_IMAGES, len(training_images(category)))
-        assert len(training_images(written)) == (kept if variant == "few" else len(training_images(category)))
+        count = len(training_images(category))
+        expected = {
+            "few": min(stress_variants.FEW_IMAGES, count),
+            "dirty": count + round(stress_variants.DIRTY_SHARE * count),
+        }.get(variant, count)
+        assert len(training_images(written)) == expected
         tests = list_test_images(written)
         added = {stress_variants.EXTRA, stress_variants.MISSING} if variant == "count" else set()
         assert {item.defect for item in tests} == {item.defect for item in source} | added
@@ -224,3 +228,28 @@ def test_few_keeps_a_seeded_draw_of_the_training_images_as_they_are(
     assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
     tests = list_test_images(tmp_path / "a" / f"{category.name}-few")
     assert len(tests) == len(list_test_images(category))
+
+
+def test_dirty_moves_a_seeded_draw_of_defective_test_images_into_the_training_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import make_category
+
+    category = make_category(tmp_path / "data" / "widget", n_train=40, n_good=4, n_bad=6)
+    monkeypatch.setattr(stress_variants, "DIRTY_SHARE", 0.1)
+    source = list_test_images(category)
+    slipped_names = []
+    for seed, out in ((5, tmp_path / "a"), (5, tmp_path / "b"), (6, tmp_path / "c")):
+        written = stress_variants.write_variant(category, "dirty", out, seed)
+        train, tests = training_images(written), list_test_images(written)
+        slipped = [path for path in train if path.name.startswith("scratch_")]
+        assert len(train) == 44 and len(slipped) == 4  # every good one, and 10% as many defective ones
+        assert len(tests) == len(source) - 4 and sum(item.label for item in tests) == 2
+        left = {item.path.stem for item in tests if item.label}
+        for path in slipped:  # the defective image as it was, gone from the test set
+            stem = path.stem.removeprefix("scratch_")
+            original = np.asarray(Image.open(category / "test" / "scratch" / f"{stem}.png").convert("RGB"))
+            np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), original)
+            assert stem not in left
+        slipped_names.append([path.name for path in slipped])
+    assert slipped_names[0] == slipped_names[1] and slipped_names[0] != slipped_names[2]
