@@ -21,7 +21,8 @@ on levels 3-5). Each way of joining them is then scored as the model would: imag
 defective test images scored above all but 5% of the good ones (detected at 5% false alarms, a point of the
 ROC curve that no threshold rule moves); and the share of good test images flagged (false alarms) and of
 defective ones not flagged (misses) at the 99% quantile of the joined held-out scores (the label-free
-threshold at a 1% target). A z-score is a part's value less its held-out mean, over its held-out standard
+threshold at a 1% target from every held-out score; the model's leaves far-out ones out, `docs/design.md`).
+A z-score is a part's value less its held-out mean, over its held-out standard
 deviation; summing z-scores ranks and thresholds exactly as the default's sum over standard deviations does.
 The parts are fitted on whole images (`--crop none`, as the first table was measured) or, with `--crop part`,
 cut to the window around the part where the fit learns one (the second table: the sets whose parts move

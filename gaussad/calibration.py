@@ -4,6 +4,9 @@ Label-free (default): the good training images are split into folds; each fold i
 fitted without it, which gives honest "normal" scores and maps. The image threshold is the (1 - rate)
 quantile of the held-out scores for a target false-alarm rate; the pixel threshold is the same quantile of
 each held-out image's maximum map value, so that a good part's defect mask is empty at that rate too.
+Training images whose held-out score lies far above the others' (`far_out`) are left out of both: most
+likely defective parts that slipped into the good images, whose scores would set the threshold among
+the defects.
 With labels (`evaluation.calibrate_on_labeled`): the F1-optimal point, or the rate measured on labelled
 good images. A manual value (`decisions.manual_threshold`) overrides either. Every threshold records how,
 and on what, it was chosen.
@@ -16,6 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gaussad.errors import GaussADError
+
+# Tukey's fence for "far out" values: beyond the upper quartile by this many interquartile ranges.
+FAR_OUT_FENCE = 3.0
 
 
 @dataclass
@@ -43,6 +49,16 @@ class Threshold:
 def check_rate(rate: float) -> None:
     if not 0.0 < rate < 1.0:
         raise GaussADError(f"false-alarm rate {rate}: expected a fraction in (0, 1), e.g. 0.01")
+
+
+def far_out(values: np.ndarray, fence: float = FAR_OUT_FENCE) -> np.ndarray:
+    """Which values lie more than `fence` interquartile ranges above the upper quartile (bool per value):
+    held-out scores that good images seldom reach and defective ones do. None of fewer than four values."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 4:
+        return np.zeros(values.shape, dtype=bool)
+    lower, upper = np.quantile(values, [0.25, 0.75])
+    return values > upper + fence * (upper - lower)
 
 
 def quantile_threshold(normal: np.ndarray, rate: float, method: str, source: str) -> Threshold:

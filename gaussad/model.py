@@ -24,7 +24,7 @@ import torch
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
-from gaussad.calibration import Threshold, check_rate, quantile_threshold
+from gaussad.calibration import Threshold, check_rate, far_out, quantile_threshold
 from gaussad.choice import (
     FoldResults,
     choose_localization,
@@ -654,6 +654,13 @@ class GaussAD:
         return self.state_.held_out_scores
 
     @property
+    def far_out_training_images_(self) -> np.ndarray:
+        """Positions, among the training images fitted (those not in `skipped_`), of those whose held-out
+        score lies far above the others' (`calibration.far_out`): likely defective, so the label-free
+        thresholds leave them out, and worth a look."""
+        return np.flatnonzero(far_out(self.state_.held_out_scores))
+
+    @property
     def held_out_map_maxima_(self) -> np.ndarray:
         return self.state_.held_out_map_maxima
 
@@ -839,19 +846,23 @@ def _pooled_groups(features: dict[int, PooledFeatures]) -> list[dict[int, Pooled
 def _label_free_thresholds(
     state: FittedState, rate: float, n_folds: int
 ) -> tuple[Threshold | None, Threshold | None]:
-    """The (1 - rate) quantiles of the held-out image scores and map maxima (None without calibration)."""
+    """The (1 - rate) quantiles of the held-out image scores and map maxima (None without calibration), of
+    the training images whose score is not far out (`far_out_training_images`)."""
     if not len(state.held_out_scores):
         return None, None
     check_rate(rate)
-    where = f"{len(state.held_out_scores)} good training images, {n_folds}-fold held out"
+    kept = ~far_out(state.held_out_scores)
+    where = f"{int(kept.sum())} good training images, {n_folds}-fold held out"
+    if not kept.all():
+        where += f"; {int((~kept).sum())} far above the others left out, likely defective"
     quantile = f"{1 - rate:.4g} quantile"
     image = quantile_threshold(
-        state.held_out_scores, rate, "label-free", f"{quantile} of image scores of {where}"
+        state.held_out_scores[kept], rate, "label-free", f"{quantile} of image scores of {where}"
     )
     pixel = quantile_threshold(
-        state.held_out_map_maxima, rate, "label-free", f"{quantile} of map maxima of {where}"
+        state.held_out_map_maxima[kept], rate, "label-free", f"{quantile} of map maxima of {where}"
     )
-    pixel.normal_level = float(np.median(state.held_out_map_medians))
+    pixel.normal_level = float(np.median(state.held_out_map_medians[kept]))
     return image, pixel
 
 

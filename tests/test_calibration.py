@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
+from gaussad.calibration import FAR_OUT_FENCE, Threshold, f1_threshold, far_out, quantile_threshold
 from gaussad.errors import GaussADError
 
 
@@ -27,6 +27,16 @@ def test_a_quantile_from_too_few_values_for_the_rate_says_so() -> None:
         if too_few:
             second, highest = np.sort(normal)[-2:]
             assert second <= threshold.value <= highest
+
+
+def test_far_out_flags_values_beyond_the_fence_above_the_upper_quartile() -> None:
+    # With one value far below and one high: quartiles 25.25 and 75.75 whatever the high value is.
+    fence = 75.75 + FAR_OUT_FENCE * 50.5
+    for high, flagged in ((fence, False), (np.nextafter(fence, np.inf), True), (1e9, True)):
+        values = np.concatenate([[-1e6], np.arange(1.0, 101.0), [high]])
+        assert far_out(values).tolist() == [False] * 101 + [flagged]  # the lower tail is no defect
+    assert not far_out(np.random.default_rng(0).normal(size=2000)).any()  # 4.7 sigma: good data seldom
+    assert not far_out(np.array([1.0, 2.0, 1e9])).any()  # three values have no quartiles to speak of
 
 
 def test_f1_threshold_is_the_best_threshold() -> None:

@@ -367,6 +367,33 @@ def test_fit_skips_bad_training_images_when_asked(category: Path, tmp_path, caps
     assert json.loads((model / "model.json").read_text())["n_train"] == 16
 
 
+def test_fit_names_defective_training_images_and_leaves_them_out_of_the_thresholds(tmp_path, capsys) -> None:
+    """Bad parts that slipped into the good images set the label-free threshold among the defects."""
+    from gaussad import GaussAD
+
+    root = make_category(tmp_path / "widget", n_train=40, n_good=1, n_bad=3)
+    train = tmp_path / "train"
+    shutil.copytree(root / "train" / "good", train)
+    slipped = [f"zz_scratch_{path.name}" for path in sorted((root / "test" / "scratch").iterdir())]
+    for name in slipped:
+        shutil.copy(root / "test" / "scratch" / name.removeprefix("zz_scratch_"), train / name)
+    (train / "aa_broken.png").write_bytes(b"broken")  # skipped: the positions are among the images fitted
+    model = tmp_path / "model"
+    status, stdout, _ = cli(capsys, "fit", str(train), "-o", str(model), *FAST, "--on-error", "skip")
+    assert status == 3
+    assert (
+        "3 training images scored far above the others, likely defective, and left out of the thresholds: "
+        f"{', '.join(slipped)}"
+    ) in stdout
+    fitted = GaussAD.load(model, device="cpu")
+    assert fitted.far_out_training_images_.tolist() == [40, 41, 42]
+    assert fitted.image_threshold_.value == np.quantile(fitted.held_out_scores_[:40], 0.99)
+    assert "40 good training images, 5-fold held out; 3 far above the others left out" in (
+        fitted.image_threshold_.source
+    )
+    assert fitted.image_threshold_.value < fitted.held_out_scores_[40:].min()
+
+
 def test_evaluate_skips_bad_images_when_asked(tmp_path, capsys) -> None:
     root = make_category(tmp_path / "widget", n_train=4, n_good=2, n_bad=2)
     (root / "test" / "good" / "zz_broken.png").write_bytes(b"broken")
