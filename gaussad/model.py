@@ -847,7 +847,7 @@ def _label_free_thresholds(
     state: FittedState, rate: float, n_folds: int
 ) -> tuple[Threshold | None, Threshold | None]:
     """The (1 - rate) quantiles of the held-out image scores and map maxima (None without calibration), of
-    the training images whose score is not far out (`far_out_training_images`)."""
+    the training images whose score is not far out (`GaussAD.far_out_training_images_`)."""
     if not len(state.held_out_scores):
         return None, None
     check_rate(rate)
