@@ -35,12 +35,15 @@ default, written outside the repository.
   camera's response (a gamma), light that falls off across the frame in a random direction, and, where
   the image has colour, its white balance; the part stays where it is, and the mask with it. A line whose
   lamps age, whose ambient light changes with the hour, or whose camera sets its own exposure.
+- `focus`: every image as a camera out of focus by a random amount takes it, with a random level of sensor
+  noise: a blur of up to `FOCUS_BLUR` of the image's short side and noise of up to `FOCUS_NOISE` grey
+  levels; the part stays where it is, and the mask with it.
 - `dirty`: the images as they are, but `DIRTY_SHARE` as many defective images as there are training images,
   drawn at random (seeded) from the test set, moved into the training images: a folder of "good" parts
   that a few bad ones slipped into, as happens when a line collects its own training images.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
-        --variants rotate crop small scene strip posed fixture tiny count few light dirty \
+        --variants rotate crop small scene strip posed fixture tiny count few light dirty focus \
         --out ~/.cache/gaussad/stress
 
 writes `<out>/<category>-<variant>/` for each category and variant. Defective images whose defect leaves
@@ -78,6 +81,8 @@ LIGHT_GAMMA = (0.8, 1.25)  # its range of gammas, drawn uniformly in log
 LIGHT_FALLOFF = 0.3  # its largest change of brightness from one side of the frame to the other, as a share
 LIGHT_CAST = 0.05  # each colour channel's own factor lies within this share of 1
 DIRTY_SHARE = 0.05  # the `dirty` variant's defective training images, as a share of the good ones
+FOCUS_BLUR = 0.005  # the `focus` variant's largest blur (a Gaussian's sigma), as a share of the short side
+FOCUS_NOISE = 6.0  # its largest sensor noise (a standard deviation), in grey levels
 
 
 def rotate(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -113,6 +118,18 @@ def light(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     factor = gain * falloff[..., None] * (cast if coloured else np.ones(3))
     lit = 255.0 * (image.astype(np.float64) / 255.0) ** gamma * factor
     return np.clip(np.rint(lit), 0, 255).astype(np.uint8), mask
+
+
+def focus(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """Blur by a random sigma (up to `FOCUS_BLUR` of the short side) and add noise of a random level (up to
+    `FOCUS_NOISE`), drawn per channel where the image has colour and alike in every channel where it has
+    none. The mask is unchanged."""
+    sigma = rng.uniform(0.0, FOCUS_BLUR) * min(image.shape[:2])
+    level = rng.uniform(0.0, FOCUS_NOISE)
+    blurred = ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0.0))
+    channels = 3 if np.ptp(image, axis=-1).any() else 1
+    noise = rng.normal(0.0, level, (*image.shape[:2], channels)).astype(np.float32)
+    return np.clip(np.rint(blurred + noise), 0, 255).astype(np.uint8), mask
 
 
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
@@ -331,7 +348,8 @@ TRANSFORMS = {
     "count": tiny,
     "few": unchanged,
     "light": light,
-    "dirty": unchanged,  # new variants go last: each variant's seed is its place in this list
+    "dirty": unchanged,
+    "focus": focus,  # new variants go last: each variant's seed is its place in this list
 }
 VARIANTS = tuple(TRANSFORMS)
 EXTRA, MISSING = "extra", "missing"  # the `count` variant's logical defect types

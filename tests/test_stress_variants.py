@@ -75,6 +75,30 @@ def test_light_changes_exposure_and_falloff_keeps_the_mask_and_a_grey_image_grey
     assert max(levels) / min(levels) > 1.2  # the exposure changes from image to image
 
 
+def test_focus_blurs_adds_noise_keeps_the_mask_and_a_grey_image_grey(monkeypatch: pytest.MonkeyPatch) -> None:
+    image, mask = _part_with_defect()
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    border = np.ones(mask.shape, bool)
+    border[5:-5, 5:-5] = False  # plain grey (128) before: its spread is the noise's
+
+    def contrast(pixels: np.ndarray) -> float:  # between neighbours on the textured part
+        return float(np.abs(np.diff(pixels[10:80, 10:110, 0].astype(float), axis=1)).mean())
+
+    for seed in range(8):
+        focused, kept = stress_variants.focus(grey, mask, np.random.default_rng(seed))
+        assert kept is mask and focused.shape == grey.shape and focused.dtype == np.uint8
+        assert (focused == focused[..., :1]).all()  # a monochrome camera's noise is grey
+        assert focused[..., 0][border].std() < 1.2 * stress_variants.FOCUS_NOISE + 0.5
+        coloured, _ = stress_variants.focus(image, mask, np.random.default_rng(seed))
+        assert (coloured[border] != coloured[border][:, :1]).any()  # a colour camera's is per channel
+    monkeypatch.setattr(stress_variants, "FOCUS_NOISE", 0.0)
+    monkeypatch.setattr(stress_variants, "FOCUS_BLUR", 0.05)
+    blurred = [
+        contrast(stress_variants.focus(grey, mask, np.random.default_rng(seed))[0]) for seed in range(8)
+    ]
+    assert max(blurred) <= contrast(grey) and np.mean(blurred) < 0.8 * contrast(grey)
+
+
 def test_crop_keeps_the_whole_defect_in_a_two_to_one_window() -> None:
     image, mask = _part_with_defect()
     for seed in range(8):
