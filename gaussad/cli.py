@@ -301,20 +301,17 @@ def run_fit(args: argparse.Namespace) -> int:
         f"fitted on {_count(model.n_train_, 'image')}{skipped} in {model.fit_seconds_:.1f} s; "
         f"saved to {args.output}"
     )
-    _name_far_out(model, images)
+    _name_far_out([path.name for path in model.far_out_among(images)])
     return status
 
 
-def _name_far_out(model: GaussAD, images: Sequence[Path], shown: int = 10) -> None:
+def _name_far_out(names: Sequence[str], where: str = "", shown: int = 10) -> None:
     """Name the training images whose held-out score lies far above the others' (likely defective)."""
-    skipped = {error.index for error in model.skipped_}
-    fitted = [path for index, path in enumerate(images) if index not in skipped]
-    names = [fitted[position].name for position in model.far_out_training_images_]
     if names:
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
         print(
-            f"{_count(len(names), 'training image')} scored far above the others, likely defective, and "
-            f"left out of the thresholds: {', '.join(names[:shown])}{more}"
+            f"{where}{_count(len(names), 'training image')} scored far above the others, likely defective, "
+            f"and left out of the thresholds: {', '.join(names[:shown])}{more}"
         )
 
 
@@ -455,6 +452,8 @@ def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluat
         ]
     results = [evaluation.result for evaluation in evaluations]
     print(format_table(results, mean_metrics(results)))
+    for evaluation in evaluations:
+        _name_far_out(evaluation.far_out, f"{evaluation.result.category}: ")
     return evaluations
 
 

@@ -77,6 +77,8 @@ class CategoryEvaluation:
     model_info: dict  # `model_info` of the fitted model
     # Unreadable training and test images left out (the model's on_error="skip"), in that order.
     skipped: list[ImageError] = field(default_factory=list)
+    # The names of the training images that scored far above the others (`GaussAD.far_out_among`).
+    far_out: list[str] = field(default_factory=list)
 
 
 def read_mask(image: LabeledImage, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -141,6 +143,7 @@ def evaluate_category(
         model.pixel_threshold_,
         model_info(model),
         [*model.skipped_, *test_errors],
+        [path.name for path in model.far_out_among(train)],
     )
 
 

@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -89,6 +90,7 @@ ON_ERRORS = ("stop", "skip")
 # What auto options and the combined score take where there are no held-out folds.
 AUTO_FALLBACK = ("pooled", "hybrid")
 SPILL_PREFIX = "gaussad-fit-"
+ImageT = TypeVar("ImageT")  # a training image as the caller gave it (a path, an array, ...)
 
 
 @dataclass
@@ -659,6 +661,12 @@ class GaussAD:
         score lies far above the others' (`calibration.far_out`): likely defective, so the label-free
         thresholds leave them out, and worth a look."""
         return np.flatnonzero(far_out(self.state_.held_out_scores))
+
+    def far_out_among(self, images: Sequence[ImageT]) -> list[ImageT]:
+        """The far-out training images (`far_out_training_images_`) among `images`, as given to `fit`."""
+        skipped = {error.index for error in self.skipped_}
+        fitted = [image for index, image in enumerate(images) if index not in skipped]
+        return [fitted[position] for position in self.far_out_training_images_]
 
     @property
     def held_out_map_maxima_(self) -> np.ndarray:

@@ -371,20 +371,23 @@ def test_fit_names_defective_training_images_and_leaves_them_out_of_the_threshol
     """Bad parts that slipped into the good images set the label-free threshold among the defects."""
     from gaussad import GaussAD
 
-    root = make_category(tmp_path / "widget", n_train=40, n_good=1, n_bad=3)
-    train = tmp_path / "train"
-    shutil.copytree(root / "train" / "good", train)
-    slipped = [f"zz_scratch_{path.name}" for path in sorted((root / "test" / "scratch").iterdir())]
-    for name in slipped:
-        shutil.copy(root / "test" / "scratch" / name.removeprefix("zz_scratch_"), train / name)
+    root = make_category(tmp_path / "widget", n_train=40, n_good=2, n_bad=4)
+    train = root / "train" / "good"
+    moved = sorted((root / "test" / "scratch").iterdir())[:3]
+    slipped = [f"zz_scratch_{path.name}" for path in moved]
+    for path, name in zip(moved, slipped, strict=True):
+        shutil.move(path, train / name)
+        (root / "ground_truth" / "scratch" / f"{path.stem}_mask.png").unlink()
+    named = (
+        "3 training images scored far above the others, likely defective, and left out of the thresholds: "
+        + ", ".join(slipped)
+    )
+    status, stdout, _ = cli(capsys, "evaluate", str(root), *FAST)
+    assert status == 0 and f"widget: {named}" in stdout
     (train / "aa_broken.png").write_bytes(b"broken")  # skipped: the positions are among the images fitted
     model = tmp_path / "model"
     status, stdout, _ = cli(capsys, "fit", str(train), "-o", str(model), *FAST, "--on-error", "skip")
-    assert status == 3
-    assert (
-        "3 training images scored far above the others, likely defective, and left out of the thresholds: "
-        f"{', '.join(slipped)}"
-    ) in stdout
+    assert status == 3 and named in stdout
     fitted = GaussAD.load(model, device="cpu")
     assert fitted.far_out_training_images_.tolist() == [40, 41, 42]
     assert fitted.image_threshold_.value == np.quantile(fitted.held_out_scores_[:40], 0.99)
