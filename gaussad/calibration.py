@@ -53,11 +53,14 @@ def check_rate(rate: float) -> None:
 
 def far_out(values: np.ndarray, fence: float = FAR_OUT_FENCE) -> np.ndarray:
     """Which values lie more than `fence` interquartile ranges above the upper quartile (bool per value):
-    held-out scores that good images seldom reach and defective ones do. None of fewer than four values."""
+    held-out scores that good images seldom reach and defective ones do. None of fewer than four values, nor
+    where half of them are equal (no spread to measure a distance by)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size < 4:
         return np.zeros(values.shape, dtype=bool)
     lower, upper = np.quantile(values, [0.25, 0.75])
+    if not upper > lower:
+        return np.zeros(values.shape, dtype=bool)
     return values > upper + fence * (upper - lower)
 
 

@@ -37,6 +37,7 @@ def test_far_out_flags_values_beyond_the_fence_above_the_upper_quartile() -> Non
         assert far_out(values).tolist() == [False] * 101 + [flagged]  # the lower tail is no defect
     assert not far_out(np.random.default_rng(0).normal(size=2000)).any()  # 4.7 sigma: good data seldom
     assert not far_out(np.array([1.0, 2.0, 1e9])).any()  # three values have no quartiles to speak of
+    assert not far_out(np.array([5.0] * 8 + [5.1, 9.0])).any()  # nor has a run of equal values a spread
 
 
 def test_f1_threshold_is_the_best_threshold() -> None:
