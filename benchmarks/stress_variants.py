@@ -35,12 +35,12 @@ default, written outside the repository.
   camera's response (a gamma), light that falls off across the frame in a random direction, and, where
   the image has colour, its white balance; the part stays where it is, and the mask with it. A line whose
   lamps age, whose ambient light changes with the hour, or whose camera sets its own exposure.
+- `dirty`: the images as they are, but as many defective images as `DIRTY_SHARE` of the training images,
+  drawn at random (seeded) from the test set, moved into the training images: a folder of "good" parts
+  that a few bad ones slipped into, as happens when a line collects its own training images.
 - `focus`: every image as a camera out of focus by a random amount takes it, with a random level of sensor
   noise: a blur of up to `FOCUS_BLUR` of the image's short side and noise of up to `FOCUS_NOISE` grey
   levels; the part stays where it is, and the mask with it.
-- `dirty`: the images as they are, but `DIRTY_SHARE` as many defective images as there are training images,
-  drawn at random (seeded) from the test set, moved into the training images: a folder of "good" parts
-  that a few bad ones slipped into, as happens when a line collects its own training images.
 
     python benchmarks/stress_variants.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/magnetic_tile \
         --variants rotate crop small scene strip posed fixture tiny count few light dirty focus \
@@ -114,8 +114,7 @@ def light(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     rows, columns = np.meshgrid(np.linspace(-0.5, 0.5, height), np.linspace(-0.5, 0.5, width), indexing="ij")
     along = math.cos(direction) * rows + math.sin(direction) * columns  # within +-0.5 * sqrt(2)
     falloff = 1.0 + LIGHT_FALLOFF * along / math.sqrt(2)
-    coloured = bool(np.ptp(image, axis=-1).any())
-    factor = gain * falloff[..., None] * (cast if coloured else np.ones(3))
+    factor = gain * falloff[..., None] * (cast if _coloured(image) else np.ones(3))
     lit = 255.0 * (image.astype(np.float64) / 255.0) ** gamma * factor
     return np.clip(np.rint(lit), 0, 255).astype(np.uint8), mask
 
@@ -127,9 +126,14 @@ def focus(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
     sigma = rng.uniform(0.0, FOCUS_BLUR) * min(image.shape[:2])
     level = rng.uniform(0.0, FOCUS_NOISE)
     blurred = ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0.0))
-    channels = 3 if np.ptp(image, axis=-1).any() else 1
+    channels = 3 if _coloured(image) else 1
     noise = rng.normal(0.0, level, (*image.shape[:2], channels)).astype(np.float32)
     return np.clip(np.rint(blurred + noise), 0, 255).astype(np.uint8), mask
+
+
+def _coloured(image: np.ndarray) -> bool:
+    """Whether an (H, W, 3) image's channels differ anywhere (a colour camera's, not a monochrome one's)."""
+    return bool(np.ptp(image, axis=-1).any())
 
 
 def small(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
