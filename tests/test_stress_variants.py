@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import benchmark_script
+from conftest import benchmark_script, make_category
 from PIL import Image
 from scipy import ndimage
 
@@ -257,8 +257,6 @@ def test_few_keeps_a_seeded_draw_of_the_training_images_as_they_are(
 def test_dirty_moves_a_seeded_draw_of_defective_test_images_into_the_training_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import make_category
-
     category = make_category(tmp_path / "data" / "widget", n_train=40, n_good=4, n_bad=6)
     monkeypatch.setattr(stress_variants, "DIRTY_SHARE", 0.1)
     source = list_test_images(category)
