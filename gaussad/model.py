@@ -73,15 +73,15 @@ from gaussad.tuning import one_blas_thread
 # components, one Gaussian per position maps the tiles' defects worse than the shared ones (docs/design.md).
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 # Why an option was decided by a rule where the training images' parts move about (kept with the evidence).
+NO_GRID = "the parts found move about the frame, so a grid cell has no one piece of the part"
 MOVING_RULES = {
     "localization": "shared: the parts found move about the frame, so a feature has no one place",
     "image_score": (
-        "combined without the grid, the score map's top share and the whole frame's pooling: the parts "
-        "found move about the frame, so a grid cell has no one piece of the part"
+        f"combined without the grid, the score map's top share and the whole frame's pooling: {NO_GRID}"
     ),
 }
 # The image score's rule for a model without a global part to pool the whole frame with.
-MOVING_MAP_RULE = "map: the parts found move about the frame, so a grid cell has no one piece of the part"
+MOVING_MAP_RULE = f"map: {NO_GRID}"
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
