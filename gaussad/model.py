@@ -74,14 +74,15 @@ from gaussad.tuning import one_blas_thread
 POSITION_REDUCTION: tuple[Reduction, float] = ("none", 1.0)
 # Why an option was decided by a rule where the training images' parts move about (kept with the evidence).
 NO_GRID = "the parts found move about the frame, so a grid cell has no one piece of the part"
+WITHOUT_GRID = "combined without the grid, the score map's top share and the whole frame's pooling"
 MOVING_RULES = {
     "localization": "shared: the parts found move about the frame, so a feature has no one place",
-    "image_score": (
-        f"combined without the grid, the score map's top share and the whole frame's pooling: {NO_GRID}"
-    ),
+    "image_score": f"{WITHOUT_GRID}: {NO_GRID}",
 }
-# The image score's rule for a model without a global part to pool the whole frame with.
-MOVING_MAP_RULE = f"map: {NO_GRID}"
+# Below this many training images the grid's Gaussians, which learn from one pooled vector per image and
+# cell, detect worse than the combined score without them (docs/design.md, "With a few dozen training
+# images"): the combined and auto image scores drop the grid, as where parts move about.
+MIN_IMAGES_FOR_GRID = 150
 RUNTIME_OPTIONS = ("device", "batch_size", "workers", "progress", "on_error", "max_pixels")
 ENGINES = ("local", "ray")
 # Where the fit runs and where it keeps features (run-time settings that only `fit` reads).
@@ -218,12 +219,16 @@ class GaussAD:
         image_size = config.image_size or backbone.preprocessing.image_size
         input_size = size_pair(image_size)
         n_folds = self._n_folds(len(items))
+        # The levels given are checked before any pass, also those that a rule below replaces.
+        config.resolve_levels(backbone)
+        whole_frame = config.resolve_global_levels(backbone)
         # The window around the part, learnt before the pass that cuts every image to it.
         crop, moving = None, False
         if config.crop == "part":
             crop, moving = _part_crop(items, self.workers, self.max_pixels, skip_errors)
         config, fallback = _without_folds(config, n_folds)
-        config, rules = _for_moving_parts(config, moving, config.resolve_global_levels(backbone))
+        config, rules = _for_moving_parts(config, moving, whole_frame)
+        config, rules = _for_few_images(config, rules, len(items), whole_frame)
         levels, map_levels, position_levels = config.resolve_levels(backbone)
         if "localization" in rules:
             position_levels = ()
@@ -794,15 +799,40 @@ def _for_moving_parts(
     if config.localization == "auto":
         rules["localization"] = MOVING_RULES["localization"]
     if config.image_score in ("combined", "auto"):
-        if global_levels:
-            rules["image_score"] = MOVING_RULES["image_score"]
-            config = replace(
-                config, image_score="combined", levels=global_levels, image_grid=1, global_levels=()
-            )
-        else:
-            rules["image_score"] = MOVING_MAP_RULE
-            config = replace(config, image_score="map")
+        config, rules["image_score"] = _without_grid(config, global_levels, NO_GRID)
     return config, rules
+
+
+def _for_few_images(
+    config: ModelConfig, rules: dict[str, str], n_images: int, global_levels: tuple[int, ...]
+) -> tuple[ModelConfig, dict[str, str]]:
+    """The config and rules (`rules` with this one added) of a fit on `n_images` training images: fewer
+    than `MIN_IMAGES_FOR_GRID` and the combined and auto image scores drop the grid, whose Gaussians learn
+    from one pooled vector per image and cell (`_without_grid`). Applied after `_for_moving_parts`, which
+    may have dropped it already; a grid of one cell is the whole frame's pooling and stays."""
+    has_grid = config.image_score in ("combined", "auto") and config.image_grid > 1
+    if n_images >= MIN_IMAGES_FOR_GRID or not has_grid or "image_score" in rules:
+        return config, rules
+    reason = (
+        f"{n_images} training images are too few for the grid's Gaussians, which learn from one pooled "
+        f"vector per image and cell (fewer than {MIN_IMAGES_FOR_GRID})"
+    )
+    config, rule = _without_grid(config, global_levels, reason)
+    return config, rules | {"image_score": rule}
+
+
+def _without_grid(
+    config: ModelConfig, global_levels: tuple[int, ...], reason: str
+) -> tuple[ModelConfig, str]:
+    """The config of a combined or auto image score without its grid, and the rule that says so: the
+    whole frame's pooling of `global_levels` (the global part) in place of the grid, beside the score map's
+    top share; without a global part, the score map's top share alone."""
+    if global_levels:
+        dropped = replace(
+            config, image_score="combined", levels=global_levels, image_grid=1, global_levels=()
+        )
+        return dropped, f"{WITHOUT_GRID}: {reason}"
+    return replace(config, image_score="map"), f"map: {reason}"
 
 
 def _without_folds(config: ModelConfig, n_folds: int) -> tuple[ModelConfig, str | None]:

@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic data set in MVTec AD layout, the real data when present, PyTorch's
-thread count for one test, a local Ray cluster, and the check that two fits gave the same model."""
+thread count for one test, a local Ray cluster, the check that two fits gave the same model, and the image
+score's grid kept at any number of training images."""
 
 import importlib.util
 import os
@@ -100,6 +101,19 @@ def make_category(root: Path, n_train: int = 16, n_good: int = 4, n_bad: int = 4
         Image.fromarray(image).save(root / "test" / "scratch" / f"{i:03d}.png")
         Image.fromarray(mask).save(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def min_images_for_grid():
+    """Test fits learn from a few dozen images, fewer than the line below which the combined image score
+    drops its grid (`gaussad.model.MIN_IMAGES_FOR_GRID`): they keep it, so that the three-part score stays
+    under test. The line's own tests take it back from this fixture's value."""
+    from gaussad import model
+
+    with pytest.MonkeyPatch.context() as patch:
+        line = model.MIN_IMAGES_FOR_GRID
+        patch.setattr(model, "MIN_IMAGES_FOR_GRID", 0)
+        yield line
 
 
 @pytest.fixture(scope="session")

@@ -194,7 +194,10 @@ def test_restart_discards_an_unfinished_run_of_another_model(tmp_path) -> None:
     assert not (folder / "maps").exists() and (folder / ".parts" / "manifest.json").is_file()
 
 
-def test_ray_evaluate_equals_local(ray_local, tmp_path) -> None:
+def test_ray_evaluate_equals_local(ray_local, tmp_path, min_images_for_grid: int, monkeypatch) -> None:
+    # The workers fit each category with the library's own line for the grid (this process's fixture does
+    # not reach them): so does the local run here.
+    monkeypatch.setattr("gaussad.model.MIN_IMAGES_FOR_GRID", min_images_for_grid)
     for seed, name in enumerate(("alpha", "beta")):
         make_category(tmp_path / "root" / name, n_train=8, n_good=3, n_bad=3, seed=seed)
     fast = ["--image-size", "64", "--batch-size", "4", "--device", "cpu", "--quiet", "--folds", "2"]

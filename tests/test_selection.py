@@ -339,6 +339,80 @@ def test_without_held_out_folds_auto_and_combined_take_pooled_and_say_so(categor
     )
 
 
+def test_few_training_images_leave_the_grid_out_of_the_combined_score(
+    category: Path, min_images_for_grid: int, monkeypatch, tmp_path: Path, capsys
+) -> None:
+    """Below `MIN_IMAGES_FOR_GRID` training images the grid's Gaussians, which learn from one pooled vector
+    per image and cell, detect worse than the score without them (docs/design.md): the combined score
+    pools the whole frame in their place, says why, and scores as a model fitted so by hand; at the line
+    the grid stays."""
+    from gaussad import model as fitting
+    from gaussad.cli import main
+
+    monkeypatch.setattr(fitting, "MIN_IMAGES_FOR_GRID", min_images_for_grid)
+    images = training_images(category)
+    assert len(images) < min_images_for_grid
+    model = GaussAD(**SMALL, localization="shared").fit(images)
+    state = model.state_
+    whole_frame = (3, 4, 5, 6, 7)  # the global part's levels, the paper's
+    assert (state.image_score, model.levels_, state.image_grid, state.global_levels) == (
+        "combined",
+        whole_frame,
+        1,
+        (),
+    )
+    rule = state.selection["image_score"]["rule"]
+    assert (
+        rule.startswith("combined without the grid") and f"{len(images)} training images are too few" in rule
+    )
+    by_hand = GaussAD(
+        **SMALL,
+        localization="shared",
+        image_score="combined",
+        levels=whole_frame,
+        image_grid=1,
+        global_levels=(),
+    ).fit(images)
+    tests = sorted((category / "test").rglob("*.png"))
+    np.testing.assert_allclose(model.score_samples(tests), by_hand.score_samples(tests), rtol=1e-6)
+    assert main(["info", str(model.save(tmp_path / "model"))]) == 0
+    assert f"image score by rule: {rule}" in capsys.readouterr().out
+    monkeypatch.setattr(fitting, "MIN_IMAGES_FOR_GRID", len(images))
+    kept = GaussAD(**SMALL, localization="shared").fit(images)
+    assert (kept.state_.image_grid, kept.state_.global_levels) == (4, whole_frame)
+    assert "image_score" not in (kept.state_.selection or {})
+
+
+def test_the_few_images_rule_leaves_other_scores_and_earlier_rules_alone(
+    min_images_for_grid: int, monkeypatch
+) -> None:
+    """Auto drops the grid as combined does; without a global part the score map's share is left; a pooled
+    score, a grid of one cell and a grid already dropped because parts move stand."""
+    from gaussad import ModelConfig
+    from gaussad import model as fitting
+
+    monkeypatch.setattr(fitting, "MIN_IMAGES_FOR_GRID", min_images_for_grid)
+    few, whole_frame = min_images_for_grid - 1, (3, 4, 5, 6, 7)
+    auto, rules = fitting._for_few_images(ModelConfig(image_score="auto"), {}, few, whole_frame)
+    assert (auto.image_score, auto.levels, auto.image_grid, auto.global_levels) == (
+        "combined",
+        whole_frame,
+        1,
+        (),
+    )
+    assert list(rules) == ["image_score"] and rules["image_score"].startswith("combined without the grid")
+    alone, rules = fitting._for_few_images(ModelConfig(), {}, few, ())
+    assert alone.image_score == "map" and rules["image_score"].startswith("map: ")
+    moving = {"image_score": fitting.MOVING_RULES["image_score"]}
+    for config, earlier in (
+        (ModelConfig(image_score="pooled"), {}),
+        (ModelConfig(image_grid=1), {}),
+        (ModelConfig(), moving),
+    ):
+        assert fitting._for_few_images(config, earlier, few, whole_frame) == (config, earlier)
+    assert fitting._for_few_images(ModelConfig(), {}, min_images_for_grid, whole_frame) == (ModelConfig(), {})
+
+
 def test_an_exported_auto_model_scores_as_the_library(
     auto_model: GaussAD, category: Path, tmp_path: Path
 ) -> None:
