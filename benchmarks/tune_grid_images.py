@@ -8,6 +8,9 @@ fitted on N training images drawn at random, measured on the whole test set.
         --out benchmarks/results/tune_grid_images
     python benchmarks/tune_grid_images.py ../shared/datasets/magnetic_tile --images 60 100 150 --seed 2000 \
         --out benchmarks/results/tune_grid_images
+    python benchmarks/tune_grid_images.py ~/.cache/gaussad/stress/magnetic_tile-light \
+        ~/.cache/gaussad/stress/magnetic_tile-focus --images 100 150 209 300 \
+        --out benchmarks/results/tune_grid_images
 
 The grid's Gaussians learn from one pooled vector per image and cell. `with the grid` is the defaults with
 `gaussad.model.MIN_IMAGES_FOR_GRID` set to 0 for the run (the grid at any number of images), `without the
