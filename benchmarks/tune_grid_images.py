@@ -11,14 +11,17 @@ fitted on N training images drawn at random, measured on the whole test set.
     python benchmarks/tune_grid_images.py ~/.cache/gaussad/stress/magnetic_tile-light \
         ~/.cache/gaussad/stress/magnetic_tile-focus --images 100 150 209 300 \
         --out benchmarks/results/tune_grid_images
+    python benchmarks/tune_grid_images.py ../shared/datasets/magnetic_tile --images 100 300 150 209 \
+        --backbone efficientnet_lite2 --out benchmarks/results/tune_grid_images
 
 The grid's Gaussians learn from one pooled vector per image and cell. `with the grid` is the defaults with
 `gaussad.model.MIN_IMAGES_FOR_GRID` set to 0 for the run (the grid at any number of images), `without the
 grid` the combined score of the score map's top share and the whole frame's pooling of levels 3-7, which
 the defaults take below that line; the maps are the same in both. Each subset is a folder of links under
 ~/.cache/gaussad/subsets (train/good: the images drawn, with numpy's generator seeded seed + N; test and
-ground_truth: the set's own); N at or above the set's training images fits them all. Each finished row goes
-to OUT.json at once, and a rerun skips the rows already there.
+ground_truth: the set's own); N at or above the set's training images fits them all. `--backbone` fits
+another backbone at its native input size (its rows named after the set and the backbone). Each finished
+row goes to OUT.json at once, and a rerun skips the rows already there.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ WITHOUT_GRID = {"image_score": "combined", "levels": (3, 4, 5, 6, 7), "image_gri
 SETTINGS = ("with the grid", "without the grid")
 METRICS = ("image_auroc", "false_alarm_rate", "miss_rate", "pixel_auroc", "aupro", "fit_seconds")
 SUBSETS = Path.home() / ".cache" / "gaussad" / "subsets"
+DEFAULT_BACKBONE = "efficientnet_lite0"
 HEADER = f"""# The image score's grid and the number of training images
 
 {__doc__.split(chr(10) * 2, 1)[1]}
@@ -82,11 +86,11 @@ def subset(category: Path, count: int, seed: int, root: Path = SUBSETS) -> Path:
     return folder
 
 
-def run(category: Path, setting: str) -> dict[str, Any]:
+def run(category: Path, setting: str, backbone: str = DEFAULT_BACKBONE) -> dict[str, Any]:
     """One `gaussad evaluate` of a setting: its metrics and fit time."""
     with_grid = setting == "with the grid"
     with grid_at_any_count() if with_grid else nullcontext():
-        options = {} if with_grid else WITHOUT_GRID
+        options = {"backbone": backbone} | ({} if with_grid else WITHOUT_GRID)
         result = evaluate_category(lambda: GaussAD(**options), category).result
     return {metric: getattr(result, metric) for metric in METRICS}
 
@@ -120,6 +124,7 @@ def main() -> None:
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--images", nargs="+", type=int, required=True, help="training images per fit")
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="at its native input size")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
@@ -131,11 +136,12 @@ def main() -> None:
                 if count > n_train:
                     continue
                 draw = f"{count} (all)" if count == n_train else f"{count}, seed {args.seed}"
-                done = rows.setdefault(category.name, {}).setdefault(draw, {})
+                name = category.name + ("" if args.backbone == DEFAULT_BACKBONE else f", {args.backbone}")
+                done = rows.setdefault(name, {}).setdefault(draw, {})
                 for setting in SETTINGS:
                     if setting not in done:
-                        done[setting] = run(subset(category, count, args.seed), setting)
-                        print(category.name, draw, setting, done[setting], flush=True)
+                        done[setting] = run(subset(category, count, args.seed), setting, args.backbone)
+                        print(name, draw, setting, done[setting], flush=True)
                         json_path.write_text(json.dumps(rows, indent=1) + "\n")
     md_path.write_text(f"{HEADER}\n{table(rows)}")
     print(table(rows))
