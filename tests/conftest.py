@@ -107,7 +107,8 @@ def make_category(root: Path, n_train: int = 16, n_good: int = 4, n_bad: int = 4
 def min_images_for_grid():
     """Test fits learn from a few dozen images, fewer than the line below which the combined image score
     drops its grid (`gaussad.model.MIN_IMAGES_FOR_GRID`): they keep it, so that the three-part score stays
-    under test. The line's own tests take it back from this fixture's value."""
+    under test. The line's own tests take it back from this fixture's value; fits in other processes (the
+    command line run as a program, Ray's workers) keep the line."""
     from gaussad import model
 
     with pytest.MonkeyPatch.context() as patch:
