@@ -301,6 +301,8 @@ def run_fit(args: argparse.Namespace) -> int:
         f"fitted on {_count(model.n_train_, 'image')}{skipped} in {model.fit_seconds_:.1f} s; "
         f"saved to {args.output}"
     )
+    for line in decided_by_rule(model.state_.selection or {}):  # what was not fitted as asked, and why
+        print(line)
     _name_far_out([path.name for path in model.far_out_among(images)])
     return status
 
@@ -572,18 +574,27 @@ def describe_thresholds(model: GaussAD) -> str:
 
 def describe_selection(selection: dict) -> str:
     """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
-    from gaussad.selection import candidate_rows, rules
+    from gaussad.selection import candidate_rows
 
     if "fallback" in selection:
-        return f"auto options: {selection['fallback']}"
+        return "\n".join(decided_by_rule(selection))
     candidates = []
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
         candidates.append(f"  {'*' if chosen else ' '} {option.replace('_', ' ')} {name}: {values}")
     header = f"auto options, chosen on {selection.get('synthetic_images')} {selection.get('proxy')}:"
     lines = [header, *candidates] if candidates else []
-    lines += [f"{option.replace('_', ' ')} by rule: {rule}" for option, rule in rules(selection).items()]
-    return "\n".join(lines)
+    return "\n".join(lines + decided_by_rule(selection))
+
+
+def decided_by_rule(selection: dict) -> list[str]:
+    """The options a rule decided rather than the evidence (parts that move, too few images, no folds),
+    one line each with the rule."""
+    from gaussad.selection import rules
+
+    if "fallback" in selection:
+        return [f"auto options: {selection['fallback']}"]
+    return [f"{option.replace('_', ' ')} by rule: {rule}" for option, rule in rules(selection).items()]
 
 
 def run_info(args: argparse.Namespace) -> None:

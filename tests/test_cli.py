@@ -367,6 +367,25 @@ def test_fit_skips_bad_training_images_when_asked(category: Path, tmp_path, caps
     assert json.loads((model / "model.json").read_text())["n_train"] == 16
 
 
+def test_fit_says_which_rule_decided_an_option(
+    category: Path, tmp_path, capsys, min_images_for_grid: int, monkeypatch
+) -> None:
+    """A fit that leaves the grid out for too few images, or takes the pooled score without folds, says so
+    and why, as `gaussad info` does."""
+    monkeypatch.setattr("gaussad.model.MIN_IMAGES_FOR_GRID", min_images_for_grid)
+    train = str(category / "train" / "good")
+    status, stdout, _ = cli(capsys, "fit", train, "-o", str(tmp_path / "few"), *FAST)
+    lines = stdout.splitlines()
+    assert status == 0 and lines[0].startswith("fitted on 16 images")
+    assert lines[1].startswith("image score by rule: combined without the grid") and (
+        f"16 training images are too few for the grid's Gaussians, which learn from one pooled vector per "
+        f"image and cell (fewer than {min_images_for_grid})" in lines[1]
+    )
+    assert cli(capsys, "info", str(tmp_path / "few"))[1].count(lines[1]) == 1
+    status, stdout, _ = cli(capsys, "fit", train, "-o", str(tmp_path / "nofolds"), *FAST, "--folds", "0")
+    assert status == 0 and stdout.splitlines()[1].startswith("auto options: no held-out folds")
+
+
 def test_fit_names_defective_training_images_and_leaves_them_out_of_the_thresholds(tmp_path, capsys) -> None:
     """Bad parts that slipped into the good images set the label-free threshold among the defects."""
     from gaussad import GaussAD
