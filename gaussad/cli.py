@@ -455,7 +455,10 @@ def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluat
     results = [evaluation.result for evaluation in evaluations]
     print(format_table(results, mean_metrics(results)))
     for evaluation in evaluations:
-        _name_far_out(evaluation.far_out, f"{evaluation.result.category}: ")
+        where = f"{evaluation.result.category}: "
+        for line in decided_by_rule(evaluation.selection):
+            print(where + line)
+        _name_far_out(evaluation.far_out, where)
     return evaluations
 
 

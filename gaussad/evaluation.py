@@ -79,6 +79,8 @@ class CategoryEvaluation:
     skipped: list[ImageError] = field(default_factory=list)
     # The names of the training images that scored far above the others (`GaussAD.far_out_among`).
     far_out: list[str] = field(default_factory=list)
+    # How the fit chose its auto options, or which rule decided them (`FittedState.selection`).
+    selection: dict = field(default_factory=dict)
 
 
 def read_mask(image: LabeledImage, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -144,6 +146,7 @@ def evaluate_category(
         model_info(model),
         [*model.skipped_, *test_errors],
         [path.name for path in model.far_out_among(train)],
+        model.state_.selection or {},
     )
 
 

@@ -371,7 +371,7 @@ def test_fit_says_which_rule_decided_an_option(
     category: Path, tmp_path, capsys, min_images_for_grid: int, monkeypatch
 ) -> None:
     """A fit that leaves the grid out for too few images, or takes the pooled score without folds, says so
-    and why, as `gaussad info` does."""
+    and why, as `gaussad info` does; `evaluate` says it per category."""
     monkeypatch.setattr("gaussad.model.MIN_IMAGES_FOR_GRID", min_images_for_grid)
     train = str(category / "train" / "good")
     status, stdout, _ = cli(capsys, "fit", train, "-o", str(tmp_path / "few"), *FAST)
@@ -382,6 +382,8 @@ def test_fit_says_which_rule_decided_an_option(
         f"image and cell (fewer than {min_images_for_grid})" in lines[1]
     )
     assert cli(capsys, "info", str(tmp_path / "few"))[1].count(lines[1]) == 1
+    status, stdout, _ = cli(capsys, "evaluate", str(category), *FAST)
+    assert status == 0 and f"widget: {lines[1]}" in stdout.splitlines()
     status, stdout, _ = cli(capsys, "fit", train, "-o", str(tmp_path / "nofolds"), *FAST, "--folds", "0")
     assert status == 0 and stdout.splitlines()[1].startswith("auto options: no held-out folds")
 
