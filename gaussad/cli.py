@@ -301,14 +301,16 @@ def run_fit(args: argparse.Namespace) -> int:
         f"fitted on {_count(model.n_train_, 'image')}{skipped} in {model.fit_seconds_:.1f} s; "
         f"saved to {args.output}"
     )
-    for line in decided_by_rule(model.state_.selection or {}):  # what was not fitted as asked, and why
-        print(line)
-    _name_far_out([path.name for path in model.far_out_among(images)])
+    _say_how_fitted(model.state_.selection or {}, [path.name for path in model.far_out_among(images)])
     return status
 
 
-def _name_far_out(names: Sequence[str], where: str = "", shown: int = 10) -> None:
-    """Name the training images whose held-out score lies far above the others' (likely defective)."""
+def _say_how_fitted(selection: dict, names: Sequence[str], where: str = "", shown: int = 10) -> None:
+    """After a fit, each line after `where`: the options a rule decided rather than as given, and why
+    (`decided_by_rule`), and the training images whose held-out score lies far above the others' (likely
+    defective), by name."""
+    for line in decided_by_rule(selection):
+        print(where + line)
     if names:
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
         print(
@@ -455,10 +457,7 @@ def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluat
     results = [evaluation.result for evaluation in evaluations]
     print(format_table(results, mean_metrics(results)))
     for evaluation in evaluations:
-        where = f"{evaluation.result.category}: "
-        for line in decided_by_rule(evaluation.selection):
-            print(where + line)
-        _name_far_out(evaluation.far_out, where)
+        _say_how_fitted(evaluation.selection, evaluation.far_out, f"{evaluation.result.category}: ")
     return evaluations
 
 
@@ -576,11 +575,10 @@ def describe_thresholds(model: GaussAD) -> str:
 
 
 def describe_selection(selection: dict) -> str:
-    """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked."""
+    """The evidence of auto options, one line per candidate: its proxy metrics, the chosen one marked; then
+    the options a rule decided (`decided_by_rule`)."""
     from gaussad.selection import candidate_rows
 
-    if "fallback" in selection:
-        return "\n".join(decided_by_rule(selection))
     candidates = []
     for option, name, metrics, chosen in candidate_rows(selection):
         values = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float))
