@@ -6,7 +6,8 @@ quantile of the held-out scores for a target false-alarm rate; the pixel thresho
 each held-out image's maximum map value, so that a good part's defect mask is empty at that rate too.
 Training images whose held-out score lies far above the others' (`far_out`) are left out of both: most
 likely defective parts that slipped into the good images, whose scores would set the threshold among
-the defects.
+the defects. The quantile keeps its promise for images like the training images: `score_shift` tells from
+good images' scores whether they are (evaluations report it).
 With labels (`evaluation.calibrate_on_labeled`): the F1-optimal point, or the rate measured on labelled
 good images. A manual value (`decisions.manual_threshold`) overrides either. Every threshold records how,
 and on what, it was chosen.
@@ -22,6 +23,9 @@ from gaussad.errors import GaussADError
 
 # Tukey's fence for "far out" values: beyond the upper quartile by this many interquartile ranges.
 FAR_OUT_FENCE = 3.0
+# Good images whose scores lie above the held-out scores with a one-sided p-value under this are not like
+# the training images (`score_shift`).
+SHIFT_SIGNIFICANCE = 0.01
 
 
 @dataclass
@@ -62,6 +66,37 @@ def far_out(values: np.ndarray, fence: float = FAR_OUT_FENCE) -> np.ndarray:
     if not upper > lower:
         return np.zeros(values.shape, dtype=bool)
     return values > upper + fence * (upper - lower)
+
+
+@dataclass
+class ScoreShift:
+    """How good images' scores stand against the held-out scores a label-free threshold came from:
+    `auroc`, the probability that a good image outscores a held-out training image (ties half; 0.5 where
+    they are alike), and `p_value`, the one-sided Mann-Whitney U test's of no shift upwards."""
+
+    auroc: float
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        """Whether the good images score above the training images beyond chance (`SHIFT_SIGNIFICANCE`):
+        the threshold then flags more of them than its target."""
+        return self.p_value < SHIFT_SIGNIFICANCE
+
+
+def score_shift(held_out: np.ndarray, good: np.ndarray) -> ScoreShift | None:
+    """Whether images known to be good score above the held-out scores of the training images that set the
+    label-free threshold (those not far out): a quantile of held-out scores flags its target share of
+    images like the training images, and more of images that score higher (another batch of parts, other
+    light, a camera moved). None with fewer than two of either."""
+    held_out, good = np.asarray(held_out, dtype=np.float64), np.asarray(good, dtype=np.float64)
+    if held_out.size < 2 or good.size < 2:
+        return None
+    # Imported here, as scikit-learn below: scipy.stats takes a while to import and only this needs it.
+    from scipy.stats import mannwhitneyu
+
+    test = mannwhitneyu(good, held_out, alternative="greater")
+    return ScoreShift(float(test.statistic) / (good.size * held_out.size), float(test.pvalue))
 
 
 def quantile_threshold(normal: np.ndarray, rate: float, method: str, source: str) -> Threshold:

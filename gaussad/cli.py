@@ -319,6 +319,19 @@ def _say_how_fitted(selection: dict, names: Sequence[str], where: str = "", show
         )
 
 
+def _say_if_good_images_shifted(result: CategoryResult) -> None:
+    """After an evaluation's table: where a category's good test images score above its training images
+    beyond chance (`evaluation.describe_good_shift`), that, and what sets a threshold for them."""
+    from gaussad.evaluation import describe_good_shift
+
+    said = describe_good_shift(result)
+    if said:
+        print(
+            f"{result.category}: {said}; `gaussad calibrate MODEL_DIR VAL_ROOT` sets thresholds on labelled "
+            "images like them"
+        )
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from gaussad.decisions import PREDICTIONS_FILE, output_names
     from gaussad.fileio import check_destination, output_folders
@@ -458,6 +471,7 @@ def _evaluate(args: argparse.Namespace, keep_maps: bool) -> list[CategoryEvaluat
     print(format_table(results, mean_metrics(results)))
     for evaluation in evaluations:
         _say_how_fitted(evaluation.selection, evaluation.far_out, f"{evaluation.result.category}: ")
+        _say_if_good_images_shifted(evaluation.result)
     return evaluations
 
 

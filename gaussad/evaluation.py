@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from gaussad.calibration import Threshold, f1_threshold, quantile_threshold
+from gaussad.calibration import ScoreShift, Threshold, f1_threshold, quantile_threshold, score_shift
 from gaussad.config import describe_size
 from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
@@ -48,6 +48,11 @@ class CategoryResult:
     image_threshold: float | None = None  # the model's own (label-free) threshold, if it has one
     false_alarm_rate: float | None = None  # share of good test images flagged at that threshold
     miss_rate: float | None = None  # share of defective test images not flagged
+    # How the good test images' scores stand against the held-out scores that set that threshold
+    # (`calibration.score_shift`): the probability that one outscores a held-out training image, and the
+    # one-sided p-value of no shift upwards.
+    good_shift: float | None = None
+    good_shift_p_value: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +140,7 @@ def evaluate_category(
         test_seconds=test_seconds,
         test_images_per_second=len(tests) / test_seconds,
         **_decisions(model.image_threshold_, labels, scores),
+        **_good_shift(model, scores[labels == 0]),
     )
     kept_maps = [stored_size(m) for m in maps] if keep_maps else []
     kept_masks = [stored_size(m) for m in masks] if keep_maps else []
@@ -183,6 +189,28 @@ def _decisions(image_threshold: Threshold | None, labels: np.ndarray, scores: np
         "false_alarm_rate": errors.false_alarm_rate,
         "miss_rate": errors.miss_rate,
     }
+
+
+def _good_shift(model: GaussAD, good_scores: np.ndarray) -> dict:
+    """CategoryResult's shift of the good test images' scores from the held-out scores of the training
+    images that set the model's label-free threshold (all but the far-out ones); nothing without them."""
+    if model.image_threshold_ is None or model.image_threshold_.method != "label-free":
+        return {}
+    shift = score_shift(model.threshold_scores_, good_scores)
+    return {} if shift is None else {"good_shift": shift.auroc, "good_shift_p_value": shift.p_value}
+
+
+def describe_good_shift(result: CategoryResult) -> str | None:
+    """Where a category's good test images score above its training images' held-out scores beyond chance
+    (`calibration.ScoreShift.significant`), that, in words, with the false alarms it costs; else None."""
+    if result.good_shift is None or not ScoreShift(result.good_shift, result.good_shift_p_value).significant:
+        return None
+    return (
+        f"the good test images score above the training images' held-out scores (one outscores one with "
+        f"probability {result.good_shift:.2f}; one-sided Mann-Whitney p = {result.good_shift_p_value:.2g}): "
+        "the label-free threshold's false-alarm target holds for images like the training images, and it "
+        f"flags {result.false_alarm_rate:.1%} of these"
+    )
 
 
 def stored_size(values: np.ndarray, side: int = STORED_SIDE) -> np.ndarray:

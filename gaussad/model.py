@@ -667,6 +667,12 @@ class GaussAD:
         thresholds leave them out, and worth a look."""
         return np.flatnonzero(far_out(self.state_.held_out_scores))
 
+    @property
+    def threshold_scores_(self) -> np.ndarray:
+        """The held-out image scores whose quantile the label-free image threshold is: every fitted training
+        image's but the far-out ones' (`far_out_training_images_`)."""
+        return np.delete(self.state_.held_out_scores, self.far_out_training_images_)
+
     def far_out_among(self, images: Sequence[ImageT]) -> list[ImageT]:
         """The far-out training images (`far_out_training_images_`) among `images`, as given to `fit`."""
         skipped = {error.index for error in self.skipped_}

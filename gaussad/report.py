@@ -30,7 +30,7 @@ from gaussad import __version__
 from gaussad.calibration import Threshold
 from gaussad.decisions import ImageErrors, defect_mask, image_errors, is_anomalous, map_scale
 from gaussad.errors import GaussADError
-from gaussad.evaluation import CategoryEvaluation, CategoryPredictions, CategoryResult
+from gaussad.evaluation import CategoryEvaluation, CategoryPredictions, CategoryResult, describe_good_shift
 from gaussad.fileio import write_text_atomic
 from gaussad.heatmaps import overlay
 from gaussad.images import read_image
@@ -308,11 +308,17 @@ def _metrics_section(categories: Sequence[CategoryReport]) -> str:
         if not all(c.has_masks for c in categories)
         else ""
     )
+    shifted = "".join(
+        f'<p class="note">{_text(c.result.category)}: {_text(said)}.</p>'
+        for c in categories
+        if (said := describe_good_shift(c.result))
+    )
     return (
         _table(header, rows, classes)
         + '<p class="note">An image is called anomalous when its score is at or above the image '
         f"threshold; the mean row averages the per-category rates.{no_masks}</p><h3>Thresholds</h3>"
         + thresholds
+        + shifted
     )
 
 

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from gaussad.calibration import FAR_OUT_FENCE, Threshold, f1_threshold, far_out, quantile_threshold
+from gaussad.calibration import (
+    FAR_OUT_FENCE,
+    SHIFT_SIGNIFICANCE,
+    Threshold,
+    f1_threshold,
+    far_out,
+    quantile_threshold,
+    score_shift,
+)
 from gaussad.errors import GaussADError
 
 
@@ -38,6 +46,21 @@ def test_far_out_flags_values_beyond_the_fence_above_the_upper_quartile() -> Non
     assert not far_out(np.random.default_rng(0).normal(size=2000)).any()  # 4.7 sigma: good data seldom
     assert not far_out(np.array([1.0, 2.0, 1e9])).any()  # three values have no quartiles to speak of
     assert not far_out(np.array([5.0] * 8 + [5.1, 9.0])).any()  # nor has a run of equal values a spread
+
+
+def test_score_shift_tells_good_images_that_score_above_the_held_out_ones() -> None:
+    rng = np.random.default_rng(0)
+    held_out = rng.normal(20.0, 2.0, size=200)
+    alike = score_shift(held_out, rng.normal(20.0, 2.0, size=40))
+    assert 0.35 < alike.auroc < 0.65 and not alike.significant
+    above = score_shift(held_out, rng.normal(23.0, 2.0, size=40))  # another batch, other light
+    assert above.auroc > 0.8 and above.p_value < 1e-6 and above.significant
+    assert not score_shift(held_out, rng.normal(17.0, 2.0, size=40)).significant  # lower flags fewer
+    # The probability that a good image outscores a held-out one, ties half; the test's one-sided p-value.
+    exact = score_shift(np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 5.0]))
+    assert exact.auroc == pytest.approx((1.5 + 4) / 8)
+    assert score_shift(np.arange(100.0), np.arange(100.0, 110.0)).p_value < SHIFT_SIGNIFICANCE
+    assert score_shift(held_out, np.array([30.0])) is None and score_shift(held_out[:1], held_out) is None
 
 
 def test_f1_threshold_is_the_best_threshold() -> None:

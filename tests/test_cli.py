@@ -9,14 +9,15 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_category
+from conftest import make_category, texture
 from PIL import Image
 
-from gaussad.calibration import Threshold
+from gaussad.calibration import SHIFT_SIGNIFICANCE, Threshold
 from gaussad.cli import build_parser, format_table, main
 from gaussad.config import DEFAULTS, MODEL_OPTIONS
 from gaussad.decisions import PREDICTIONS_HEADER, map_scale
@@ -186,9 +187,11 @@ def test_evaluate_prints_the_table_and_writes_json(category: Path, tmp_path, cap
     assert set(row) == {
         "category", "image_auroc", "pixel_auroc", "aupro", "n_train", "n_test",
         "fit_seconds", "test_seconds", "test_images_per_second",
-        "image_threshold", "false_alarm_rate", "miss_rate",
+        "image_threshold", "false_alarm_rate", "miss_rate", "good_shift", "good_shift_p_value",
     }  # fmt: skip
     assert 0.0 <= row["false_alarm_rate"] <= 1.0 and row["miss_rate"] == 0.0
+    assert 0.0 <= row["good_shift"] <= 1.0
+    assert ("score above the training images" in table) == (row["good_shift_p_value"] < SHIFT_SIGNIFICANCE)
     assert row["n_train"] == 16 and row["n_test"] == 8 and row["image_auroc"] == 1.0
     assert 0.8 < row["pixel_auroc"] <= 1.0 and 0.5 < row["aupro"] <= 1.0
     assert document["mean"]["aupro"] == row["aupro"] and document["config"]["map_levels"] == [2, 3]
@@ -416,6 +419,33 @@ def test_fit_names_defective_training_images_and_leaves_them_out_of_the_threshol
         fitted.image_threshold_.source
     )
     assert fitted.image_threshold_.value < fitted.held_out_scores_[40:].min()
+
+
+def test_evaluate_says_where_good_test_images_score_above_the_training_images(tmp_path, capsys) -> None:
+    """The label-free threshold's target holds for images like the training images: good test images
+    from a noisier camera score above them and are flagged beyond it, and evaluate says why."""
+    root = make_category(tmp_path / "widget", n_train=40, n_good=10, n_bad=4)
+    rng = np.random.default_rng(1)
+    for path in (root / "test" / "good").iterdir():
+        noisy = texture(rng).astype(np.float64) + rng.normal(0.0, 12.0, (96, 96, 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path)
+    report, html = tmp_path / "results.json", tmp_path / "report.html"
+    status, stdout, _ = cli(
+        capsys, "evaluate", str(root), *FAST, "--json", str(report), "--report", str(html)
+    )
+    row = json.loads(report.read_text())["categories"][0]
+    assert status == 0 and row["good_shift"] > 0.9 and row["good_shift_p_value"] < SHIFT_SIGNIFICANCE
+    said = [line for line in stdout.splitlines() if "score above the training images" in line]
+    shift, p_value = row["good_shift"], row["good_shift_p_value"]
+    assert len(said) == 1 and said[0].startswith(
+        "widget: the good test images score above the training images' held-out scores (one outscores one "
+        f"with probability {shift:.2f}; one-sided Mann-Whitney p = {p_value:.2g})"
+    )
+    assert f"it flags {row['false_alarm_rate']:.1%} of these" in said[0] and row["false_alarm_rate"] > 0.1
+    sentence = said[0].removeprefix("widget: ").split("; `gaussad calibrate")[0]
+    assert (
+        f'<p class="note">widget: {html_escape(sentence)}.</p>' in html.read_text()
+    )  # the report says it too
 
 
 def test_evaluate_skips_bad_images_when_asked(tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ from conftest import make_category
 
 import gaussad.images
 from gaussad import GaussAD
-from gaussad.calibration import Threshold
+from gaussad.calibration import Threshold, score_shift
 from gaussad.errors import GaussADError
 from gaussad.evaluation import (
     STORED_SIDE,
@@ -58,6 +58,19 @@ def test_without_maps_kept_only_scores_and_thresholds_remain(category: Path, mon
     assert result.image_threshold == evaluation.image_threshold.value
     assert (result.n_train, result.n_test, result.image_auroc, result.miss_rate) == (16, 8, 1.0, 0.0)
     assert 0.8 < result.pixel_auroc <= 1.0
+
+
+def test_the_good_test_images_are_compared_with_the_scores_that_set_the_threshold(category: Path) -> None:
+    fitted: list[GaussAD] = []
+    result = evaluate_category(lambda: fitted.append(small_model()) or fitted[-1], category).result
+    model = fitted[0]
+    good = [image.path for image in list_test_images(category) if image.label == 0]
+    expected = score_shift(model.threshold_scores_, model.score_samples(good))
+    assert result.good_shift == pytest.approx(expected.auroc, abs=1e-12)
+    assert result.good_shift_p_value == pytest.approx(expected.p_value, rel=1e-9)
+    # The threshold is the quantile of those scores: the held-out ones of all but the far-out images.
+    assert len(model.threshold_scores_) == len(model.held_out_scores_) - len(model.far_out_training_images_)
+    assert model.image_threshold_.value == np.quantile(model.threshold_scores_, 0.99)
 
 
 def test_kept_maps_and_masks_are_small_and_aligned(category: Path) -> None:
