@@ -206,8 +206,9 @@ def describe_good_shift(result: CategoryResult) -> str | None:
     if result.good_shift is None or not ScoreShift(result.good_shift, result.good_shift_p_value).significant:
         return None
     return (
-        f"the good test images score above the training images' held-out scores (one outscores one with "
-        f"probability {result.good_shift:.2f}; one-sided Mann-Whitney p = {result.good_shift_p_value:.2g}): "
+        f"the good test images score above the training images' held-out scores (a good test image outscores "
+        f"a held-out one with probability {result.good_shift:.2f}; one-sided Mann-Whitney p = "
+        f"{result.good_shift_p_value:.2g}): "
         "the label-free threshold's false-alarm target holds for images like the training images, and it "
         f"flags {result.false_alarm_rate:.1%} of these"
     )

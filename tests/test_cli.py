@@ -419,6 +419,12 @@ def test_fit_names_defective_training_images_and_leaves_them_out_of_the_threshol
         fitted.image_threshold_.source
     )
     assert fitted.image_threshold_.value < fitted.held_out_scores_[40:].min()
+    # The service's drift takes the same normal scores as its reference, the defective ones left out.
+    from gaussad.serve.torch_model import TorchModel
+
+    np.testing.assert_array_equal(
+        TorchModel("widget", model, "cpu").held_out_scores, fitted.held_out_scores_[:40]
+    )
 
 
 def test_evaluate_says_where_good_test_images_score_above_the_training_images(tmp_path, capsys) -> None:
@@ -438,8 +444,8 @@ def test_evaluate_says_where_good_test_images_score_above_the_training_images(tm
     said = [line for line in stdout.splitlines() if "score above the training images" in line]
     shift, p_value = row["good_shift"], row["good_shift_p_value"]
     assert len(said) == 1 and said[0].startswith(
-        "widget: the good test images score above the training images' held-out scores (one outscores one "
-        f"with probability {shift:.2f}; one-sided Mann-Whitney p = {p_value:.2g})"
+        "widget: the good test images score above the training images' held-out scores (a good test image "
+        f"outscores a held-out one with probability {shift:.2f}; one-sided Mann-Whitney p = {p_value:.2g})"
     )
     assert f"it flags {row['false_alarm_rate']:.1%} of these" in said[0] and row["false_alarm_rate"] > 0.1
     sentence = said[0].removeprefix("widget: ").split("; `gaussad calibrate")[0]

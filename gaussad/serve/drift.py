@@ -4,7 +4,8 @@ Over a rolling window of a model's recent scores, two signals, each with the lev
 should look (`DriftReport.look`):
 
 - the share flagged against the expected false-alarm rate, which is the share of the held-out normal
-  scores kept at fit time (`FittedState.held_out_scores`) at or above the current image threshold. Look
+  scores kept at fit time (`GaussAD.threshold_scores_`: the training images' held-out scores but the far-out
+  ones, likely defective) at or above the current image threshold. Look
   when the share exceeds it by more than 3 standard errors of a binomial share over the window (the rate
   taken as at least 1/m for m held-out scores): more parts are flagged than false alarms explain (a run of
   defects, or normal parts that changed).

@@ -52,7 +52,9 @@ class ServedModel(Protocol):
     platform: str  # what runs it, as the Open Inference Protocol's model metadata names it
     image_threshold: Threshold
     pixel_threshold: Threshold | None
-    held_out_scores: np.ndarray  # normal scores kept at fit time: drift's reference (empty where unknown)
+    # Normal scores kept at fit time, those the label-free threshold is a quantile of (far-out training
+    # images' left out): drift's reference (empty where unknown).
+    held_out_scores: np.ndarray
 
     def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Window]:
         """(H, W, 3) uint8 pixels -> the model input (h, w, 3) uint8, and the window of the image it shows."""

@@ -32,7 +32,7 @@ class TorchModel:
         self.image_threshold, self.pixel_threshold = decision_thresholds(
             path, self.model, "set one with `gaussad calibrate`"
         )
-        self.held_out_scores = np.asarray(self.model.held_out_scores_, dtype=np.float64)
+        self.held_out_scores = np.asarray(self.model.threshold_scores_, dtype=np.float64)
         self._input = BatchRunner(
             self.model.scorer_, self.model.backbone_.preprocessing, self.model.input_size_, self.model.device_
         )
