@@ -669,7 +669,7 @@ class GaussAD:
 
     @property
     def threshold_scores_(self) -> np.ndarray:
-        """The held-out image scores whose quantile the label-free image threshold is: every fitted training
+        """The held-out image scores the label-free image threshold is a quantile of: every fitted training
         image's but the far-out ones' (`far_out_training_images_`)."""
         return np.delete(self.state_.held_out_scores, self.far_out_training_images_)
 
