@@ -22,12 +22,12 @@ finished row goes to OUT.json at once, and a rerun skips the rows already there.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_rows import Rows
 
 from gaussad.calibration import score_shift
 from gaussad.layout import list_test_images, training_images
@@ -101,20 +101,13 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=0, help="fits on 80%% of the training images, each")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = Rows(args.out)
     with cpu_tuning():
         for category in args.categories:
-            done = rows.setdefault(category.name, {})
             for seed in [None, *range(args.splits)]:
-                fit = ALL if seed is None else f"split {seed}"
-                if fit not in done:
-                    done[fit] = run(category, seed)
-                    print(category.name, fit, done[fit], flush=True)
-                    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+                rows.ensure((category.name, ALL if seed is None else f"split {seed}"), run, category, seed)
     header = "# The label-free threshold and good images unlike the training images\n\n"
-    md_path.write_text(header + __doc__.split("\n\n", 1)[1] + "\n" + table(rows))
-    print(table(rows))
+    rows.write_table(header + __doc__.split("\n\n", 1)[1] + "\n" + table(rows.rows))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ setting for that set, unless it gains more elsewhere.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from bench_rows import Rows
 
 from gaussad.evaluation import evaluate_category
 from gaussad.model import GaussAD
@@ -133,21 +134,18 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    rows: dict[str, dict[str, dict[str, Any]]] = (
-        json.loads(json_path.read_text()) if json_path.exists() else {}
-    )
+    rows = Rows(args.out)
     with cpu_tuning():
         for setting in args.settings:
             for category in args.categories:
-                done = rows.setdefault(category.name, {})
-                if setting in done:
-                    continue
-                done[setting] = evaluate(category, SETTINGS[setting])
-                print(category.name, setting, {m: done[setting][m] for m in METRICS}, flush=True)
-                json_path.write_text(json.dumps(rows, indent=1) + "\n")
-    md_path.write_text(table(rows))
-    print(table(rows))
+                rows.ensure(
+                    (category.name, setting),
+                    evaluate,
+                    category,
+                    SETTINGS[setting],
+                    shown=lambda row: {metric: row[metric] for metric in METRICS},
+                )
+    rows.write_table(table(rows.rows))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ row goes to OUT.json at once, and a rerun skips the rows already there.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_rows import Rows
 
 import gaussad.model
 from gaussad.evaluation import evaluate_category
@@ -127,8 +127,7 @@ def main() -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="at its native input size")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = Rows(args.out)
     with cpu_tuning():
         for count in args.images:
             for category in args.categories:
@@ -137,14 +136,10 @@ def main() -> None:
                     continue
                 draw = f"{count} (all)" if count == n_train else f"{count}, seed {args.seed}"
                 name = category.name + ("" if args.backbone == DEFAULT_BACKBONE else f", {args.backbone}")
-                done = rows.setdefault(name, {}).setdefault(draw, {})
                 for setting in SETTINGS:
-                    if setting not in done:
-                        done[setting] = run(subset(category, count, args.seed), setting, args.backbone)
-                        print(name, draw, setting, done[setting], flush=True)
-                        json_path.write_text(json.dumps(rows, indent=1) + "\n")
-    md_path.write_text(f"{HEADER}\n{table(rows)}")
-    print(table(rows))
+                    drawn = subset(category, count, args.seed)
+                    rows.ensure((name, draw, setting), run, drawn, setting, args.backbone)
+    rows.write_table(f"{HEADER}\n{table(rows.rows)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ already there.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_rows import Rows
 from PIL import Image
 from scipy import ndimage
 
@@ -125,9 +125,10 @@ def _save(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def run(category: Path) -> dict[str, Any]:
-    """One `gaussad evaluate` with the defaults: its metrics."""
-    result = evaluate_category(GaussAD, category).result
+def run(category: Path, way: str) -> dict[str, Any]:
+    """One `gaussad evaluate` with the defaults, of the set as it is or of its copy turned upright `way`:
+    its metrics."""
+    result = evaluate_category(GaussAD, category if way == AS_IT_IS else write_upright(category, way)).result
     return {metric: getattr(result, metric) for metric in METRICS}
 
 
@@ -160,19 +161,13 @@ def main() -> None:
     parser.add_argument("--by", nargs="+", choices=tuple(FINDERS), default=list(FINDERS))
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = Rows(args.out)
     with cpu_tuning():
         for category in args.categories:
-            done = rows.setdefault(category.name, {})
             for way in (AS_IT_IS, *args.by):
-                if way not in done:
-                    done[way] = run(category if way == AS_IT_IS else write_upright(category, way))
-                    print(category.name, way, done[way], flush=True)
-                    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+                rows.ensure((category.name, way), run, category, way)
     header = "# Images turned upright before the model\n\n" + __doc__.split("\n\n", 1)[1]
-    md_path.write_text(f"{header}\n{table(rows)}")
-    print(table(rows))
+    rows.write_table(f"{header}\n{table(rows.rows)}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ score's grid kept at any number of training images."""
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,9 +18,15 @@ BOTTLE = REAL_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = REAL_DATA / "magnetic_tile"
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
 def benchmark_script(name: str) -> ModuleType:
-    """A script of `benchmarks/` imported as a module (that folder is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    """A script of `benchmarks/` imported as a module (that folder is not a package), with the folder on
+    the import path, as when the script runs, for the module the scripts share (`bench_rows`)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    path = BENCHMARKS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
