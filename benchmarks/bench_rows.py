@@ -15,6 +15,7 @@ class Rows:
 
     def __init__(self, out: Path) -> None:
         self.json_path, self.md_path = out.with_suffix(".json"), out.with_suffix(".md")
+        out.parent.mkdir(parents=True, exist_ok=True)  # before the first row is computed, not after
         self.rows: dict[str, Any] = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
 
     def ensure(

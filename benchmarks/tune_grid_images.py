@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 from bench_rows import Rows
+from tune_defaults import evaluate
 
 import gaussad.model
-from gaussad.evaluation import evaluate_category
 from gaussad.layout import training_images
-from gaussad.model import GaussAD
 from gaussad.tuning import cpu_tuning
 
 WITHOUT_GRID = {"image_score": "combined", "levels": (3, 4, 5, 6, 7), "image_grid": 1, "global_levels": ()}
@@ -87,12 +86,11 @@ def subset(category: Path, count: int, seed: int, root: Path = SUBSETS) -> Path:
 
 
 def run(category: Path, setting: str, backbone: str = DEFAULT_BACKBONE) -> dict[str, Any]:
-    """One `gaussad evaluate` of a setting: its metrics and fit time."""
+    """One `gaussad evaluate` of a setting (`tune_defaults.evaluate`): its metrics and fit time."""
     with_grid = setting == "with the grid"
     with grid_at_any_count() if with_grid else nullcontext():
-        options = {"backbone": backbone} | ({} if with_grid else WITHOUT_GRID)
-        result = evaluate_category(lambda: GaussAD(**options), category).result
-    return {metric: getattr(result, metric) for metric in METRICS}
+        row = evaluate(category, {"backbone": backbone} | ({} if with_grid else WITHOUT_GRID))
+    return {metric: row[metric] for metric in METRICS}
 
 
 def table(rows: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:

@@ -15,6 +15,8 @@ def test_a_row_is_computed_once_saved_at_once_and_skipped_on_a_rerun(tmp_path: P
         calls.append(args)
         return {"image_auroc": 0.9, "selection": {"long": "evidence"}}
 
+    rows = bench_rows.Rows(tmp_path / "new" / "out")  # its folder made before any row is computed
+    assert (tmp_path / "new").is_dir()
     rows = bench_rows.Rows(tmp_path / "out")
     row = rows.ensure(("bottle", "defaults"), compute, 1, 2, shown=lambda row: row["image_auroc"])
     assert row["image_auroc"] == 0.9 and calls == [(1, 2)]
