@@ -327,8 +327,8 @@ def _say_if_good_images_shifted(result: CategoryResult) -> None:
     said = describe_good_shift(result)
     if said:
         print(
-            f"{result.category}: {said}; `gaussad calibrate MODEL_DIR VAL_ROOT` sets thresholds on labelled "
-            "images like them"
+            f"{result.category}: {said}; `gaussad calibrate MODEL_DIR GOOD_FOLDER --max-false-alarm-rate R` "
+            "sets thresholds on good images like them"
         )
 
 
@@ -555,9 +555,14 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
     if args.category and not args.val_root:
         raise GaussADError("--category chooses among the categories of VAL_ROOT: give VAL_ROOT too")
-    category = find_category(args.val_root, args.category) if args.val_root else None
+    good = _good_images(args)
+    category = find_category(args.val_root, args.category) if args.val_root and good is None else None
     model = _load_model(args)
-    if category is not None:
+    if good is not None:
+        from gaussad.evaluation import calibrate_on_good
+
+        image, pixel = calibrate_on_good(model, good, args.max_false_alarm_rate)
+    elif category is not None:
         from gaussad.evaluation import calibrate_on_labeled
 
         image, pixel = calibrate_on_labeled(model, category, args.max_false_alarm_rate)
@@ -576,6 +581,24 @@ def run_calibrate(args: argparse.Namespace) -> None:
     model.image_threshold_, model.pixel_threshold_ = image, pixel
     model.save(args.model_dir)
     print(describe_thresholds(model))
+
+
+def _good_images(args: argparse.Namespace) -> list[Path] | None:
+    """calibrate's VAL_ROOT as good images, where it is a folder of images rather than data in MVTec
+    layout (which holds its labels in its folders); None where it is such data, or not given."""
+    from gaussad.images import find_images
+    from gaussad.layout import holds_categories
+
+    if not args.val_root or holds_categories(Path(args.val_root)):
+        return None
+    images = find_images(args.val_root)  # names the folder where it is missing or holds no image
+    if args.max_false_alarm_rate is None or args.category:
+        raise GaussADError(
+            f"{args.val_root}: a folder of images, not labelled data in MVTec layout: they are taken as good "
+            "images, and --max-false-alarm-rate R sets the thresholds that flag that share of them"
+            + (" (--category is for MVTec layout)" if args.category else "")
+        )
+    return images
 
 
 def describe_thresholds(model: GaussAD) -> str:
@@ -690,13 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="set a model's decision thresholds")
     calibrate.add_argument("model_dir", help="folder written by `gaussad fit` (updated in place)")
     calibrate.add_argument(
-        "val_root", nargs="?", help="labelled data in MVTec layout: thresholds at the F1-optimal points"
+        "val_root",
+        nargs="?",
+        help="labelled data in MVTec layout: thresholds at the F1-optimal points; or a folder of good "
+        "images, with --max-false-alarm-rate",
     )
     calibrate.add_argument("--category", help="the category of VAL_ROOT to use, where it holds several")
     calibrate.add_argument(
         "--max-false-alarm-rate",
         type=float,
-        help="with VAL_ROOT: the rate on its good images; without: re-derive the label-free thresholds",
+        help="with VAL_ROOT: the rate on its good images (all of a folder of images); without: re-derive "
+        "the label-free thresholds",
     )
     calibrate.add_argument("--image-threshold", type=float, help="manual image threshold (raw score)")
     calibrate.add_argument("--pixel-threshold", type=float, help="manual pixel threshold (raw map value)")

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from gaussad.calibration import ScoreShift, Threshold, f1_threshold, quantile_threshold, score_shift
+from gaussad.calibration import (
+    ScoreShift,
+    Threshold,
+    check_rate,
+    f1_threshold,
+    quantile_threshold,
+    score_shift,
+)
 from gaussad.config import describe_size
 from gaussad.decisions import image_errors
 from gaussad.errors import GaussADError
@@ -280,13 +287,40 @@ def calibrate_on_labeled(
         masks = np.stack([read_mask(labeled, size, model.max_pixels) for labeled in images])
         return image, f1_threshold(masks.ravel(), np.stack(maps).ravel(), f"pixel F1-optimal on {where}")
     good = labels == 0
-    source = f"{1 - max_false_alarm_rate:.4g} quantile of the good images among {where}"
-    image = quantile_threshold(scores[good], max_false_alarm_rate, "false-alarm-rate", f"scores: {source}")
-    pixel = quantile_threshold(
-        np.array([m.max() for m, g in zip(maps, good, strict=True) if g]),
+    return _rate_thresholds(
+        scores[good],
+        [m for m, g in zip(maps, good, strict=True) if g],
         max_false_alarm_rate,
-        "false-alarm-rate",
-        f"map maxima: {source}",
+        f"the good images among {where}",
     )
-    pixel.normal_level = float(np.median([np.median(m) for m, g in zip(maps, good, strict=True) if g]))
+
+
+def calibrate_on_good(
+    model: GaussAD, images: Sequence[Path], max_false_alarm_rate: float, eval_size: int = 256
+) -> tuple[Threshold, Threshold]:
+    """Image and pixel thresholds that flag `max_false_alarm_rate` of images known to be good (a line's
+    recent good parts, say, where they no longer score like the training images): the quantiles of their
+    scores and map maxima. Unreadable images stop it or are left out, as the model's `on_error` says."""
+    check_rate(max_false_alarm_rate)  # before the images are scored
+    kept, scores, maps, _, _ = _predict_tests(
+        model, [LabeledImage(path, "good", None) for path in images], eval_size
+    )
+    if len(kept) < 2:
+        raise GaussADError(f"{len(kept)} readable good images: too few to set a threshold on")
+    folders = sorted({str(Path(images[index]).parent) for index in kept})
+    where = f"{len(kept)} good images in {', '.join(folders[:3])}{' and more' if len(folders) > 3 else ''}"
+    return _rate_thresholds(scores, maps, max_false_alarm_rate, where)
+
+
+def _rate_thresholds(
+    scores: np.ndarray, maps: Sequence[np.ndarray], rate: float, where: str
+) -> tuple[Threshold, Threshold]:
+    """The image and pixel thresholds that flag `rate` of good images: the quantiles of their scores and
+    map maxima; the pixel threshold's normal level, the median of their maps' medians."""
+    source = f"{1 - rate:.4g} quantile of {where}"
+    image = quantile_threshold(scores, rate, "false-alarm-rate", f"scores: {source}")
+    pixel = quantile_threshold(
+        np.array([m.max() for m in maps]), rate, "false-alarm-rate", f"map maxima: {source}"
+    )
+    pixel.normal_level = float(np.median([np.median(m) for m in maps]))
     return image, pixel

@@ -37,6 +37,11 @@ def is_category(folder: Path) -> bool:
     return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
 
 
+def holds_categories(root: Path) -> bool:
+    """Whether root is a category in MVTec layout or holds some as sub-folders."""
+    return is_category(root) or (root.is_dir() and any(p.is_dir() and is_category(p) for p in root.iterdir()))
+
+
 def find_categories(root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
     """The category folders under root: root itself if it is one, else its sub-folders that are."""
     root = Path(root)

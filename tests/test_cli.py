@@ -733,6 +733,51 @@ def test_the_table_says_n_a_where_no_category_has_pixel_metrics() -> None:
     ]
 
 
+def test_calibrate_on_a_folder_of_good_images_flags_the_rate_of_them(
+    model_dir: Path, category: Path, tmp_path, capsys
+) -> None:
+    """Good parts that no longer score like the training images (`evaluate` says where): their own
+    quantiles, from a plain folder of them, no labels needed."""
+    from gaussad import GaussAD
+
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    good = tmp_path / "recent" / "good parts"
+    good.mkdir(parents=True)
+    for path in [*(category / "train" / "good").iterdir(), *(category / "test" / "good").iterdir()]:
+        shutil.copy(path, good / f"{path.parent.parent.name}_{path.name}")
+    status, stdout, _ = cli(
+        capsys,
+        "calibrate",
+        str(model),
+        str(tmp_path / "recent"),
+        "--max-false-alarm-rate",
+        "0.25",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert status == 0
+    fitted = GaussAD.load(model, device="cpu")
+    images = sorted(good.iterdir())
+    image, pixel = fitted.image_threshold_, fitted.pixel_threshold_
+    assert image.method == pixel.method == "false-alarm-rate"
+    assert image.value == pytest.approx(np.quantile(fitted.score_samples(images), 0.75), rel=1e-5)
+    assert f"0.75 quantile of 20 good images in {good}" in image.source and image.source in stdout
+    batches = fitted.iter_predict(images, map_sizes=[(256, 256)] * len(images))
+    maxima = [anomaly_map.max() for batch in batches for anomaly_map in batch.maps]
+    assert pixel.value == pytest.approx(np.quantile(maxima, 0.75), rel=1e-5)
+    # Without a rate there is nothing to set on good images alone; --category is for MVTec layout.
+    for extra in ([], ["--max-false-alarm-rate", "0.25", "--category", "widget"]):
+        status, _, stderr = cli(capsys, "calibrate", str(model), str(good), *extra, "--quiet")
+        assert status == 2 and "a folder of images, not labelled data in MVTec layout" in stderr
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    status, _, stderr = cli(
+        capsys, "calibrate", str(model), str(tmp_path / "missing"), "--max-false-alarm-rate", "0.1"
+    )
+    assert status == 2 and "missing: no such file or folder" in stderr
+    assert GaussAD.load(model, device="cpu").image_threshold_ == image  # a refused run changes nothing
+
+
 def test_calibrate_without_ground_truth_keeps_the_pixel_threshold(
     model_dir: Path, category: Path, tmp_path
 ) -> None:
