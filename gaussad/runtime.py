@@ -79,6 +79,9 @@ META_MAP_RESIZE = "gaussad.map_resize"  # MAP_RESIZE: how a map becomes its imag
 # JSON: null, or the window around the part, `gaussad.framing.Crop.as_json()`, cut before the resize; the
 # map goes back to the window's place, its lowest value elsewhere. Files without it have no window.
 META_CROP = "gaussad.crop"
+# JSON: the held-out image scores the label-free image threshold is a quantile of
+# (`GaussAD.threshold_scores_`), the service's drift reference. Files without it have none.
+META_THRESHOLD_SCORES = "gaussad.threshold_scores"
 MAP_RESIZE = "bilinear, align_corners=False, float32"
 METADATA_KEYS = (
     META_FORMAT,
@@ -88,6 +91,7 @@ METADATA_KEYS = (
     META_RESIZE,
     META_MAP_RESIZE,
     META_CROP,
+    META_THRESHOLD_SCORES,
     META_NORMALIZATION,
     META_IMAGE_THRESHOLD,
     META_PIXEL_THRESHOLD,
@@ -256,6 +260,18 @@ def _crop(text: str | None, path: Path) -> Crop | None:
         raise GaussADError(f"{path}: malformed {META_CROP} metadata {text!r}") from None
 
 
+def _scores(text: str | None, path: Path) -> np.ndarray:
+    """The file's threshold scores: none where it has no such metadata (files before them)."""
+    try:
+        values = json.loads(text or "[]")
+        scores = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError):  # JSON's decoding errors too
+        scores = None
+    if scores is None or scores.ndim != 1 or not np.isfinite(scores).all():
+        raise GaussADError(f"{path}: malformed {META_THRESHOLD_SCORES} metadata {(text or '')[:80]!r}")
+    return scores
+
+
 def prepare_pixels(pixels: np.ndarray, size: tuple[int, int], crop: Crop | None) -> tuple[np.ndarray, Window]:
     """(H, W, 3) uint8 pixels cut to their part's window (`crop`) and resized to the model input (height,
     width), as `gaussad.features.prepare` does it; and the window."""
@@ -373,6 +389,7 @@ class OnnxModel:
         self.image_size_ = _input_size(metadata.get(META_INPUT_SIZE), path)  # as `GaussAD.image_size_`
         self.input_size_ = size_pair(self.image_size_)  # (height, width)
         self.crop_ = _crop(metadata.get(META_CROP), path)  # as `GaussAD.crop_`
+        self.threshold_scores_ = _scores(metadata.get(META_THRESHOLD_SCORES), path)  # as `GaussAD`'s
         self.image_threshold_ = _threshold(metadata, META_IMAGE_THRESHOLD)
         self.pixel_threshold_ = _threshold(metadata, META_PIXEL_THRESHOLD)
         self.graph_batch_ = None if metadata[META_BATCH] == "dynamic" else int(metadata[META_BATCH])

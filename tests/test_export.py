@@ -60,6 +60,10 @@ def test_the_file_passes_the_checker_and_describes_the_model(
     }
     assert "weights" not in json.loads(metadata["gaussad.params"])  # no path of the fitting machine
     assert metadata["gaussad.model_sha256"] == model_sha256(folder)  # the folder's identity
+    # The held-out scores the threshold is a quantile of, to the bit: the service's drift reference.
+    assert json.loads(metadata["gaussad.threshold_scores"]) == tiny.threshold_scores_.tolist()
+    loaded = OnnxModel.load(exported, device="cpu").threshold_scores_
+    np.testing.assert_array_equal(loaded, tiny.threshold_scores_)
     inputs, outputs = proto.graph.input, proto.graph.output
     assert [i.name for i in inputs] == ["images"] and inputs[
         0

@@ -142,6 +142,29 @@ def test_files_that_are_not_gaussad_models_are_refused(exported: Path, tmp_path:
         OnnxModel.load(exported, engine="tensorrt")
 
 
+def test_a_file_without_threshold_scores_has_none_and_a_malformed_value_is_refused(
+    exported: Path, tmp_path: Path
+) -> None:
+    """Files exported before they kept the threshold scores load without them (the service's drift then
+    reports the flagged share alone); a damaged value names the key."""
+    import onnx
+
+    older = onnx.load(exported)
+    kept = [prop for prop in older.metadata_props if prop.key != "gaussad.threshold_scores"]
+    del older.metadata_props[:]
+    older.metadata_props.extend(kept)
+    onnx.save(older, tmp_path / "older.onnx")
+    assert OnnxModel.load(tmp_path / "older.onnx").threshold_scores_.shape == (0,)
+    for value in ('[1.0, "x"]', "{}", "[1.0, NaN]", "not json"):
+        damaged = onnx.load(exported)
+        for prop in damaged.metadata_props:
+            if prop.key == "gaussad.threshold_scores":
+                prop.value = value
+        onnx.save(damaged, tmp_path / "damaged.onnx")
+        with pytest.raises(GaussADError, match="malformed gaussad.threshold_scores metadata"):
+            OnnxModel.load(tmp_path / "damaged.onnx")
+
+
 def test_the_runtime_imports_no_torch(exported: Path, category: Path) -> None:
     paths = [str(t.path) for t in list_test_images(category)]
     code = f"""

@@ -129,8 +129,9 @@ def test_the_file_describes_itself_as_its_folder_does(client, folder: Path, expo
     assert meta["config"]["image_size"] == 64 and meta["config"]["map_levels"] == [2, 3]
     assert meta["n_train"] is None  # the file does not keep it
     assert meta["exported_from"]["model_sha256"] == model_sha256(folder)
-    drift = meta["drift"]  # no held-out scores in the file: the flagged share only
-    assert drift["expected_flagged_share"] is None and drift["ks_statistic"] is None and not drift["look"]
+    drift = meta["drift"]  # the file's threshold scores are its reference, as the folder's are
+    reference, threshold = TorchModel("widget", folder, "cpu").held_out_scores, meta["thresholds"]["image"]
+    assert len(reference) and drift["expected_flagged_share"] == np.mean(reference >= threshold["value"])
     assert client.get("/v1/models").json()[0]["model_sha256"] == file_sha256(exported)
 
 

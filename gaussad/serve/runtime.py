@@ -73,8 +73,9 @@ class ServedModel(Protocol):
 class ExportedModel:
     """A file written by `gaussad export`, scored by `gaussad.runtime.OnnxModel` without PyTorch: its input
     resize, graph and map resize, as `gaussad predict model.onnx` runs them. Its identity is the SHA-256 of
-    the file; the SHA-256 of the folder it was exported from is in `describe()`. The file keeps no held-out
-    normal scores, so drift has no reference: only the flagged share is reported."""
+    the file; the SHA-256 of the folder it was exported from is in `describe()`. Drift's reference is the
+    file's threshold scores; a file exported before it kept them has none, and only the flagged share is
+    reported."""
 
     platform = "gaussad_onnxruntime"
 
@@ -86,7 +87,7 @@ class ExportedModel:
         self.image_threshold, self.pixel_threshold = decision_thresholds(
             path, self.model, "set one with `gaussad calibrate` and export again"
         )
-        self.held_out_scores = np.empty(0)
+        self.held_out_scores = self.model.threshold_scores_
 
     def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Window]:
         return prepare_pixels(pixels, self.model.input_size_, self.model.crop_)
