@@ -25,7 +25,7 @@ import torch
 
 from gaussad.accumulate import LevelAccumulator
 from gaussad.backbones import load_backbone
-from gaussad.calibration import Threshold, check_rate, far_out, quantile_threshold
+from gaussad.calibration import Threshold, check_rate, quantile_threshold
 from gaussad.choice import (
     FoldResults,
     choose_localization,
@@ -665,13 +665,13 @@ class GaussAD:
         """Positions, among the training images fitted (those not in `skipped_`), of those whose held-out
         score lies far above the others' (`calibration.far_out`): likely defective, so the label-free
         thresholds leave them out, and worth a look."""
-        return np.flatnonzero(far_out(self.state_.held_out_scores))
+        return np.flatnonzero(~self.state_.calibrated)
 
     @property
     def threshold_scores_(self) -> np.ndarray:
         """The held-out image scores the label-free image threshold is a quantile of: every fitted training
         image's but the far-out ones' (`far_out_training_images_`)."""
-        return np.delete(self.state_.held_out_scores, self.far_out_training_images_)
+        return self.state_.held_out_scores[self.state_.calibrated]
 
     def far_out_among(self, images: Sequence[ImageT]) -> list[ImageT]:
         """The far-out training images (`far_out_training_images_`) among `images`, as given to `fit`."""
@@ -895,7 +895,7 @@ def _label_free_thresholds(
     if not len(state.held_out_scores):
         return None, None
     check_rate(rate)
-    kept = ~far_out(state.held_out_scores)
+    kept = state.calibrated
     where = f"{int(kept.sum())} good training images, {n_folds}-fold held out"
     if not kept.all():
         where += f"; {int((~kept).sum())} far above the others left out, likely defective"

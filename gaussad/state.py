@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gaussad.calibration import Threshold
+from gaussad.calibration import Threshold, far_out
 from gaussad.config import IMAGE_SCORES, ImageSize, checked_image_size, level_union, size_pair
 from gaussad.errors import GaussADError
 from gaussad.framing import Crop
@@ -69,6 +69,13 @@ class FittedState:
     # The window around each image's part, as shares of its height and width (`gaussad.framing`); None: the
     # whole image.
     crop: Crop | None = None
+
+    @property
+    def calibrated(self) -> np.ndarray:
+        """Which training images' held-out results the label-free thresholds are quantiles of (bool per
+        image): all but those whose image score lies far above the others' (`calibration.far_out`), likely
+        defective."""
+        return ~far_out(self.held_out_scores)
 
     @property
     def input_size(self) -> tuple[int, int]:
