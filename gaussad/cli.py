@@ -587,9 +587,9 @@ def _good_images(args: argparse.Namespace) -> list[Path] | None:
     """calibrate's VAL_ROOT as good images, where it is a folder of images rather than data in MVTec
     layout (which holds its labels in its folders); None where it is such data, or not given."""
     from gaussad.images import find_images
-    from gaussad.layout import holds_categories
+    from gaussad.layout import categories_in
 
-    if not args.val_root or holds_categories(Path(args.val_root)):
+    if not args.val_root or categories_in(Path(args.val_root)):
         return None
     images = find_images(args.val_root)  # names the folder where it is missing or holds no image
     if args.max_false_alarm_rate is None or args.category:

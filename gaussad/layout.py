@@ -37,9 +37,11 @@ def is_category(folder: Path) -> bool:
     return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
 
 
-def holds_categories(root: Path) -> bool:
-    """Whether root is a category in MVTec layout or holds some as sub-folders."""
-    return is_category(root) or (root.is_dir() and any(p.is_dir() and is_category(p) for p in root.iterdir()))
+def categories_in(root: Path) -> list[Path]:
+    """root itself if it is a category in MVTec layout, else its sub-folders that are (none: [])."""
+    if is_category(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_category(p)) if root.is_dir() else []
 
 
 def find_categories(root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -47,9 +49,7 @@ def find_categories(root: str | Path, names: Sequence[str] | None = None) -> lis
     root = Path(root)
     if not root.is_dir():
         raise GaussADError(f"{root}: no such folder")
-    found = (
-        [root] if is_category(root) else sorted(p for p in root.iterdir() if p.is_dir() and is_category(p))
-    )
+    found = categories_in(root)
     if not found:
         raise GaussADError(
             f"{root}: not in MVTec layout (no train/good and test/ here or in its sub-folders)"
