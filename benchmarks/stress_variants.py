@@ -373,7 +373,7 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
         train += [(test.path, f"{test.defect}_{test.path.stem}") for test in slipped]
     for path, name in train:
         pixels, _ = transform(np.asarray(read_image(path)), None, rng)
-        _save(pixels, target / "train" / "good" / f"{name}.png")
+        save_image(pixels, target / "train" / "good" / f"{name}.png")
     kept = dropped = 0
     for test in tests:
         mask = None
@@ -383,9 +383,9 @@ def write_variant(category: Path, variant: str, out: Path, seed: int) -> Path:
         if mask is not None and mask.any() and not moved.any():
             dropped += 1
             continue
-        _save(pixels, target / "test" / test.defect / f"{test.path.stem}.png")
+        save_image(pixels, target / "test" / test.defect / f"{test.path.stem}.png")
         if moved is not None:
-            _save(moved, target / "ground_truth" / test.defect / f"{test.path.stem}_mask.png")
+            save_image(moved, target / "ground_truth" / test.defect / f"{test.path.stem}_mask.png")
         kept += 1
     if variant == "count":
         kept += _write_logical_anomalies(category, target, rng)
@@ -417,12 +417,13 @@ def _write_logical_anomalies(category: Path, target: Path, rng: np.random.Genera
             (EXTRA, two_parts(image, images[int(np.argmin(distance))], rng)),
             (MISSING, no_part(image, rng)),
         ):
-            _save(pixels, target / "test" / defect / f"{path.stem}.png")
-            _save(mask, target / "ground_truth" / defect / f"{path.stem}_mask.png")
+            save_image(pixels, target / "test" / defect / f"{path.stem}.png")
+            save_image(mask, target / "ground_truth" / defect / f"{path.stem}_mask.png")
     return 2 * len(goods)
 
 
-def _save(pixels: np.ndarray, path: Path) -> None:
+def save_image(pixels: np.ndarray, path: Path) -> None:
+    """An image or mask written as PNG, its folder made first (`tune_upright.py` writes its copies so too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
 

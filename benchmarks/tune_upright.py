@@ -34,6 +34,7 @@ import numpy as np
 from bench_rows import Rows
 from PIL import Image
 from scipy import ndimage
+from stress_variants import save_image
 
 from gaussad.evaluation import evaluate_category
 from gaussad.framing import FIND_SIDE, WINDOW_PART_DOMINANCE, WINDOW_PART_MIN_SHARE, part_region
@@ -102,27 +103,21 @@ def write_upright(category: Path, by: str, root: Path = UPRIGHT) -> Path:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     find = FINDERS[by]
-    for path in training_images(category):
+    images = [(path, "train/good", None) for path in training_images(category)]
+    images += [(test.path, f"test/{test.defect}", test.mask_path) for test in list_test_images(category)]
+    for path, folder, mask_path in images:
         pixels = np.asarray(read_image(path))
         turn = find(pixels)
-        image = pixels if turn is None else turned(pixels, turn, 1, "nearest")
-        _save(image, partial / "train" / "good" / f"{path.stem}.png")
-    for test in list_test_images(category):
-        pixels = np.asarray(read_image(test.path))
-        turn = find(pixels)
-        image = pixels if turn is None else turned(pixels, turn, 1, "nearest")
-        _save(image, partial / "test" / test.defect / f"{test.path.stem}.png")
-        if test.mask_path is not None:
-            mask = np.asarray(Image.open(test.mask_path).convert("L"))
+        save_image(
+            pixels if turn is None else turned(pixels, turn, 1, "nearest"),
+            partial / folder / f"{path.stem}.png",
+        )
+        if mask_path is not None:
+            mask = np.asarray(Image.open(mask_path).convert("L"))
             mask = mask if turn is None else turned(mask, turn, 0, "constant")
-            _save(mask, partial / "ground_truth" / test.defect / test.mask_path.name)
+            save_image(mask, partial / "ground_truth" / Path(folder).name / mask_path.name)
     partial.rename(target)
     return target
-
-
-def _save(pixels: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
 
 
 def run(category: Path, way: str) -> dict[str, Any]:
