@@ -200,9 +200,8 @@ def _decisions(image_threshold: Threshold | None, labels: np.ndarray, scores: np
 
 def _good_shift(model: GaussAD, good_scores: np.ndarray) -> dict:
     """CategoryResult's shift of the good test images' scores from the held-out scores of the training
-    images that set the model's label-free threshold (all but the far-out ones); nothing without them."""
-    if model.image_threshold_ is None or model.image_threshold_.method != "label-free":
-        return {}
+    images that set the freshly fitted model's label-free threshold (all but the far-out ones); nothing
+    without them (no folds, no threshold)."""
     shift = score_shift(model.threshold_scores_, good_scores)
     return {} if shift is None else {"good_shift": shift.auroc, "good_shift_p_value": shift.p_value}
 
